@@ -1,0 +1,175 @@
+//! The command line.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::backend::device::{MAX_NUM_QUEUES, MAX_QUEUE_SIZE};
+use crate::virtio::ID_BYTES;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "remapblk",
+    version,
+    about = "A vhost-user-blk disk server with a bad-block remap layer and fault injection",
+    long_about = "remapblk serves a disk image to QEMU, cloud-hypervisor and libblkio over a \
+vhost-user unix socket. Start it with `remapblk serve`; it prints the command lines that attach \
+a VM to it.\n\nExit codes: 0 success, 1 runtime failure, 2 bad usage."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve a disk image over vhost-user-blk until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Disk image: a raw file (created sparse when missing) or a block device.
+    #[arg(long, value_name = "PATH", default_value = "remapblk.img")]
+    pub image: PathBuf,
+
+    /// Size of a new image, or a larger size to grow an existing one (e.g. 512M, 20G, 1T;
+    /// binary units). Never shrinks an image. Default for a new image: 1G.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub size: Option<u64>,
+
+    /// vhost-user unix socket to listen on. A stale socket file is replaced; one a live
+    /// process listens on is refused.
+    #[arg(long, value_name = "PATH", default_value = "remapblk.sock")]
+    pub socket: PathBuf,
+
+    /// Number of virtqueues offered to the guest, each served by its own thread (1-16).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_NUM_QUEUES)))]
+    pub num_queues: u16,
+
+    /// Largest virtqueue size the frontend may pick (a power of two, 4-1024).
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = parse_queue_size)]
+    pub queue_size: u16,
+
+    /// Logical block size the guest sees.
+    #[arg(long, value_name = "BYTES", default_value = "512",
+          value_parser = parse_block_size)]
+    pub block_size: u32,
+
+    /// Offer a read-only disk; writes, discards and write-zeroes fail with IOERR.
+    #[arg(long)]
+    pub readonly: bool,
+
+    /// Open the image with O_DIRECT, bypassing the host page cache.
+    #[arg(long)]
+    pub direct: bool,
+
+    /// Serial number the guest reads with GET_ID (at most 20 bytes). Default: derived from
+    /// the image's path.
+    #[arg(long, value_name = "STR", value_parser = parse_serial)]
+    pub serial: Option<String>,
+
+    /// How long a ring stop, reset, disconnect or exit waits for in-flight requests before
+    /// completing them with IOERR.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    pub drain_timeout_ms: u64,
+}
+
+/// Parses `4096`, `512K`, `512M`, `20G`, `1T` (also `20GiB`, `20g`): binary units.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size; use a number with an optional K, M, G or T suffix, e.g. 512M or 20G"))?;
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(format!("unknown size unit '{unit}' in '{s}'; use K, M, G or T")),
+    };
+    let bytes = n
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size '{s}' is too large"))?;
+    if bytes == 0 {
+        return Err("size must be greater than zero".to_string());
+    }
+    Ok(bytes)
+}
+
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    let n: u16 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number"))?;
+    if !(4..=MAX_QUEUE_SIZE).contains(&n) || !n.is_power_of_two() {
+        return Err(format!(
+            "queue size must be a power of two from 4 to {MAX_QUEUE_SIZE}, got {n}"
+        ));
+    }
+    Ok(n)
+}
+
+fn parse_block_size(s: &str) -> Result<u32, String> {
+    match s {
+        "512" => Ok(512),
+        "4096" => Ok(4096),
+        _ => Err(format!("block size must be 512 or 4096, got '{s}'")),
+    }
+}
+
+fn parse_serial(s: &str) -> Result<String, String> {
+    if s.len() > ID_BYTES {
+        return Err(format!(
+            "serial is {} bytes; virtio allows at most {ID_BYTES}",
+            s.len()
+        ));
+    }
+    Ok(s.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("20G"), Ok(20 << 30));
+        assert_eq!(parse_size("1t"), Ok(1 << 40));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert!(parse_size("-5M").is_err());
+    }
+
+    #[test]
+    fn queue_sizes() {
+        assert_eq!(parse_queue_size("256"), Ok(256));
+        assert!(parse_queue_size("2048").is_err());
+        assert!(parse_queue_size("100").is_err());
+        assert!(parse_queue_size("2").is_err());
+    }
+
+    #[test]
+    fn cli_defaults_and_limits() {
+        let cli = Cli::try_parse_from(["remapblk", "serve"]).unwrap();
+        let Command::Serve(a) = cli.command;
+        assert_eq!(a.num_queues, 1);
+        assert_eq!(a.queue_size, 256);
+        assert_eq!(a.block_size, 512);
+        assert_eq!(a.drain_timeout_ms, 10_000);
+        assert!(Cli::try_parse_from(["remapblk", "serve", "--num-queues", "17"]).is_err());
+        assert!(Cli::try_parse_from(["remapblk", "serve", "--block-size", "1024"]).is_err());
+        assert!(Cli::try_parse_from(["remapblk", "serve", "--serial", "x".repeat(21).as_str()]).is_err());
+        let cli = Cli::try_parse_from(["remapblk", "serve", "--block-size", "4096"]).unwrap();
+        let Command::Serve(a) = cli.command;
+        assert_eq!(a.block_size, 4096);
+    }
+}

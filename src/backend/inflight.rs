@@ -1,0 +1,244 @@
+//! The drain contract: which requests a queue has accepted and not yet completed, and the
+//! state machine `running -> stopping -> stopped` that every way of stopping a queue goes
+//! through.
+//!
+//! A chain is registered in the same critical section (vring lock, then this queue's lock) in
+//! which it is popped, and only while the queue is running. So once a drain has moved the queue
+//! to `stopping`, nothing new is popped, and everything popped before is in the table. An entry
+//! leaves the table only after its status byte and used entry are written and the guest has
+//! been signalled. A drain that runs past its deadline completes what is left itself (IOERR),
+//! under the vring lock; a worker that later finishes such a request finds its entry gone and
+//! does not complete it a second time.
+
+use std::collections::HashMap;
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use log::{error, warn};
+use vhost_user_backend::{VringRwLock, VringState, VringT};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
+
+use crate::virtio::request::GuestMem;
+use crate::virtio::Status;
+
+pub type Gm = GuestMemoryAtomic<GuestMem>;
+pub type Vring = VringRwLock<Gm>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Descriptors are popped.
+    Running,
+    /// A drain is waiting for in-flight requests; nothing is popped.
+    Stopping,
+    /// The frontend stopped the ring (GET_VRING_BASE) or reset the device; the next kick on a
+    /// ready ring starts it again.
+    Stopped,
+    /// The connection is going away; the queue never runs again.
+    Closed,
+}
+
+/// What a drain remembers of a request, to name it if it gets stuck.
+#[derive(Debug, Clone)]
+pub struct InflightReq {
+    pub head: u16,
+    pub kind: &'static str,
+    pub sector: u64,
+    pub len: u64,
+    pub since: Instant,
+    pub status_addr: Option<GuestAddress>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DrainReport {
+    /// Requests that were in flight when the drain began.
+    pub waited_for: usize,
+    /// Requests still in flight at the deadline, completed with IOERR by the drain.
+    pub abandoned: Vec<InflightReq>,
+    pub duration: Duration,
+}
+
+struct Inner {
+    phase: Phase,
+    inflight: HashMap<u16, InflightReq>,
+}
+
+pub enum Pop<T> {
+    Popped(T),
+    Empty,
+    NotRunning,
+}
+
+pub struct QueueCtl {
+    index: usize,
+    inner: Mutex<Inner>,
+    drained: Condvar,
+    /// The worker's vring, recorded on its first event, so that a drain past its deadline can
+    /// complete stuck requests itself.
+    vring: OnceLock<Vring>,
+}
+
+impl QueueCtl {
+    pub fn new(index: usize) -> QueueCtl {
+        QueueCtl {
+            index,
+            inner: Mutex::new(Inner {
+                phase: Phase::Stopped,
+                inflight: HashMap::new(),
+            }),
+            drained: Condvar::new(),
+            vring: OnceLock::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A poisoned lock means a worker panicked; the table itself is still consistent
+        // (every mutation is a single insert or remove), so keep going.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.lock().phase
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.lock().inflight.len()
+    }
+
+    /// Called by the worker on each kick. A stopped queue whose ring the frontend has made
+    /// ready again starts running; a stopping or closed one stays as it is.
+    pub fn start_if_ready(&self, vring: &Vring, ring_ready: bool) -> bool {
+        let _ = self.vring.set(vring.clone());
+        let mut inner = self.lock();
+        if inner.phase == Phase::Stopped && ring_ready {
+            inner.phase = Phase::Running;
+        }
+        inner.phase == Phase::Running
+    }
+
+    /// Pops one chain if the queue is running. `accept` turns the chain into the worker's
+    /// request and describes it for the in-flight table; it runs inside the critical section.
+    pub fn pop<C, T>(
+        &self,
+        vring: &Vring,
+        next: impl FnOnce(&mut VringState<Gm>) -> Option<C>,
+        accept: impl FnOnce(C) -> (T, InflightReq),
+    ) -> Pop<T> {
+        let mut state = vring.get_mut();
+        let mut inner = self.lock();
+        if inner.phase != Phase::Running {
+            return Pop::NotRunning;
+        }
+        let Some(chain) = next(&mut state) else {
+            return Pop::Empty;
+        };
+        let (item, req) = accept(chain);
+        inner.inflight.insert(req.head, req);
+        Pop::Popped(item)
+    }
+
+    /// Completes a request: status byte, used entry, signal, then it leaves the table. Returns
+    /// false if a drain already completed it.
+    pub fn complete(
+        &self,
+        vring: &Vring,
+        mem: &GuestMem,
+        head: u16,
+        status: Option<(GuestAddress, Status)>,
+        used_len: u32,
+    ) -> bool {
+        let mut state = vring.get_mut();
+        if !self.lock().inflight.contains_key(&head) {
+            return false;
+        }
+        if let Some((addr, st)) = status {
+            if let Err(e) = mem.write_obj(st as u8, addr) {
+                // Checked at parse time; only a memory table change could get here.
+                warn!("queue {}: cannot write status byte: {e}", self.index);
+            }
+        }
+        if let Err(e) = state.add_used(head, used_len) {
+            error!("queue {}: cannot add used entry: {e}", self.index);
+        }
+        signal(&mut state, self.index);
+        let mut inner = self.lock();
+        inner.inflight.remove(&head);
+        if inner.inflight.is_empty() && inner.phase != Phase::Running {
+            self.drained.notify_all();
+        }
+        true
+    }
+
+    /// Stops taking descriptors and waits until every accepted request is complete, at most
+    /// `timeout`; past it, completes the rest with IOERR. Leaves the queue in `until`
+    /// (`Stopped` or `Closed`).
+    pub fn drain(&self, mem: &Gm, until: Phase, timeout: Duration) -> DrainReport {
+        let start = Instant::now();
+        let mut inner = self.lock();
+        if inner.phase == Phase::Running {
+            inner.phase = Phase::Stopping;
+        }
+        let waited_for = inner.inflight.len();
+        let (mut inner, wait) = self
+            .drained
+            .wait_timeout_while(inner, timeout, |i| !i.inflight.is_empty())
+            .unwrap_or_else(|p| p.into_inner());
+        let mut abandoned = Vec::new();
+        if wait.timed_out() && !inner.inflight.is_empty() {
+            // Lock order is vring, then table: let go of the table first.
+            drop(inner);
+            abandoned = self.abandon(mem);
+            inner = self.lock();
+        }
+        if inner.phase != Phase::Closed {
+            inner.phase = until;
+        }
+        DrainReport {
+            waited_for,
+            abandoned,
+            duration: start.elapsed(),
+        }
+    }
+
+    fn abandon(&self, mem: &Gm) -> Vec<InflightReq> {
+        let Some(vring) = self.vring.get() else {
+            // Nothing can be in flight on a queue whose worker never ran; clear the table so
+            // the state stays coherent.
+            return self.lock().inflight.drain().map(|(_, r)| r).collect();
+        };
+        let mem = mem.memory();
+        let mut state = vring.get_mut();
+        let stuck: Vec<InflightReq> = self.lock().inflight.drain().map(|(_, r)| r).collect();
+        for r in &stuck {
+            error!(
+                "queue {}: {} of {} bytes at sector {} (descriptor {}) still in flight after {:?}; completing it with IOERR",
+                self.index,
+                r.kind,
+                r.len,
+                r.sector,
+                r.head,
+                r.since.elapsed()
+            );
+            let used = match r.status_addr {
+                Some(addr) if mem.write_obj(Status::IoErr as u8, addr).is_ok() => 1,
+                _ => 0,
+            };
+            if let Err(e) = state.add_used(r.head, used) {
+                error!("queue {}: cannot add used entry: {e}", self.index);
+            }
+        }
+        signal(&mut state, self.index);
+        stuck
+    }
+}
+
+fn signal(state: &mut VringState<Gm>, index: usize) {
+    match state.needs_notification() {
+        Ok(false) => {}
+        // When in doubt, notify: a spurious interrupt costs little, a lost one hangs the guest.
+        Ok(true) | Err(_) => {
+            if let Err(e) = state.signal_used_queue() {
+                warn!("queue {index}: cannot signal the guest: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! vhost-user glue: features and config space, one worker per queue, in-flight accounting and
+//! the drain on stop, reset, disconnect and exit.
+
+pub mod device;
+pub mod exec;
+pub mod inflight;
+pub mod server;
+pub mod vhu_blk;
+
+pub use device::{Device, DeviceConfig};
+pub use server::{serve, ServeError};

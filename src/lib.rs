@@ -1,0 +1,8 @@
+//! remapblk: a vhost-user-blk backend. See DESIGN.md for the layering:
+//! `backend` (vhost-user glue) -> `virtio` (wire format) -> `storage` (the image).
+
+pub mod args;
+pub mod backend;
+pub mod stats;
+pub mod storage;
+pub mod virtio;

@@ -1,0 +1,106 @@
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use log::warn;
+
+use remapblk::args::{Cli, Command, ServeArgs};
+use remapblk::backend::device::default_serial;
+use remapblk::backend::{serve, Device, DeviceConfig};
+use remapblk::storage::{Image, OpenOptions};
+use remapblk::virtio::ID_BYTES;
+
+const DEFAULT_IMAGE_SIZE: u64 = 1 << 30;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => run_serve(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("remapblk: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run_serve(a: ServeArgs) -> Result<(), String> {
+    let image = Image::open(&OpenOptions {
+        path: a.image.clone(),
+        size: a.size,
+        default_size: DEFAULT_IMAGE_SIZE,
+        readonly: a.readonly,
+        direct: a.direct,
+    })
+    .map_err(|e| e.to_string())?;
+
+    let bs = u64::from(a.block_size);
+    let capacity = image.size() / bs * bs;
+    if capacity == 0 {
+        return Err(format!(
+            "image {} holds {} bytes, less than one {}-byte block; give a larger --size",
+            a.image.display(),
+            image.size(),
+            bs
+        ));
+    }
+    if capacity != image.size() {
+        warn!(
+            "image size {} is not a multiple of the {bs}-byte block size; the guest sees {capacity} bytes",
+            image.size()
+        );
+    }
+
+    let serial_str = a.serial.clone().unwrap_or_else(|| default_serial(&a.image));
+    let mut serial = [0u8; ID_BYTES];
+    let n = serial_str.len().min(ID_BYTES);
+    serial[..n].copy_from_slice(&serial_str.as_bytes()[..n]);
+
+    let cfg = DeviceConfig {
+        capacity,
+        block_size: a.block_size,
+        readonly: a.readonly,
+        serial,
+        num_queues: a.num_queues,
+        queue_size: a.queue_size,
+        drain_timeout: Duration::from_millis(a.drain_timeout_ms),
+    };
+    print_banner(&a, capacity, &serial_str);
+    let dev = Arc::new(Device::new(cfg, Arc::new(image)));
+    serve(dev, &a.socket).map_err(|e| e.to_string())
+}
+
+fn print_banner(a: &ServeArgs, capacity: u64, serial: &str) {
+    let sock = absolute(&a.socket);
+    println!(
+        "remapblk: serving {} ({} bytes = {} MiB, {}-byte blocks{}, serial {serial}) on {}",
+        absolute(&a.image),
+        capacity,
+        capacity >> 20,
+        a.block_size,
+        if a.readonly { ", read-only" } else { "" },
+        sock
+    );
+    println!("attach QEMU (guest RAM must be shared memory for vhost-user):");
+    println!(
+        "  qemu-system-x86_64 -m 1G -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n    -chardev socket,id=disk0,path={sock} -device vhost-user-blk-pci,chardev=disk0,num-queues={} ...",
+        a.num_queues
+    );
+    println!("attach cloud-hypervisor:");
+    println!(
+        "  cloud-hypervisor --memory size=1G,shared=on --disk vhost_user=true,socket={sock},num_queues={},queue_size={} ...",
+        a.num_queues, a.queue_size
+    );
+}
+
+fn absolute(p: &Path) -> String {
+    std::path::absolute(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
+}
