@@ -9,3 +9,6 @@ pub mod vhu_blk;
 
 pub use device::{Device, DeviceConfig};
 pub use server::{serve, ServeError};
+
+#[cfg(test)]
+mod tests;

@@ -64,6 +64,11 @@ impl BlkBackend {
         self.conn.queues.iter().map(QueueCtl::inflight).sum()
     }
 
+    #[cfg(test)]
+    pub fn phases(&self) -> Vec<Phase> {
+        self.conn.queues.iter().map(QueueCtl::phase).collect()
+    }
+
     /// Drains every queue (concurrently: the deadline is one bound for all of them, not one
     /// per queue) and leaves them in `until`.
     pub fn drain_all(&self, until: Phase) -> DrainReport {
@@ -86,18 +91,19 @@ impl BlkBackend {
             ..Default::default()
         };
         for (q, r) in reports.into_iter().enumerate() {
-            QueueStats::add(
-                &self.conn.dev.stats.queue(q).abandoned,
-                r.abandoned.len() as u64,
-            );
-            QueueStats::add(
-                &self.conn.dev.stats.queue(q).errors,
-                r.abandoned.len() as u64,
-            );
+            self.record_drain(q, &r);
             total.waited_for += r.waited_for;
             total.abandoned.extend(r.abandoned);
         }
         total
+    }
+
+    /// Requests a drain gave up on count as errors of their queue.
+    fn record_drain(&self, q: usize, report: &DrainReport) {
+        let stats = self.conn.dev.stats.queue(q);
+        let n = report.abandoned.len() as u64;
+        QueueStats::add(&stats.abandoned, n);
+        QueueStats::add(&stats.errors, n);
     }
 
     fn process_queue(&self, q: usize, vring: &Vring) {
@@ -341,10 +347,7 @@ impl VhostUserBackend for BlkBackend {
             Phase::Stopped,
             self.conn.dev.cfg.drain_timeout,
         );
-        QueueStats::add(
-            &self.conn.dev.stats.queue(queue_index as usize).abandoned,
-            report.abandoned.len() as u64,
-        );
+        self.record_drain(queue_index as usize, &report);
         debug!(
             "queue {queue_index} stopped: waited for {} requests, {:?}",
             report.waited_for, report.duration

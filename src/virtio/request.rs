@@ -450,3 +450,308 @@ fn read_all(mem: &GuestMem, data: &[DataSegment], len: usize) -> Option<Vec<u8>>
     }
     Some(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+
+    const MEM_SIZE: u64 = 0x40_0000;
+    const HDR: u64 = 0x1000;
+    const DATA: u64 = 0x10_0000;
+    const STATUS: u64 = 0x30_0000;
+
+    fn mem() -> GuestMem {
+        GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            capacity_sectors: 2048,
+            block_size: 512,
+            readonly: false,
+            max_discard_sectors: 1024,
+            max_discard_seg: 4,
+            max_write_zeroes_sectors: 1024,
+            max_write_zeroes_seg: 4,
+        }
+    }
+
+    fn header(mem: &GuestMem, type_: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&type_.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+    }
+
+    /// Descriptors (addr, len, writable), chained with NEXT as a driver would.
+    fn chain(parts: &[(u64, u32, bool)]) -> Vec<Descriptor> {
+        parts
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, w))| {
+                let mut flags = if w { VRING_DESC_F_WRITE as u16 } else { 0 };
+                if i + 1 < parts.len() {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                }
+                Descriptor::new(addr, len, flags, i as u16 + 1)
+            })
+            .collect()
+    }
+
+    fn simple(type_: u32, sector: u64, data: Option<(u32, bool)>) -> (GuestMem, Vec<Descriptor>) {
+        let m = mem();
+        header(&m, type_, sector);
+        let mut parts = vec![(HDR, 16, false)];
+        if let Some((len, w)) = data {
+            parts.push((DATA, len, w));
+        }
+        parts.push((STATUS, 1, true));
+        (m, chain(&parts))
+    }
+
+    fn err(r: Result<Request, Rejected>) -> Rejected {
+        r.expect_err("request should be rejected")
+    }
+
+    #[test]
+    fn read_is_parsed() {
+        let (m, d) = simple(VIRTIO_BLK_T_IN, 8, Some((4096, true)));
+        let r = parse(d.into_iter(), &m, &limits()).unwrap();
+        assert_eq!(r.kind, RequestType::In);
+        assert_eq!(r.sector, 8);
+        assert_eq!(r.data_len, 4096);
+        assert_eq!(r.status_addr, GuestAddress(STATUS));
+        assert_eq!(r.data, vec![DataSegment { addr: GuestAddress(DATA), len: 4096 }]);
+    }
+
+    #[test]
+    fn merged_framing_is_accepted() {
+        // Header and data in one readable descriptor; data and status in one writable one.
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_OUT, 0);
+        let d = chain(&[(HDR, 16 + 512, false), (STATUS, 1, true)]);
+        let r = parse(d.into_iter(), &m, &limits()).unwrap();
+        assert_eq!(r.kind, RequestType::Out);
+        assert_eq!(r.data, vec![DataSegment { addr: GuestAddress(HDR + 16), len: 512 }]);
+
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let d = chain(&[(HDR, 16, false), (DATA, 513, true)]);
+        let r = parse(d.into_iter(), &m, &limits()).unwrap();
+        assert_eq!(r.data_len, 512);
+        assert_eq!(r.status_addr, GuestAddress(DATA + 512));
+    }
+
+    #[test]
+    fn header_split_over_two_descriptors() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 3);
+        let d = chain(&[(HDR, 10, false), (HDR + 10, 6, false), (DATA, 512, true), (STATUS, 1, true)]);
+        assert_eq!(parse(d.into_iter(), &m, &limits()).unwrap().sector, 3);
+    }
+
+    #[test]
+    fn sector_past_capacity() {
+        let (m, d) = simple(VIRTIO_BLK_T_IN, 2048, Some((512, true)));
+        let e = err(parse(d.into_iter(), &m, &limits()));
+        assert!(matches!(e.error, RequestError::OutOfRange { .. }));
+        assert_eq!(e.error.status(), Status::IoErr);
+        assert_eq!(e.status_addr, Some(GuestAddress(STATUS)));
+    }
+
+    #[test]
+    fn request_straddling_the_end() {
+        let (m, d) = simple(VIRTIO_BLK_T_OUT, 2047, Some((1024, false)));
+        let e = err(parse(d.into_iter(), &m, &limits()));
+        assert!(matches!(e.error, RequestError::OutOfRange { start: 2047, end: 2049, .. }));
+    }
+
+    #[test]
+    fn huge_sector_does_not_overflow() {
+        let (m, d) = simple(VIRTIO_BLK_T_IN, u64::MAX - 1, Some((1024, true)));
+        let e = err(parse(d.into_iter(), &m, &limits()));
+        assert!(matches!(e.error, RequestError::OutOfRange { .. }));
+    }
+
+    #[test]
+    fn length_not_a_multiple_of_512() {
+        let (m, d) = simple(VIRTIO_BLK_T_IN, 0, Some((1000, true)));
+        let e = err(parse(d.into_iter(), &m, &limits()));
+        assert!(matches!(e.error, RequestError::Unaligned { .. }));
+    }
+
+    #[test]
+    fn misaligned_to_a_4k_block() {
+        let mut l = limits();
+        l.block_size = 4096;
+        let (m, d) = simple(VIRTIO_BLK_T_IN, 1, Some((4096, true)));
+        assert!(matches!(err(parse(d.into_iter(), &m, &l)).error, RequestError::Unaligned { .. }));
+    }
+
+    #[test]
+    fn write_on_read_only_device() {
+        let mut l = limits();
+        l.readonly = true;
+        for t in [VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+            let (m, d) = simple(t, 0, Some((512, false)));
+            let e = err(parse(d.into_iter(), &m, &l));
+            assert!(matches!(e.error, RequestError::ReadOnly(_)), "{t}: {:?}", e.error);
+            assert_eq!(e.error.status(), Status::IoErr);
+        }
+        let (m, d) = simple(VIRTIO_BLK_T_IN, 0, Some((512, true)));
+        assert!(parse(d.into_iter(), &m, &l).is_ok());
+    }
+
+    #[test]
+    fn header_shorter_than_16_bytes() {
+        let m = mem();
+        let d = chain(&[(HDR, 8, false), (STATUS, 1, true)]);
+        let e = err(parse(d.into_iter(), &m, &limits()));
+        assert_eq!(e.error, RequestError::ShortHeader(8));
+        assert_eq!(e.status_addr, Some(GuestAddress(STATUS)));
+    }
+
+    #[test]
+    fn status_not_device_writable() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let d = chain(&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, false)]);
+        let e = err(parse(d.into_iter(), &m, &limits()));
+        assert_eq!(e.error, RequestError::NoStatus);
+        assert_eq!(e.status_addr, None);
+    }
+
+    #[test]
+    fn no_data_where_data_is_needed() {
+        for t in [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_DISCARD] {
+            let (m, d) = simple(t, 0, None);
+            let e = err(parse(d.into_iter(), &m, &limits()));
+            assert!(matches!(e.error, RequestError::NoData(_)), "{t}: {:?}", e.error);
+        }
+        // FLUSH needs none.
+        let (m, d) = simple(VIRTIO_BLK_T_FLUSH, 0, None);
+        assert_eq!(parse(d.into_iter(), &m, &limits()).unwrap().kind, RequestType::Flush);
+    }
+
+    #[test]
+    fn wrong_data_direction() {
+        let (m, d) = simple(VIRTIO_BLK_T_IN, 0, Some((512, false)));
+        assert!(matches!(err(parse(d.into_iter(), &m, &limits())).error, RequestError::WrongDirection { .. }));
+        let (m, d) = simple(VIRTIO_BLK_T_OUT, 0, Some((512, true)));
+        assert!(matches!(err(parse(d.into_iter(), &m, &limits())).error, RequestError::WrongDirection { .. }));
+    }
+
+    #[test]
+    fn data_outside_guest_memory() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let d = chain(&[(HDR, 16, false), (MEM_SIZE - 256, 512, true), (STATUS, 1, true)]);
+        let e = err(parse(d.into_iter(), &m, &limits()));
+        assert!(matches!(e.error, RequestError::BadAddress { .. }));
+        assert_eq!(e.status_addr, Some(GuestAddress(STATUS)));
+    }
+
+    #[test]
+    fn status_outside_guest_memory() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let d = chain(&[(HDR, 16, false), (DATA, 512, true), (MEM_SIZE + 4096, 1, true)]);
+        let e = err(parse(d.into_iter(), &m, &limits()));
+        assert!(matches!(e.error, RequestError::BadAddress { .. }));
+        assert_eq!(e.status_addr, None);
+    }
+
+    #[test]
+    fn header_outside_guest_memory() {
+        let m = mem();
+        let d = chain(&[(u64::MAX - 8, 16, false), (STATUS, 1, true)]);
+        let e = err(parse(d.into_iter(), &m, &limits()));
+        assert!(matches!(e.error, RequestError::BadAddress { .. }));
+        assert_eq!(e.status_addr, Some(GuestAddress(STATUS)));
+    }
+
+    #[test]
+    fn truncated_chain_is_broken() {
+        // What the chain iterator yields for a loop: it stops with NEXT still set.
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let mut d = chain(&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
+        d[2] = Descriptor::new(STATUS, 1, (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16, 0);
+        let e = err(parse(d.into_iter(), &m, &limits()));
+        assert_eq!(e.error, RequestError::BrokenChain);
+        assert_eq!(e.status_addr, None);
+        let e = err(parse(std::iter::empty(), &m, &limits()));
+        assert_eq!(e.error, RequestError::BrokenChain);
+    }
+
+    #[test]
+    fn unknown_type_is_unsupp() {
+        let (m, d) = simple(0x77, 0, Some((512, true)));
+        let e = err(parse(d.into_iter(), &m, &limits()));
+        assert_eq!(e.error, RequestError::Unsupported(0x77));
+        assert_eq!(e.error.status(), Status::Unsupp);
+    }
+
+    fn ranges(m: &GuestMem, rs: &[(u64, u32, u32)]) {
+        let mut raw = Vec::new();
+        for &(s, n, f) in rs {
+            raw.extend_from_slice(&s.to_le_bytes());
+            raw.extend_from_slice(&n.to_le_bytes());
+            raw.extend_from_slice(&f.to_le_bytes());
+        }
+        m.write_slice(&raw, GuestAddress(DATA)).unwrap();
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_ranges() {
+        let (m, d) = simple(VIRTIO_BLK_T_WRITE_ZEROES, 0, Some((32, false)));
+        ranges(&m, &[(8, 16, 1), (100, 8, 0)]);
+        let r = parse(d.into_iter(), &m, &limits()).unwrap();
+        assert_eq!(
+            r.ranges,
+            vec![
+                SectorRange { sector: 8, num_sectors: 16, unmap: true },
+                SectorRange { sector: 100, num_sectors: 8, unmap: false }
+            ]
+        );
+        // Discard takes no flags: UNSUPP.
+        let (m, d) = simple(VIRTIO_BLK_T_DISCARD, 0, Some((16, false)));
+        ranges(&m, &[(8, 16, 1)]);
+        let e = err(parse(d.into_iter(), &m, &limits()));
+        assert_eq!(e.error.status(), Status::Unsupp);
+        // Past capacity, too long, too many, ragged payload: IOERR.
+        let (m, d) = simple(VIRTIO_BLK_T_DISCARD, 0, Some((16, false)));
+        ranges(&m, &[(2040, 16, 0)]);
+        assert!(matches!(err(parse(d.into_iter(), &m, &limits())).error, RequestError::OutOfRange { .. }));
+        let (m, d) = simple(VIRTIO_BLK_T_DISCARD, 0, Some((16, false)));
+        ranges(&m, &[(0, 1025, 0)]);
+        assert!(matches!(err(parse(d.into_iter(), &m, &limits())).error, RequestError::RangeTooLong { .. }));
+        let (m, d) = simple(VIRTIO_BLK_T_DISCARD, 0, Some((80, false)));
+        assert!(matches!(err(parse(d.into_iter(), &m, &limits())).error, RequestError::TooManyRanges { .. }));
+        let (m, d) = simple(VIRTIO_BLK_T_DISCARD, 0, Some((20, false)));
+        assert!(matches!(err(parse(d.into_iter(), &m, &limits())).error, RequestError::BadRangePayload { .. }));
+    }
+
+    proptest! {
+        /// Whatever a guest puts in the descriptors, parsing returns (never panics), and an
+        /// accepted request lies inside the capacity and inside guest memory.
+        #[test]
+        fn arbitrary_chains_never_panic(
+            parts in proptest::collection::vec((0u64..MEM_SIZE * 2, 0u32..0x2_0000, any::<bool>()), 0..6),
+            type_ in 0u32..16,
+            sector in any::<u64>(),
+        ) {
+            let m = mem();
+            header(&m, type_, sector);
+            let d = chain(&parts);
+            if let Ok(r) = parse(d.into_iter(), &m, &limits()) {
+                prop_assert!(r.sector.saturating_add(r.data_len >> 9) <= 2048 || r.kind == RequestType::Flush || r.kind == RequestType::GetId);
+                for s in &r.data {
+                    prop_assert!(s.addr.0 + u64::from(s.len) <= MEM_SIZE);
+                }
+                prop_assert!(r.status_addr.0 < MEM_SIZE);
+            }
+        }
+    }
+}

@@ -1,0 +1,496 @@
+//! The backend driven through a mock split queue in this process: the whole path from avail
+//! ring to used ring (parse, execute, status byte, used entry), the counters, and the drain.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::EventSet;
+
+use super::device::{Device, DeviceConfig};
+use super::inflight::Phase;
+use super::vhu_blk::BlkBackend;
+use crate::stats::QueueStats;
+use crate::storage::BlockIo;
+use crate::virtio::request::GuestMem;
+use crate::virtio::ID_BYTES;
+
+const QSIZE: u16 = 64;
+const HDR: u64 = 0x10_0000;
+const DATA: u64 = 0x20_0000;
+const STATUS: u64 = 0x30_0000;
+const CAPACITY: u64 = 1 << 20;
+
+/// An image in memory. Reads can be held at a gate to keep a request in flight.
+#[derive(Default)]
+struct MemTarget {
+    data: Mutex<Vec<u8>>,
+    flushes: AtomicUsize,
+    gate: Mutex<Gate>,
+    gate_cv: Condvar,
+}
+
+#[derive(Default)]
+struct Gate {
+    closed: bool,
+    waiting: usize,
+}
+
+impl MemTarget {
+    fn new() -> Arc<MemTarget> {
+        let t = MemTarget::default();
+        *t.data.lock().unwrap() = vec![0; CAPACITY as usize];
+        Arc::new(t)
+    }
+    fn close_gate(&self) {
+        self.gate.lock().unwrap().closed = true;
+    }
+    fn open_gate(&self) {
+        self.gate.lock().unwrap().closed = false;
+        self.gate_cv.notify_all();
+    }
+    fn wait_for_waiter(&self) {
+        let g = self.gate.lock().unwrap();
+        let _g = self
+            .gate_cv
+            .wait_timeout_while(g, Duration::from_secs(10), |g| g.waiting == 0)
+            .unwrap();
+    }
+}
+
+impl BlockIo for MemTarget {
+    unsafe fn readv(&self, offset: u64, iov: &[libc::iovec]) -> std::io::Result<()> {
+        {
+            let mut g = self.gate.lock().unwrap();
+            g.waiting += 1;
+            self.gate_cv.notify_all();
+            let mut g = self.gate_cv.wait_while(g, |g| g.closed).unwrap();
+            g.waiting -= 1;
+        }
+        let data = self.data.lock().unwrap();
+        let mut at = offset as usize;
+        for v in iov {
+            std::ptr::copy_nonoverlapping(data[at..].as_ptr(), v.iov_base.cast(), v.iov_len);
+            at += v.iov_len;
+        }
+        Ok(())
+    }
+    unsafe fn writev(&self, offset: u64, iov: &[libc::iovec]) -> std::io::Result<()> {
+        let mut data = self.data.lock().unwrap();
+        let mut at = offset as usize;
+        for v in iov {
+            std::ptr::copy_nonoverlapping(v.iov_base.cast(), data[at..].as_mut_ptr(), v.iov_len);
+            at += v.iov_len;
+        }
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.write_zeroes(offset, len, true)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> std::io::Result<()> {
+        self.data.lock().unwrap()[offset as usize..(offset + len) as usize].fill(0);
+        Ok(())
+    }
+}
+
+struct Rig {
+    backend: BlkBackend,
+    vring: VringRwLock<GuestMemoryAtomic<GuestMem>>,
+    mock: MockSplitQueue<'static, GuestMem>,
+    mem: &'static GuestMem,
+    target: Arc<MemTarget>,
+    dev: Arc<Device>,
+    next_desc: u16,
+}
+
+fn rig(readonly: bool, drain_timeout: Duration) -> Rig {
+    let gm = GuestMemoryAtomic::new(
+        GuestMem::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap(),
+    );
+    // The mock borrows the memory for the test's whole life.
+    let mem: &'static GuestMem = &**Box::leak(Box::new(gm.memory()));
+    let mock = MockSplitQueue::create(mem, GuestAddress(0), QSIZE);
+    let target = MemTarget::new();
+    let mut serial = [0u8; ID_BYTES];
+    serial[..11].copy_from_slice(b"test-serial");
+    let dev = Arc::new(Device::new(
+        DeviceConfig {
+            capacity: CAPACITY,
+            block_size: 512,
+            readonly,
+            serial,
+            num_queues: 1,
+            queue_size: QSIZE,
+            drain_timeout,
+        },
+        target.clone(),
+    ));
+    let backend = BlkBackend::new(dev.clone(), gm.clone());
+    let vring = VringRwLock::new(gm, QSIZE).unwrap();
+    vring.set_queue_size(QSIZE);
+    vring
+        .set_queue_info(mock.desc_table_addr().0, mock.avail_addr().0, mock.used_addr().0)
+        .unwrap();
+    vring.set_queue_ready(true);
+    vring.set_enabled(true);
+    Rig {
+        backend,
+        vring,
+        mock,
+        mem,
+        target,
+        dev,
+        next_desc: 0,
+    }
+}
+
+impl Rig {
+    /// Puts a chain of (addr, len, device-writable) descriptors in the avail ring.
+    fn submit(&mut self, parts: &[(u64, u32, bool)]) -> u16 {
+        let first = self.next_desc;
+        let descs: Vec<RawDescriptor> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, w))| {
+                let mut flags = if w { VRING_DESC_F_WRITE as u16 } else { 0 };
+                if i + 1 < parts.len() {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                }
+                RawDescriptor::from(Descriptor::new(addr, len, flags, first + i as u16 + 1))
+            })
+            .collect();
+        self.mock.add_desc_chains(&descs, first).unwrap();
+        self.next_desc += parts.len() as u16;
+        first
+    }
+
+    fn header(&self, at: u64, type_: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&type_.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write_slice(&h, GuestAddress(at)).unwrap();
+    }
+
+    /// A classic three-descriptor request with its own header/status slots.
+    fn request(&mut self, slot: u64, type_: u32, sector: u64, data: Option<(u32, bool)>) -> u16 {
+        let hdr = HDR + slot * 0x100;
+        self.header(hdr, type_, sector);
+        let mut parts = vec![(hdr, 16, false)];
+        if let Some((len, w)) = data {
+            parts.push((DATA + slot * 0x1_0000, len, w));
+        }
+        parts.push((STATUS + slot, 1, true));
+        self.mem.write_obj(0xffu8, GuestAddress(STATUS + slot)).unwrap();
+        self.submit(&parts)
+    }
+
+    fn kick(&self) {
+        self.backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&self.vring), 0)
+            .unwrap();
+    }
+
+    fn used_idx(&self) -> u16 {
+        self.mock.used().idx().load()
+    }
+
+    fn used(&self, i: usize) -> (u32, u32) {
+        let e = self.mock.used().ring().ref_at(i).unwrap().load();
+        (e.id(), e.len())
+    }
+
+    fn status(&self, slot: u64) -> u8 {
+        self.mem.read_obj(GuestAddress(STATUS + slot)).unwrap()
+    }
+
+    fn stats(&self) -> &QueueStats {
+        self.dev.stats.queue(0)
+    }
+}
+
+fn get(c: &std::sync::atomic::AtomicU64) -> u64 {
+    QueueStats::get(c)
+}
+
+#[test]
+fn write_then_read_round_trip() {
+    let mut r = rig(false, Duration::from_secs(5));
+    let data: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+    r.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    let h0 = r.request(0, VIRTIO_BLK_T_OUT, 16, Some((4096, false)));
+    let h1 = r.request(1, VIRTIO_BLK_T_IN, 16, Some((4096, true)));
+    r.kick();
+    assert_eq!(r.used_idx(), 2);
+    assert_eq!(r.used(0), (u32::from(h0), 1));
+    assert_eq!(r.used(1), (u32::from(h1), 4097));
+    assert_eq!((r.status(0), r.status(1)), (0, 0));
+    let mut back = vec![0u8; 4096];
+    r.mem.read_slice(&mut back, GuestAddress(DATA + 0x1_0000)).unwrap();
+    assert_eq!(back, data);
+    assert_eq!(&r.target.data.lock().unwrap()[16 * 512..16 * 512 + 4096], &data[..]);
+    assert_eq!(get(&r.stats().writes), 1);
+    assert_eq!(get(&r.stats().reads), 1);
+    assert_eq!(get(&r.stats().bytes_written), 4096);
+    assert_eq!(get(&r.stats().bytes_read), 4096);
+    assert_eq!(get(&r.stats().errors), 0);
+    assert_eq!(r.backend.inflight(), 0);
+}
+
+#[test]
+fn get_id_returns_the_serial() {
+    let mut r = rig(false, Duration::from_secs(5));
+    r.request(0, VIRTIO_BLK_T_GET_ID, 0, Some((ID_BYTES as u32, true)));
+    r.kick();
+    assert_eq!(r.status(0), 0);
+    let mut id = [0u8; ID_BYTES];
+    r.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+    assert_eq!(&id[..11], b"test-serial");
+    assert!(id[11..].iter().all(|&b| b == 0));
+    assert_eq!(r.used(0).1, ID_BYTES as u32 + 1);
+}
+
+#[test]
+fn bad_requests_complete_with_ioerr_and_count() {
+    let mut r = rig(false, Duration::from_secs(5));
+    r.request(0, VIRTIO_BLK_T_IN, CAPACITY / 512, Some((512, true))); // past the end
+    r.request(1, VIRTIO_BLK_T_OUT, CAPACITY / 512 - 1, Some((1024, false))); // straddles
+    r.request(2, VIRTIO_BLK_T_IN, 0, Some((100, true))); // not a multiple of 512
+    r.request(3, VIRTIO_BLK_T_IN, 0, None); // no data
+    r.request(4, 0x42, 0, Some((512, true))); // unknown type
+    r.kick();
+    assert_eq!(r.used_idx(), 5);
+    assert_eq!(
+        [r.status(0), r.status(1), r.status(2), r.status(3), r.status(4)],
+        [1, 1, 1, 1, 2]
+    );
+    assert_eq!(get(&r.stats().malformed), 4);
+    assert_eq!(get(&r.stats().unsupported), 1);
+    assert_eq!(get(&r.stats().errors), 5);
+    // Nothing reached the image.
+    assert!(r.target.data.lock().unwrap().iter().all(|&b| b == 0));
+}
+
+#[test]
+fn write_on_read_only_device_is_refused_by_the_server() {
+    let mut r = rig(true, Duration::from_secs(5));
+    r.mem.write_slice(&[0xab; 512], GuestAddress(DATA)).unwrap();
+    r.request(0, VIRTIO_BLK_T_OUT, 0, Some((512, false)));
+    r.request(1, VIRTIO_BLK_T_IN, 0, Some((512, true)));
+    r.kick();
+    assert_eq!((r.status(0), r.status(1)), (1, 0));
+    assert!(r.target.data.lock().unwrap().iter().all(|&b| b == 0));
+    assert_eq!(get(&r.stats().malformed), 1);
+}
+
+#[test]
+fn chain_without_writable_status_returns_with_length_zero_and_queue_goes_on() {
+    let mut r = rig(false, Duration::from_secs(5));
+    r.header(HDR, VIRTIO_BLK_T_IN, 0);
+    let h = r.submit(&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, false)]);
+    r.request(1, VIRTIO_BLK_T_FLUSH, 0, None);
+    r.kick();
+    assert_eq!(r.used_idx(), 2);
+    assert_eq!(r.used(0), (u32::from(h), 0));
+    assert_eq!(r.status(1), 0);
+    assert_eq!(get(&r.stats().malformed), 1);
+}
+
+#[test]
+fn short_header_gets_ioerr() {
+    let mut r = rig(false, Duration::from_secs(5));
+    r.header(HDR, VIRTIO_BLK_T_IN, 0);
+    r.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    r.submit(&[(HDR, 8, false), (STATUS, 1, true)]);
+    r.kick();
+    assert_eq!(r.status(0), 1);
+    assert_eq!(r.used(0).1, 1);
+}
+
+#[test]
+fn descriptor_outside_guest_memory_gets_ioerr() {
+    let mut r = rig(false, Duration::from_secs(5));
+    r.header(HDR, VIRTIO_BLK_T_IN, 0);
+    r.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    r.submit(&[(HDR, 16, false), (0x7fff_0000_0000, 512, true), (STATUS, 1, true)]);
+    r.kick();
+    assert_eq!(r.status(0), 1);
+    assert_eq!(get(&r.stats().malformed), 1);
+}
+
+#[test]
+fn descriptor_loop_is_returned_without_status() {
+    let mut r = rig(false, Duration::from_secs(5));
+    r.header(HDR, VIRTIO_BLK_T_IN, 0);
+    // 0 -> 1 -> 0 -> ...: the iterator gives up after QSIZE descriptors.
+    let descs = [
+        RawDescriptor::from(Descriptor::new(HDR, 16, VRING_DESC_F_NEXT as u16, 1)),
+        RawDescriptor::from(Descriptor::new(
+            DATA,
+            512,
+            (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+            0,
+        )),
+    ];
+    r.mock.add_desc_chains(&descs, 0).unwrap();
+    r.next_desc = 2;
+    r.request(1, VIRTIO_BLK_T_FLUSH, 0, None);
+    r.kick();
+    assert_eq!(r.used_idx(), 2);
+    assert_eq!(r.used(0), (0, 0));
+    assert_eq!(r.status(1), 0, "the queue keeps working after a loop");
+    assert_eq!(get(&r.stats().malformed), 1);
+}
+
+#[test]
+fn writethrough_flushes_every_write() {
+    let mut r = rig(false, Duration::from_secs(5));
+    r.backend.acked_features(r.dev.features());
+    r.request(0, VIRTIO_BLK_T_OUT, 0, Some((512, false)));
+    r.kick();
+    assert_eq!(r.target.flushes.load(Ordering::SeqCst), 0);
+    r.backend.set_config(32, &[0]).unwrap();
+    assert_eq!(r.backend.get_config(32, 1), vec![0]);
+    r.request(1, VIRTIO_BLK_T_OUT, 0, Some((512, false)));
+    r.kick();
+    assert_eq!(r.target.flushes.load(Ordering::SeqCst), 1);
+    assert!(r.backend.set_config(0, &[0; 8]).is_err(), "capacity is not writable");
+}
+
+#[test]
+fn discard_and_write_zeroes_reach_the_target() {
+    let mut r = rig(false, Duration::from_secs(5));
+    r.target.data.lock().unwrap().fill(0xee);
+    let mut raw = Vec::new();
+    raw.extend_from_slice(&8u64.to_le_bytes());
+    raw.extend_from_slice(&8u32.to_le_bytes());
+    raw.extend_from_slice(&0u32.to_le_bytes());
+    r.mem.write_slice(&raw, GuestAddress(DATA)).unwrap();
+    r.request(0, VIRTIO_BLK_T_DISCARD, 0, Some((16, false)));
+    r.kick();
+    assert_eq!(r.status(0), 0);
+    let d = r.target.data.lock().unwrap();
+    assert!(d[8 * 512..16 * 512].iter().all(|&b| b == 0));
+    assert!(d[..8 * 512].iter().all(|&b| b == 0xee));
+    assert!(d[16 * 512..].iter().all(|&b| b == 0xee));
+}
+
+/// What another thread needs to kick the queue and watch the used ring.
+#[derive(Clone)]
+struct Handle {
+    backend: BlkBackend,
+    vring: VringRwLock<GuestMemoryAtomic<GuestMem>>,
+    mem: &'static GuestMem,
+    used_idx_addr: GuestAddress,
+}
+
+impl Handle {
+    fn kick(&self) {
+        self.backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&self.vring), 0)
+            .unwrap();
+    }
+    fn used_idx(&self) -> u16 {
+        self.mem.read_obj(self.used_idx_addr).unwrap()
+    }
+}
+
+impl Rig {
+    fn handle(&self) -> Handle {
+        Handle {
+            backend: self.backend.clone(),
+            vring: self.vring.clone(),
+            mem: self.mem,
+            used_idx_addr: GuestAddress(self.mock.used_addr().0 + 2),
+        }
+    }
+}
+
+fn wait_until(mut cond: impl FnMut() -> bool) {
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(std::time::Instant::now() < end, "condition not met in 10 s");
+        std::thread::yield_now();
+    }
+}
+
+/// The drain returns only after the in-flight request's used entry is written.
+#[test]
+fn drain_waits_for_the_request_in_flight() {
+    let mut r = rig(false, Duration::from_secs(20));
+    r.target.close_gate();
+    r.request(0, VIRTIO_BLK_T_IN, 0, Some((512, true)));
+    let h = r.handle();
+    let target = r.target.clone();
+    std::thread::scope(|s| {
+        let hw = h.clone();
+        let worker = s.spawn(move || hw.kick());
+        target.wait_for_waiter();
+        let hd = h.clone();
+        let drain = s.spawn(move || {
+            let report = hd.backend.drain_all(Phase::Stopped);
+            (report, hd.used_idx())
+        });
+        // Let the request finish only once the drain is waiting for it.
+        wait_until(|| h.backend.phases().iter().all(|p| *p == Phase::Stopping));
+        assert_eq!(h.backend.inflight(), 1);
+        target.open_gate();
+        let (report, used_at_return) = drain.join().unwrap();
+        worker.join().unwrap();
+        assert_eq!(used_at_return, 1, "drain returned before the used entry was written");
+        assert_eq!(report.waited_for, 1);
+        assert!(report.abandoned.is_empty());
+    });
+    assert_eq!(r.status(0), 0);
+}
+
+/// A request stuck past the drain timeout is completed with IOERR by the drain, exactly once.
+#[test]
+fn drain_timeout_completes_stuck_request_once() {
+    let mut r = rig(false, Duration::from_millis(100));
+    r.target.close_gate();
+    r.request(0, VIRTIO_BLK_T_IN, 0, Some((512, true)));
+    let h = r.handle();
+    let target = r.target.clone();
+    std::thread::scope(|s| {
+        let hw = h.clone();
+        let worker = s.spawn(move || hw.kick());
+        target.wait_for_waiter();
+        let report = h.backend.drain_all(Phase::Closed);
+        assert_eq!(report.abandoned.len(), 1);
+        assert!(report.duration >= Duration::from_millis(100));
+        assert_eq!(h.used_idx(), 1);
+        assert_eq!(h.backend.inflight(), 0);
+        // The stuck I/O finally returns: it must not complete the request again.
+        target.open_gate();
+        worker.join().unwrap();
+    });
+    assert_eq!(r.status(0), 1);
+    assert_eq!(r.used_idx(), 1);
+    assert_eq!(get(&r.stats().abandoned), 1);
+}
+
+#[test]
+fn stopped_ring_restarts_on_kick_but_closed_one_does_not() {
+    let mut r = rig(false, Duration::from_secs(5));
+    r.request(0, VIRTIO_BLK_T_FLUSH, 0, None);
+    r.kick();
+    assert_eq!(r.used_idx(), 1);
+    r.backend.stop_vring(0).unwrap();
+    r.request(1, VIRTIO_BLK_T_FLUSH, 0, None);
+    r.kick();
+    assert_eq!(r.used_idx(), 2, "a stopped ring that is ready again runs on the next kick");
+    r.backend.drain_all(Phase::Closed);
+    r.request(2, VIRTIO_BLK_T_FLUSH, 0, None);
+    r.kick();
+    assert_eq!(r.used_idx(), 2, "a closed queue takes no more descriptors");
+}

@@ -1,0 +1,327 @@
+//! Test harness: the real `remapblk serve` binary on a temporary image, driven by the `blkio`
+//! crate (libblkio's virtio-blk-vhost-user driver, an independent client).
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::Read;
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+
+pub const MIB: u64 = 1 << 20;
+
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub image: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+    args: Vec<String>,
+}
+
+/// Polls `cond` every few milliseconds until it holds or `deadline` passes.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < end, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+impl Server {
+    /// Starts `remapblk serve` on a fresh image of `size` bytes with extra arguments.
+    pub fn start(size: u64, extra: &[&str]) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("disk.img");
+        let f = File::create(&image).expect("create image");
+        f.set_len(size).expect("size image");
+        Self::start_on(dir, image, extra)
+    }
+
+    pub fn start_on(dir: tempfile::TempDir, image: PathBuf, extra: &[&str]) -> Server {
+        let socket = dir.path().join("disk.sock");
+        let log = dir.path().join("server.log");
+        let mut args = vec![
+            "serve".to_string(),
+            "--image".to_string(),
+            image.display().to_string(),
+            "--socket".to_string(),
+            socket.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut s = Server {
+            dir,
+            image,
+            socket,
+            log,
+            child: None,
+            args,
+        };
+        s.spawn();
+        s
+    }
+
+    /// (Re)starts the process with the same arguments and waits until it listens.
+    pub fn spawn(&mut self) {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_remapblk"))
+            .args(&self.args)
+            .env("RUST_LOG", "debug")
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn remapblk");
+        self.child = Some(child);
+        let sock = self.socket.clone();
+        let log_path = self.log.clone();
+        wait_until("the server to listen", Duration::from_secs(20), || {
+            if let Some(st) = self.try_wait() {
+                panic!("server exited early with {st}: {}", read_log(&log_path));
+            }
+            std::fs::read_to_string(&log_path)
+                .map(|l| l.contains(&format!("listening on {}", sock.display())))
+                .unwrap_or(false)
+        });
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(-1)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let mut status = None;
+        wait_until("the server to exit", timeout, || {
+            status = self.try_wait();
+            status.is_some()
+        });
+        self.child = None;
+        status.expect("exit status")
+    }
+
+    pub fn is_alive(&mut self) -> bool {
+        self.try_wait().is_none()
+    }
+
+    pub fn log(&self) -> String {
+        read_log(&self.log)
+    }
+
+    pub fn client(&self, num_queues: usize) -> Client {
+        Client::connect(&self.socket, num_queues, false)
+    }
+}
+
+fn read_log(p: &Path) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = File::open(p) {
+        let _ = f.read_to_string(&mut s);
+    }
+    s
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A libblkio connection with `num_queues` queues and one shared buffer region.
+pub struct Client {
+    pub blkio: Blkio,
+    pub queues: Vec<Blkioq>,
+    pub region: MemoryRegion,
+    pub capacity: u64,
+}
+
+/// One request of a batch.
+#[derive(Debug, Clone, Copy)]
+pub enum Op {
+    Read { offset: u64, len: usize },
+    Write { offset: u64, len: usize },
+    Flush,
+    Discard { offset: u64, len: u64 },
+    WriteZeroes { offset: u64, len: u64, unmap: bool },
+}
+
+/// Buffer space per in-flight request in the shared region.
+pub const SLOT: usize = 256 << 10;
+pub const SLOTS: usize = 64;
+
+impl Client {
+    pub fn try_connect(socket: &Path, num_queues: usize, read_only: bool) -> blkio::Result<Client> {
+        let mut b = Blkio::new("virtio-blk-vhost-user")?;
+        b.set_str("path", &socket.display().to_string())?;
+        b.set_bool("read-only", read_only)?;
+        b.connect()?;
+        b.set_i32("num-queues", num_queues as i32)?;
+        let queues = b.start()?.queues;
+        let capacity = b.get_u64("capacity")?;
+        let region = b.alloc_mem_region(SLOT * SLOTS)?;
+        b.map_mem_region(&region)?;
+        Ok(Client {
+            blkio: b,
+            queues,
+            region,
+            capacity,
+        })
+    }
+
+    pub fn connect(socket: &Path, num_queues: usize, read_only: bool) -> Client {
+        Self::try_connect(socket, num_queues, read_only)
+            .unwrap_or_else(|e| panic!("blkio connect to {}: {e}", socket.display()))
+    }
+
+    pub fn slot(&self, i: usize) -> *mut u8 {
+        assert!(i < SLOTS);
+        (self.region.addr + i * SLOT) as *mut u8
+    }
+
+    pub fn slot_mut(&mut self, i: usize, len: usize) -> &mut [u8] {
+        assert!(len <= SLOT);
+        unsafe { std::slice::from_raw_parts_mut(self.slot(i), len) }
+    }
+
+    /// Submits `ops` on queue `q` (at most SLOTS at once: that is the queue depth), each using
+    /// buffer slot = its index, and waits for all. Returns each op's result (0 or -errno).
+    pub fn batch(&mut self, q: usize, ops: &[Op]) -> Vec<i32> {
+        assert!(ops.len() <= SLOTS);
+        let base = self.region.addr;
+        let queue = &mut self.queues[q];
+        for (i, op) in ops.iter().enumerate() {
+            let buf = (base + i * SLOT) as *mut u8;
+            match *op {
+                Op::Read { offset, len } => queue.read(offset, buf, len, i, ReqFlags::empty()),
+                Op::Write { offset, len } => queue.write(offset, buf, len, i, ReqFlags::empty()),
+                Op::Flush => queue.flush(i, ReqFlags::empty()),
+                Op::Discard { offset, len } => queue.discard(offset, len, i, ReqFlags::empty()),
+                Op::WriteZeroes { offset, len, unmap } => queue.write_zeroes(
+                    offset,
+                    len,
+                    i,
+                    if unmap { ReqFlags::empty() } else { ReqFlags::NO_UNMAP },
+                ),
+            }
+        }
+        let mut results = vec![i32::MIN; ops.len()];
+        let mut done = 0;
+        let mut comps: Vec<MaybeUninit<Completion>> =
+            (0..ops.len()).map(|_| MaybeUninit::uninit()).collect();
+        while done < ops.len() {
+            let mut timeout = Duration::from_secs(30);
+            let n = queue
+                .do_io(&mut comps, 1, Some(&mut timeout), None)
+                .expect("do_io");
+            assert!(n > 0, "no completion within 30 s");
+            for c in &comps[..n] {
+                let c = unsafe { c.assume_init_ref() };
+                results[c.user_data] = c.ret;
+            }
+            done += n;
+        }
+        results
+    }
+
+    pub fn write(&mut self, q: usize, offset: u64, data: &[u8]) -> i32 {
+        self.slot_mut(0, data.len()).copy_from_slice(data);
+        self.batch(
+            q,
+            &[Op::Write {
+                offset,
+                len: data.len(),
+            }],
+        )[0]
+    }
+
+    pub fn read(&mut self, q: usize, offset: u64, len: usize) -> Result<Vec<u8>, i32> {
+        let r = self.batch(q, &[Op::Read { offset, len }])[0];
+        if r != 0 {
+            return Err(r);
+        }
+        Ok(self.slot_mut(0, len).to_vec())
+    }
+}
+
+/// Deterministic pseudo-random bytes for (seed, offset): any block's expected content can be
+/// recomputed without keeping a copy.
+pub fn pattern(seed: u64, offset: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    let mut x = seed ^ offset.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x2545_f491_4f6c_dd1d;
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Writes `pattern(seed, ..)` over `[start, end)` in `chunk`-byte requests at queue depth
+/// `depth`, spreading the chunks over all queues of the client.
+pub fn fill(c: &mut Client, seed: u64, start: u64, end: u64, chunk: usize, depth: usize) {
+    let nq = c.queues.len();
+    let offsets: Vec<u64> = (start..end).step_by(chunk).collect();
+    for (round, group) in offsets.chunks(depth * nq).enumerate() {
+        for (q, part) in group.chunks(depth).enumerate() {
+            let ops: Vec<Op> = part
+                .iter()
+                .enumerate()
+                .map(|(i, &off)| {
+                    let data = pattern(seed, off, chunk);
+                    c.slot_mut(i, chunk).copy_from_slice(&data);
+                    Op::Write {
+                        offset: off,
+                        len: chunk,
+                    }
+                })
+                .collect();
+            let res = c.batch((q + round) % nq, &ops);
+            assert!(res.iter().all(|&r| r == 0), "writes failed: {res:?}");
+        }
+    }
+}
+
+/// Reads `[start, end)` back at queue depth `depth` and compares with `pattern(seed, ..)`.
+pub fn verify(c: &mut Client, seed: u64, start: u64, end: u64, chunk: usize, depth: usize) {
+    let nq = c.queues.len();
+    let offsets: Vec<u64> = (start..end).step_by(chunk).collect();
+    for (round, group) in offsets.chunks(depth).enumerate() {
+        let ops: Vec<Op> = group
+            .iter()
+            .map(|&off| Op::Read {
+                offset: off,
+                len: chunk,
+            })
+            .collect();
+        let res = c.batch(round % nq, &ops);
+        for (i, &off) in group.iter().enumerate() {
+            assert_eq!(res[i], 0, "read at {off} failed");
+            let got = c.slot_mut(i, chunk).to_vec();
+            assert!(
+                got == pattern(seed, off, chunk),
+                "data mismatch at offset {off}"
+            );
+        }
+    }
+}
