@@ -90,7 +90,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "M" | "MB" | "MIB" => 20,
         "G" | "GB" | "GIB" => 30,
         "T" | "TB" | "TIB" => 40,
-        _ => return Err(format!("unknown size unit '{unit}' in '{s}'; use K, M, G or T")),
+        _ => {
+            return Err(format!(
+                "unknown size unit '{unit}' in '{s}'; use K, M, G or T"
+            ))
+        }
     };
     let bytes = n
         .checked_mul(1u64 << shift)
@@ -102,9 +106,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn parse_queue_size(s: &str) -> Result<u16, String> {
-    let n: u16 = s
-        .parse()
-        .map_err(|_| format!("'{s}' is not a number"))?;
+    let n: u16 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
     if !(4..=MAX_QUEUE_SIZE).contains(&n) || !n.is_power_of_two() {
         return Err(format!(
             "queue size must be a power of two from 4 to {MAX_QUEUE_SIZE}, got {n}"
@@ -167,7 +169,10 @@ mod tests {
         assert_eq!(a.drain_timeout_ms, 10_000);
         assert!(Cli::try_parse_from(["remapblk", "serve", "--num-queues", "17"]).is_err());
         assert!(Cli::try_parse_from(["remapblk", "serve", "--block-size", "1024"]).is_err());
-        assert!(Cli::try_parse_from(["remapblk", "serve", "--serial", "x".repeat(21).as_str()]).is_err());
+        assert!(
+            Cli::try_parse_from(["remapblk", "serve", "--serial", "x".repeat(21).as_str()])
+                .is_err()
+        );
         let cli = Cli::try_parse_from(["remapblk", "serve", "--block-size", "4096"]).unwrap();
         let Command::Serve(a) = cli.command;
         assert_eq!(a.block_size, 4096);

@@ -11,8 +11,8 @@ use std::thread;
 
 use log::{error, info, warn};
 use thiserror::Error;
-use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::device::Device;
@@ -21,7 +21,9 @@ use super::vhu_blk::BlkBackend;
 
 #[derive(Debug, Error)]
 pub enum ServeError {
-    #[error("socket {0} is in use by a running process; stop that process or choose another --socket")]
+    #[error(
+        "socket {0} is in use by a running process; stop that process or choose another --socket"
+    )]
     SocketInUse(PathBuf),
     #[error("{0} exists and is not a socket; refusing to replace it. Remove it or choose another --socket")]
     NotASocket(PathBuf),
@@ -196,8 +198,12 @@ fn serve_one(
         .join()
         .map_err(|_| ServeError::Daemon("connection thread panicked".to_string()))?;
     match result {
-        Ok(()) => info!("frontend disconnected"),
-        Err(e) => warn!("frontend connection ended: {e}"),
+        Ok(())
+        | Err(DaemonError::HandleRequest(
+            VhostUserError::Disconnected | VhostUserError::PartialMessage,
+        )) => info!("frontend disconnected"),
+        // Anything else is a protocol violation or a failed request handler: say which.
+        Err(e) => warn!("frontend disconnected after an error: {e}"),
     }
     // Whatever the frontend left in flight completes before its memory and rings go away.
     let report = backend.drain_all(Phase::Closed);

@@ -114,11 +114,10 @@ struct Rig {
 }
 
 fn rig(readonly: bool, drain_timeout: Duration) -> Rig {
-    let gm = GuestMemoryAtomic::new(
-        GuestMem::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap(),
-    );
+    let gm =
+        GuestMemoryAtomic::new(GuestMem::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap());
     // The mock borrows the memory for the test's whole life.
-    let mem: &'static GuestMem = &**Box::leak(Box::new(gm.memory()));
+    let mem: &'static GuestMem = Box::leak(Box::new(gm.memory()));
     let mock = MockSplitQueue::create(mem, GuestAddress(0), QSIZE);
     let target = MemTarget::new();
     let mut serial = [0u8; ID_BYTES];
@@ -139,7 +138,11 @@ fn rig(readonly: bool, drain_timeout: Duration) -> Rig {
     let vring = VringRwLock::new(gm, QSIZE).unwrap();
     vring.set_queue_size(QSIZE);
     vring
-        .set_queue_info(mock.desc_table_addr().0, mock.avail_addr().0, mock.used_addr().0)
+        .set_queue_info(
+            mock.desc_table_addr().0,
+            mock.avail_addr().0,
+            mock.used_addr().0,
+        )
         .unwrap();
     vring.set_queue_ready(true);
     vring.set_enabled(true);
@@ -190,7 +193,9 @@ impl Rig {
             parts.push((DATA + slot * 0x1_0000, len, w));
         }
         parts.push((STATUS + slot, 1, true));
-        self.mem.write_obj(0xffu8, GuestAddress(STATUS + slot)).unwrap();
+        self.mem
+            .write_obj(0xffu8, GuestAddress(STATUS + slot))
+            .unwrap();
         self.submit(&parts)
     }
 
@@ -235,9 +240,14 @@ fn write_then_read_round_trip() {
     assert_eq!(r.used(1), (u32::from(h1), 4097));
     assert_eq!((r.status(0), r.status(1)), (0, 0));
     let mut back = vec![0u8; 4096];
-    r.mem.read_slice(&mut back, GuestAddress(DATA + 0x1_0000)).unwrap();
+    r.mem
+        .read_slice(&mut back, GuestAddress(DATA + 0x1_0000))
+        .unwrap();
     assert_eq!(back, data);
-    assert_eq!(&r.target.data.lock().unwrap()[16 * 512..16 * 512 + 4096], &data[..]);
+    assert_eq!(
+        &r.target.data.lock().unwrap()[16 * 512..16 * 512 + 4096],
+        &data[..]
+    );
     assert_eq!(get(&r.stats().writes), 1);
     assert_eq!(get(&r.stats().reads), 1);
     assert_eq!(get(&r.stats().bytes_written), 4096);
@@ -270,7 +280,13 @@ fn bad_requests_complete_with_ioerr_and_count() {
     r.kick();
     assert_eq!(r.used_idx(), 5);
     assert_eq!(
-        [r.status(0), r.status(1), r.status(2), r.status(3), r.status(4)],
+        [
+            r.status(0),
+            r.status(1),
+            r.status(2),
+            r.status(3),
+            r.status(4)
+        ],
         [1, 1, 1, 1, 2]
     );
     assert_eq!(get(&r.stats().malformed), 4);
@@ -321,7 +337,11 @@ fn descriptor_outside_guest_memory_gets_ioerr() {
     let mut r = rig(false, Duration::from_secs(5));
     r.header(HDR, VIRTIO_BLK_T_IN, 0);
     r.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-    r.submit(&[(HDR, 16, false), (0x7fff_0000_0000, 512, true), (STATUS, 1, true)]);
+    r.submit(&[
+        (HDR, 16, false),
+        (0x7fff_0000_0000, 512, true),
+        (STATUS, 1, true),
+    ]);
     r.kick();
     assert_eq!(r.status(0), 1);
     assert_eq!(get(&r.stats().malformed), 1);
@@ -363,7 +383,10 @@ fn writethrough_flushes_every_write() {
     r.request(1, VIRTIO_BLK_T_OUT, 0, Some((512, false)));
     r.kick();
     assert_eq!(r.target.flushes.load(Ordering::SeqCst), 1);
-    assert!(r.backend.set_config(0, &[0; 8]).is_err(), "capacity is not writable");
+    assert!(
+        r.backend.set_config(0, &[0; 8]).is_err(),
+        "capacity is not writable"
+    );
 }
 
 #[test]
@@ -446,7 +469,10 @@ fn drain_waits_for_the_request_in_flight() {
         target.open_gate();
         let (report, used_at_return) = drain.join().unwrap();
         worker.join().unwrap();
-        assert_eq!(used_at_return, 1, "drain returned before the used entry was written");
+        assert_eq!(
+            used_at_return, 1,
+            "drain returned before the used entry was written"
+        );
         assert_eq!(report.waited_for, 1);
         assert!(report.abandoned.is_empty());
     });
@@ -488,7 +514,11 @@ fn stopped_ring_restarts_on_kick_but_closed_one_does_not() {
     r.backend.stop_vring(0).unwrap();
     r.request(1, VIRTIO_BLK_T_FLUSH, 0, None);
     r.kick();
-    assert_eq!(r.used_idx(), 2, "a stopped ring that is ready again runs on the next kick");
+    assert_eq!(
+        r.used_idx(),
+        2,
+        "a stopped ring that is ready again runs on the next kick"
+    );
     r.backend.drain_all(Phase::Closed);
     r.request(2, VIRTIO_BLK_T_FLUSH, 0, None);
     r.kick();

@@ -14,7 +14,9 @@ use virtio_bindings::virtio_blk::VIRTIO_BLK_F_CONFIG_WCE;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use super::device::Device;
 use super::exec::{execute, ExecCtx};
@@ -42,7 +44,9 @@ pub struct BlkBackend {
 
 impl BlkBackend {
     pub fn new(dev: Arc<Device>, mem: Gm) -> BlkBackend {
-        let queues = (0..dev.cfg.num_queues as usize).map(QueueCtl::new).collect();
+        let queues = (0..dev.cfg.num_queues as usize)
+            .map(QueueCtl::new)
+            .collect();
         BlkBackend {
             conn: Arc::new(Conn {
                 dev,
@@ -270,9 +274,10 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn acked_features(&self, features: u64) {
-        self.conn
-            .wce_acked
-            .store(features & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0, Ordering::Relaxed);
+        self.conn.wce_acked.store(
+            features & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0,
+            Ordering::Relaxed,
+        );
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -317,7 +322,11 @@ impl VhostUserBackend for BlkBackend {
         let writeback = buf[0] != 0;
         debug!(
             "guest set the cache to {}",
-            if writeback { "writeback" } else { "writethrough" }
+            if writeback {
+                "writeback"
+            } else {
+                "writethrough"
+            }
         );
         self.conn.writeback.store(writeback, Ordering::Relaxed);
         Ok(())
@@ -330,7 +339,9 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.conn.dev.cfg.num_queues).map(|i| 1u64 << i).collect()
+        (0..self.conn.dev.cfg.num_queues)
+            .map(|i| 1u64 << i)
+            .collect()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {

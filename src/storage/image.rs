@@ -127,12 +127,11 @@ impl Image {
 
         let size = match kind {
             ImageKind::BlockDevice => {
-                let current = block_device_size(&file).map_err(|source| {
-                    ImageError::DeviceSize {
+                let current =
+                    block_device_size(&file).map_err(|source| ImageError::DeviceSize {
                         path: path.clone(),
                         source,
-                    }
-                })?;
+                    })?;
                 if let Some(requested) = opts.size.filter(|s| *s != current) {
                     return Err(ImageError::BlockDeviceSize {
                         path,
@@ -212,7 +211,8 @@ impl Image {
     fn needs_bounce(&self, iov: &[libc::iovec]) -> bool {
         self.direct
             && iov.iter().any(|v| {
-                (v.iov_base as usize) % DIRECT_ALIGN != 0 || v.iov_len % DIRECT_ALIGN != 0
+                !(v.iov_base as usize).is_multiple_of(DIRECT_ALIGN)
+                    || !v.iov_len.is_multiple_of(DIRECT_ALIGN)
             })
     }
 

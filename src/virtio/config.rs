@@ -92,7 +92,10 @@ mod tests {
 
     #[test]
     fn read_pads_past_the_end_with_zeros() {
-        let c = BlkConfig { capacity: 8, ..Default::default() };
+        let c = BlkConfig {
+            capacity: 8,
+            ..Default::default()
+        };
         assert_eq!(c.read(0, 96).len(), 96);
         assert_eq!(c.read(0, 8), 8u64.to_le_bytes().to_vec());
         assert_eq!(c.read(1000, 4), vec![0; 4]);

@@ -326,7 +326,7 @@ pub fn parse(
                 return Err(fail(RequestError::NoData(kind.name())));
             }
             let bs = u64::from(limits.block_size);
-            if data_len % bs != 0 || (sector << SECTOR_SHIFT) % bs != 0 {
+            if !data_len.is_multiple_of(bs) || !sector.is_multiple_of(bs >> SECTOR_SHIFT) {
                 return Err(fail(RequestError::Unaligned {
                     kind: kind.name(),
                     sector,
@@ -351,7 +351,7 @@ pub fn parse(
             if data_len == 0 {
                 return Err(fail(RequestError::NoData(kind.name())));
             }
-            if data_len % RANGE_LEN as u64 != 0 {
+            if !data_len.is_multiple_of(RANGE_LEN as u64) {
                 return Err(fail(RequestError::BadRangePayload {
                     kind: kind.name(),
                     len: data_len,
@@ -523,7 +523,13 @@ mod tests {
         assert_eq!(r.sector, 8);
         assert_eq!(r.data_len, 4096);
         assert_eq!(r.status_addr, GuestAddress(STATUS));
-        assert_eq!(r.data, vec![DataSegment { addr: GuestAddress(DATA), len: 4096 }]);
+        assert_eq!(
+            r.data,
+            vec![DataSegment {
+                addr: GuestAddress(DATA),
+                len: 4096
+            }]
+        );
     }
 
     #[test]
@@ -534,7 +540,13 @@ mod tests {
         let d = chain(&[(HDR, 16 + 512, false), (STATUS, 1, true)]);
         let r = parse(d.into_iter(), &m, &limits()).unwrap();
         assert_eq!(r.kind, RequestType::Out);
-        assert_eq!(r.data, vec![DataSegment { addr: GuestAddress(HDR + 16), len: 512 }]);
+        assert_eq!(
+            r.data,
+            vec![DataSegment {
+                addr: GuestAddress(HDR + 16),
+                len: 512
+            }]
+        );
 
         header(&m, VIRTIO_BLK_T_IN, 0);
         let d = chain(&[(HDR, 16, false), (DATA, 513, true)]);
@@ -547,7 +559,12 @@ mod tests {
     fn header_split_over_two_descriptors() {
         let m = mem();
         header(&m, VIRTIO_BLK_T_IN, 3);
-        let d = chain(&[(HDR, 10, false), (HDR + 10, 6, false), (DATA, 512, true), (STATUS, 1, true)]);
+        let d = chain(&[
+            (HDR, 10, false),
+            (HDR + 10, 6, false),
+            (DATA, 512, true),
+            (STATUS, 1, true),
+        ]);
         assert_eq!(parse(d.into_iter(), &m, &limits()).unwrap().sector, 3);
     }
 
@@ -564,7 +581,14 @@ mod tests {
     fn request_straddling_the_end() {
         let (m, d) = simple(VIRTIO_BLK_T_OUT, 2047, Some((1024, false)));
         let e = err(parse(d.into_iter(), &m, &limits()));
-        assert!(matches!(e.error, RequestError::OutOfRange { start: 2047, end: 2049, .. }));
+        assert!(matches!(
+            e.error,
+            RequestError::OutOfRange {
+                start: 2047,
+                end: 2049,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -586,17 +610,28 @@ mod tests {
         let mut l = limits();
         l.block_size = 4096;
         let (m, d) = simple(VIRTIO_BLK_T_IN, 1, Some((4096, true)));
-        assert!(matches!(err(parse(d.into_iter(), &m, &l)).error, RequestError::Unaligned { .. }));
+        assert!(matches!(
+            err(parse(d.into_iter(), &m, &l)).error,
+            RequestError::Unaligned { .. }
+        ));
     }
 
     #[test]
     fn write_on_read_only_device() {
         let mut l = limits();
         l.readonly = true;
-        for t in [VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+        for t in [
+            VIRTIO_BLK_T_OUT,
+            VIRTIO_BLK_T_DISCARD,
+            VIRTIO_BLK_T_WRITE_ZEROES,
+        ] {
             let (m, d) = simple(t, 0, Some((512, false)));
             let e = err(parse(d.into_iter(), &m, &l));
-            assert!(matches!(e.error, RequestError::ReadOnly(_)), "{t}: {:?}", e.error);
+            assert!(
+                matches!(e.error, RequestError::ReadOnly(_)),
+                "{t}: {:?}",
+                e.error
+            );
             assert_eq!(e.error.status(), Status::IoErr);
         }
         let (m, d) = simple(VIRTIO_BLK_T_IN, 0, Some((512, true)));
@@ -624,29 +659,51 @@ mod tests {
 
     #[test]
     fn no_data_where_data_is_needed() {
-        for t in [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_DISCARD] {
+        for t in [
+            VIRTIO_BLK_T_IN,
+            VIRTIO_BLK_T_OUT,
+            VIRTIO_BLK_T_GET_ID,
+            VIRTIO_BLK_T_DISCARD,
+        ] {
             let (m, d) = simple(t, 0, None);
             let e = err(parse(d.into_iter(), &m, &limits()));
-            assert!(matches!(e.error, RequestError::NoData(_)), "{t}: {:?}", e.error);
+            assert!(
+                matches!(e.error, RequestError::NoData(_)),
+                "{t}: {:?}",
+                e.error
+            );
         }
         // FLUSH needs none.
         let (m, d) = simple(VIRTIO_BLK_T_FLUSH, 0, None);
-        assert_eq!(parse(d.into_iter(), &m, &limits()).unwrap().kind, RequestType::Flush);
+        assert_eq!(
+            parse(d.into_iter(), &m, &limits()).unwrap().kind,
+            RequestType::Flush
+        );
     }
 
     #[test]
     fn wrong_data_direction() {
         let (m, d) = simple(VIRTIO_BLK_T_IN, 0, Some((512, false)));
-        assert!(matches!(err(parse(d.into_iter(), &m, &limits())).error, RequestError::WrongDirection { .. }));
+        assert!(matches!(
+            err(parse(d.into_iter(), &m, &limits())).error,
+            RequestError::WrongDirection { .. }
+        ));
         let (m, d) = simple(VIRTIO_BLK_T_OUT, 0, Some((512, true)));
-        assert!(matches!(err(parse(d.into_iter(), &m, &limits())).error, RequestError::WrongDirection { .. }));
+        assert!(matches!(
+            err(parse(d.into_iter(), &m, &limits())).error,
+            RequestError::WrongDirection { .. }
+        ));
     }
 
     #[test]
     fn data_outside_guest_memory() {
         let m = mem();
         header(&m, VIRTIO_BLK_T_IN, 0);
-        let d = chain(&[(HDR, 16, false), (MEM_SIZE - 256, 512, true), (STATUS, 1, true)]);
+        let d = chain(&[
+            (HDR, 16, false),
+            (MEM_SIZE - 256, 512, true),
+            (STATUS, 1, true),
+        ]);
         let e = err(parse(d.into_iter(), &m, &limits()));
         assert!(matches!(e.error, RequestError::BadAddress { .. }));
         assert_eq!(e.status_addr, Some(GuestAddress(STATUS)));
@@ -656,7 +713,11 @@ mod tests {
     fn status_outside_guest_memory() {
         let m = mem();
         header(&m, VIRTIO_BLK_T_IN, 0);
-        let d = chain(&[(HDR, 16, false), (DATA, 512, true), (MEM_SIZE + 4096, 1, true)]);
+        let d = chain(&[
+            (HDR, 16, false),
+            (DATA, 512, true),
+            (MEM_SIZE + 4096, 1, true),
+        ]);
         let e = err(parse(d.into_iter(), &m, &limits()));
         assert!(matches!(e.error, RequestError::BadAddress { .. }));
         assert_eq!(e.status_addr, None);
@@ -677,7 +738,12 @@ mod tests {
         let m = mem();
         header(&m, VIRTIO_BLK_T_IN, 0);
         let mut d = chain(&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
-        d[2] = Descriptor::new(STATUS, 1, (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16, 0);
+        d[2] = Descriptor::new(
+            STATUS,
+            1,
+            (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16,
+            0,
+        );
         let e = err(parse(d.into_iter(), &m, &limits()));
         assert_eq!(e.error, RequestError::BrokenChain);
         assert_eq!(e.status_addr, None);
@@ -711,8 +777,16 @@ mod tests {
         assert_eq!(
             r.ranges,
             vec![
-                SectorRange { sector: 8, num_sectors: 16, unmap: true },
-                SectorRange { sector: 100, num_sectors: 8, unmap: false }
+                SectorRange {
+                    sector: 8,
+                    num_sectors: 16,
+                    unmap: true
+                },
+                SectorRange {
+                    sector: 100,
+                    num_sectors: 8,
+                    unmap: false
+                }
             ]
         );
         // Discard takes no flags: UNSUPP.
@@ -723,14 +797,26 @@ mod tests {
         // Past capacity, too long, too many, ragged payload: IOERR.
         let (m, d) = simple(VIRTIO_BLK_T_DISCARD, 0, Some((16, false)));
         ranges(&m, &[(2040, 16, 0)]);
-        assert!(matches!(err(parse(d.into_iter(), &m, &limits())).error, RequestError::OutOfRange { .. }));
+        assert!(matches!(
+            err(parse(d.into_iter(), &m, &limits())).error,
+            RequestError::OutOfRange { .. }
+        ));
         let (m, d) = simple(VIRTIO_BLK_T_DISCARD, 0, Some((16, false)));
         ranges(&m, &[(0, 1025, 0)]);
-        assert!(matches!(err(parse(d.into_iter(), &m, &limits())).error, RequestError::RangeTooLong { .. }));
+        assert!(matches!(
+            err(parse(d.into_iter(), &m, &limits())).error,
+            RequestError::RangeTooLong { .. }
+        ));
         let (m, d) = simple(VIRTIO_BLK_T_DISCARD, 0, Some((80, false)));
-        assert!(matches!(err(parse(d.into_iter(), &m, &limits())).error, RequestError::TooManyRanges { .. }));
+        assert!(matches!(
+            err(parse(d.into_iter(), &m, &limits())).error,
+            RequestError::TooManyRanges { .. }
+        ));
         let (m, d) = simple(VIRTIO_BLK_T_DISCARD, 0, Some((20, false)));
-        assert!(matches!(err(parse(d.into_iter(), &m, &limits())).error, RequestError::BadRangePayload { .. }));
+        assert!(matches!(
+            err(parse(d.into_iter(), &m, &limits())).error,
+            RequestError::BadRangePayload { .. }
+        ));
     }
 
     proptest! {

