@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the guest tests need when they are missing: QEMU, busybox, cpio,
+# and gcc for the guest's small static helper. Never skips: a missing package is installed or
+# this fails loudly.
+set -euo pipefail
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx blkdiscard || need+=(busybox-static)
+command -v cpio >/dev/null || need+=(cpio)
+command -v gcc >/dev/null || need+=(gcc)
+[ -f /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
+command -v python3 >/dev/null || need+=(python3)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "ensure-packages: installing ${need[*]}"
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "ensure-packages: need root to apt-get install ${need[*]}" >&2
+        exit 1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
