@@ -5,7 +5,7 @@
 set -euo pipefail
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
-[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx blkdiscard || need+=(busybox-static)
+if ! { [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -x blkdiscard >/dev/null; }; then need+=(busybox-static); fi
 command -v cpio >/dev/null || need+=(cpio)
 command -v gcc >/dev/null || need+=(gcc)
 [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)

@@ -3,18 +3,19 @@
 # guest's console, and exits 0 only if the guest printed its success marker.
 #
 #   run-guest.sh --socket SOCK [--num-queues N] [--qmp PATH] [--reconnect] [--script NAME]
-#                [--args K=V,K=V] [--timeout SECONDS] [--log FILE]
+#                [--args K=V,K=V] [--timeout SECONDS] [--log FILE] [--allow-reset]
 #
 # --script names a scenario in qemu-scripts/guest/scenarios/ (without .sh); without it the
-# guest boots to a busybox shell on the console (a shell-less demo VM when stdin is not a
-# terminal). --qmp exposes QEMU's QMP socket for hot-unplug and reset.
+# guest boots to a busybox shell on the console (stdin is the guest's serial console).
+# --qmp exposes QEMU's QMP socket for hot-unplug and reset; --allow-reset lets a QMP
+# system_reset reboot the guest instead of ending QEMU.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 dir=${REMAPBLK_GUEST_DIR:-$root/target/guest}
 
-socket= num_queues=1 qmp= reconnect= script= args= timeout=120 log=
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+socket= num_queues=1 qmp= reconnect= script= args= timeout=120 log= no_reboot=-no-reboot
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --socket) socket=$2; shift 2 ;;
@@ -25,6 +26,7 @@ while [ $# -gt 0 ]; do
         --args) args=$2; shift 2 ;;
         --timeout) timeout=$2; shift 2 ;;
         --log) log=$2; shift 2 ;;
+        --allow-reset) no_reboot=; shift ;;
         -h|--help) usage ;;
         *) echo "run-guest: unknown argument $1" >&2; usage ;;
     esac
@@ -33,8 +35,10 @@ done
 [ -S "$socket" ] || { echo "run-guest: $socket is not a socket; start remapblk serve first" >&2; exit 1; }
 "$here/build-guest.sh" >&2
 
-append="console=ttyS0 panic=-1 loglevel=4"
+append="console=ttyS0 panic=-1 loglevel=${REMAPBLK_GUEST_LOGLEVEL:-4}"
 [ -n "$script" ] && append="$append remapblk.script=$script"
+# REMAPBLK_GUEST_DEBUG=1: the guest dumps its blocked tasks every 15 s.
+[ -n "${REMAPBLK_GUEST_DEBUG:-}" ] && append="$append remapblk.debug=1"
 [ -n "$args" ] && append="$append remapblk.args=$args"
 chardev="socket,id=c0,path=$socket"
 [ -n "$reconnect" ] && chardev="$chardev,reconnect=1"
@@ -45,14 +49,17 @@ cpus=$num_queues
 
 log=${log:-$(mktemp)}
 set +e
-timeout --kill-after=5 "$timeout" qemu-system-x86_64 -accel tcg -machine q35 -cpu max \
-    -smp "$cpus" -m 512M -nodefaults -no-user-config -display none -no-reboot \
+# The pc machine: ACPI PCI hotplug makes device_del immediate (PCIe native hotplug waits 5 s).
+# No TSC-deadline timer: under TCG with several vCPUs a guest using it was seen to stop
+# getting timer interrupts (all vCPUs halted, guest time frozen).
+timeout --kill-after=5 "$timeout" qemu-system-x86_64 -accel tcg -machine pc -cpu "${REMAPBLK_GUEST_CPU:-max,-tsc-deadline}" \
+    -smp "$cpus" -m 512M -nodefaults -no-user-config -display none $no_reboot \
     -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \
     -chardev "$chardev" \
     -device vhost-user-blk-pci,chardev=c0,num-queues="$num_queues",id=disk0 \
     "${qmp_opt[@]}" \
     -serial stdio -kernel "$dir/vmlinuz" -initrd "$dir/initramfs.gz" -append "$append" \
-    < /dev/null 2>&1 | tee "$log"
+    2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 

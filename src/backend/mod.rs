@@ -4,6 +4,7 @@
 pub mod device;
 pub mod exec;
 pub mod inflight;
+pub mod relay;
 pub mod server;
 pub mod vhu_blk;
 

@@ -2,21 +2,24 @@
 //! orderly exit on SIGINT/SIGTERM (drain, fdatasync, remove the socket file, exit 0).
 
 use std::io::{self, Write};
+use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::linux::net::SocketAddrExt;
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 
 use log::{error, info, warn};
 use thiserror::Error;
-use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::device::Device;
 use super::inflight::{DrainReport, Phase};
+use super::relay;
 use super::vhu_blk::BlkBackend;
 
 #[derive(Debug, Error)]
@@ -101,7 +104,7 @@ impl Drop for SignalPipe {
 }
 
 /// Blocks until one of `fds` is readable; returns its index.
-fn wait_any(fds: &[RawFd]) -> io::Result<usize> {
+pub(crate) fn wait_any(fds: &[RawFd]) -> io::Result<usize> {
     let mut pfds: Vec<libc::pollfd> = fds
         .iter()
         .map(|&fd| libc::pollfd {
@@ -130,10 +133,12 @@ fn wait_any(fds: &[RawFd]) -> io::Result<usize> {
 pub fn serve(dev: Arc<Device>, socket: &Path) -> Result<(), ServeError> {
     let signals = SignalPipe::new().map_err(ServeError::Signals)?;
     claim_socket(socket)?;
-    let mut listener = Listener::new(socket, true).map_err(|e| ServeError::Listen {
+    let listen_err = |e: io::Error| ServeError::Listen {
         path: socket.to_path_buf(),
         reason: e.to_string(),
-    })?;
+    };
+    let listener = UnixListener::bind(socket).map_err(listen_err)?;
+    let internal = Internal::new().map_err(listen_err)?;
     info!("listening on {}", socket.display());
 
     let result = (|| loop {
@@ -141,7 +146,14 @@ pub fn serve(dev: Arc<Device>, socket: &Path) -> Result<(), ServeError> {
             info!("signal received while idle; exiting");
             return Ok(());
         }
-        if serve_one(&dev, &mut listener, &signals)? {
+        let frontend = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) => {
+                warn!("accept failed: {e}");
+                continue;
+            }
+        };
+        if serve_connection(&dev, frontend, &internal, &signals)? {
             return Ok(());
         }
     })();
@@ -156,58 +168,121 @@ pub fn serve(dev: Arc<Device>, socket: &Path) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// Serves one frontend connection. Returns true when a signal asked the process to exit.
-fn serve_one(
+/// The internal socket the backend sessions listen on, in the abstract namespace so that
+/// nothing is left on disk, and private to this process by its name.
+struct Internal {
+    addr: SocketAddr,
+    listener: Mutex<Listener>,
+}
+
+impl Internal {
+    fn new() -> io::Result<Internal> {
+        let name = format!("remapblk-{}-session", std::process::id());
+        let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
+        let listener = Mutex::new(Listener::from(UnixListener::bind_addr(&addr)?));
+        Ok(Internal { addr, listener })
+    }
+}
+
+/// Serves one frontend connection, through as many backend sessions as it asks for. Returns
+/// true when a signal asked the process to exit.
+fn serve_connection(
     dev: &Arc<Device>,
-    listener: &mut Listener,
+    frontend: UnixStream,
+    internal: &Internal,
     signals: &SignalPipe,
 ) -> Result<bool, ServeError> {
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let backend = BlkBackend::new(dev.clone(), mem.clone());
-    let mut daemon = VhostUserDaemon::new("remapblk".to_string(), backend.clone(), mem)
-        .map_err(|e| ServeError::Daemon(e.to_string()))?;
-    daemon
-        .start(listener)
-        .map_err(|e| ServeError::Daemon(e.to_string()))?;
     info!("frontend connected");
-
-    let shutdown = daemon.shutdown_handle();
+    let current: Mutex<Option<BlkBackend>> = Mutex::new(None);
+    let front_ctl = frontend.try_clone().map_err(ServeError::Poll)?;
     let (done_rx, mut done_tx) = UnixStream::pair().map_err(ServeError::Poll)?;
-    let waiter = thread::Builder::new()
-        .name("vhost-user-conn".to_string())
-        .spawn(move || {
-            let result = daemon.wait();
-            let _ = done_tx.write_all(&[1]);
-            (daemon, result)
-        })
-        .map_err(|e| ServeError::Daemon(e.to_string()))?;
 
-    let stop = wait_any(&[done_rx.as_raw_fd(), signals.fd()]).map_err(ServeError::Poll)? == 1;
-    if stop {
-        // Drain before closing the connection: requests the guest already handed us complete
-        // and are signalled while the frontend still listens.
-        info!("signal received; draining in-flight requests");
+    thread::scope(|s| {
+        let sessions = s.spawn(|| {
+            let r = run_sessions(dev, &frontend, internal, &current);
+            let _ = done_tx.write_all(&[1]);
+            r
+        });
+        let stop = wait_any(&[done_rx.as_raw_fd(), signals.fd()]).map_err(ServeError::Poll)? == 1;
+        if stop {
+            // Drain before closing the connection: requests the guest already handed us
+            // complete and are signalled while the frontend still listens.
+            info!("signal received; draining in-flight requests");
+            let backend = current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(b) = backend {
+                log_drain("exit", &b.drain_all(Phase::Closed));
+            }
+            let _ = front_ctl.shutdown(Shutdown::Both);
+        }
+        sessions
+            .join()
+            .map_err(|_| ServeError::Daemon("session thread panicked".to_string()))??;
+        Ok(stop)
+    })
+}
+
+/// Runs backend sessions for one frontend connection until it ends.
+fn run_sessions(
+    dev: &Arc<Device>,
+    frontend: &UnixStream,
+    internal: &Internal,
+    current: &Mutex<Option<BlkBackend>>,
+) -> Result<(), ServeError> {
+    let daemon_err = |e: vhost_user_backend::Error| ServeError::Daemon(e.to_string());
+    let mut replay: Option<relay::Message> = None;
+    let mut negotiation = relay::Negotiation::default();
+    loop {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = BlkBackend::new(dev.clone(), mem.clone());
+        let mut daemon = VhostUserDaemon::new("remapblk".to_string(), backend.clone(), mem)
+            .map_err(daemon_err)?;
+        let session = UnixStream::connect_addr(&internal.addr).map_err(ServeError::Poll)?;
+        daemon
+            .start(&mut internal.listener.lock().unwrap_or_else(|p| p.into_inner()))
+            .map_err(daemon_err)?;
+        *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(backend.clone());
+
+        let end = match replay.take() {
+            Some(m) => relay::replay_and_relay(&m, frontend, &session, &mut negotiation),
+            None => relay::relay(frontend, &session, &mut negotiation, false),
+        };
+        // Ending the session: the daemon sees its socket close and stops; whatever the
+        // frontend left in flight completes before its memory and rings go away.
+        let _ = session.shutdown(Shutdown::Both);
+        let result = daemon.wait();
         let report = backend.drain_all(Phase::Closed);
-        log_drain("exit", &report);
-        if let Some(h) = shutdown {
-            h.shutdown();
+        *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        log_drain("disconnect", &report);
+        teardown(daemon, &report);
+
+        match end {
+            relay::SessionEnd::Restart(msg) => {
+                info!("frontend re-initialised the device on its connection (SET_OWNER again, as QEMU does on device_add); starting a fresh session");
+                replay = Some(msg);
+            }
+            relay::SessionEnd::FrontendClosed(None) => {
+                info!("frontend disconnected");
+                return Ok(());
+            }
+            relay::SessionEnd::FrontendClosed(Some(e)) => {
+                warn!("frontend connection ended: {e}");
+                return Ok(());
+            }
+            relay::SessionEnd::BackendClosed => {
+                match result {
+                    Err(e) => warn!(
+                        "frontend sent a request the backend refused ({e}); closing its connection"
+                    ),
+                    Ok(()) => warn!("backend session ended; closing the frontend connection"),
+                }
+                let _ = frontend.shutdown(Shutdown::Both);
+                return Ok(());
+            }
         }
     }
+}
 
-    let (daemon, result) = waiter
-        .join()
-        .map_err(|_| ServeError::Daemon("connection thread panicked".to_string()))?;
-    match result {
-        Ok(())
-        | Err(DaemonError::HandleRequest(
-            VhostUserError::Disconnected | VhostUserError::PartialMessage,
-        )) => info!("frontend disconnected"),
-        // Anything else is a protocol violation or a failed request handler: say which.
-        Err(e) => warn!("frontend disconnected after an error: {e}"),
-    }
-    // Whatever the frontend left in flight completes before its memory and rings go away.
-    let report = backend.drain_all(Phase::Closed);
-    log_drain("disconnect", &report);
+fn teardown(daemon: VhostUserDaemon<BlkBackend>, report: &DrainReport) {
     if report.abandoned.is_empty() {
         drop(daemon);
     } else {
@@ -217,7 +292,6 @@ fn serve_one(
             .name("teardown".to_string())
             .spawn(move || drop(daemon));
     }
-    Ok(stop)
 }
 
 fn log_drain(why: &str, report: &DrainReport) {

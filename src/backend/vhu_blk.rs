@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_CONFIG_WCE;
@@ -359,9 +359,18 @@ impl VhostUserBackend for BlkBackend {
             self.conn.dev.cfg.drain_timeout,
         );
         self.record_drain(queue_index as usize, &report);
-        debug!(
-            "queue {queue_index} stopped: waited for {} requests, {:?}",
-            report.waited_for, report.duration
+        info!(
+            "queue {queue_index} stopped by the frontend: drained {} requests in {:?}{}",
+            report.waited_for,
+            report.duration,
+            if report.abandoned.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", {} completed with IOERR after the timeout",
+                    report.abandoned.len()
+                )
+            }
         );
         Ok(())
     }

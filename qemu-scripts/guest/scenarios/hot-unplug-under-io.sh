@@ -1,0 +1,24 @@
+# hot-unplug-under-io: each cycle writes known data, then keeps four O_DIRECT writers busy
+# while the host unplugs the disk (device_del) and plugs it back (device_add); the known data
+# must still be there. args: cycles=
+eval "$args"
+mib=1048576
+i=1
+while [ "$i" -le "$cycles" ]; do
+    head -c $((4 * mib)) /dev/urandom > /tmp/a
+    dd if=/tmp/a of=$dev bs=1M oflag=direct conv=notrunc,fsync 2>/dev/null || fail "cycle $i: writing the known data"
+    sum=$(md5sum < /tmp/a | cut -c1-32)
+    head -c $mib /dev/urandom > /tmp/r
+    for k in 1 2 3 4; do
+        ( while dd if=/tmp/r of=$dev bs=64k seek=$((k * 128)) oflag=direct conv=notrunc 2>/dev/null; do :; done ) &
+    done
+    log "IO-RUNNING $i"
+    wait_disk ABSENT 120 || fail "cycle $i: the disk was not unplugged"
+    wait
+    log "UNPLUGGED $i"
+    wait_disk PRESENT 120 || fail "cycle $i: the disk did not come back"
+    dd if=$dev of=/tmp/b bs=1M count=4 iflag=direct 2>/dev/null || fail "cycle $i: reading after replug"
+    [ "$(md5sum < /tmp/b | cut -c1-32)" = "$sum" ] || fail "cycle $i: data written before the unplug changed"
+    log "REPLUGGED-OK $i as $dev"
+    i=$((i + 1))
+done

@@ -1,0 +1,410 @@
+#!/usr/bin/env python3
+"""Guest end-to-end scenarios: each starts `remapblk serve` on a fresh image, boots the test
+guest with run-guest.sh, drives QEMU over QMP where the scenario needs it, and checks the host
+side (the image file, both processes alive). Prints one summary line per scenario.
+
+    scenarios.py [--bin PATH] [--only NAME ...] [--keep]
+
+Exit status 0 when every scenario passed. A failure prints the tail of the guest console and
+of remapblk's log.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+MIB = 1 << 20
+
+
+class ScenarioError(Exception):
+    pass
+
+
+def deadline_loop(what, timeout, poll=0.05):
+    """Yields until the caller breaks; raises ScenarioError when `timeout` passes."""
+    end = time.monotonic() + timeout
+    while True:
+        yield
+        if time.monotonic() > end:
+            raise ScenarioError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(poll)
+
+
+class Remapblk:
+    def __init__(self, binary, workdir, image, socket_path, extra):
+        self.binary = binary
+        self.log_path = os.path.join(workdir, "remapblk.log")
+        self.args = [binary, "serve", "--image", image, "--socket", socket_path] + extra
+        self.socket = socket_path
+        self.proc = None
+
+    def start(self):
+        seen = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+        for _ in deadline_loop("remapblk to listen", 20):
+            if self.proc.poll() is not None:
+                raise ScenarioError(f"remapblk exited with {self.proc.returncode} at start")
+            with open(self.log_path, "rb") as f:
+                f.seek(seen)
+                if b"listening on" in f.read():
+                    return
+
+    def stop(self, sig=signal.SIGTERM, timeout=15):
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise ScenarioError(f"remapblk did not exit within {timeout}s of signal {sig}")
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def tail(self, n=40):
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+
+class Guest:
+    """run-guest.sh in the background, its console lines collected by a reader thread."""
+
+    def __init__(self, socket_path, workdir, script, args="", num_queues=1, qmp=None,
+                 reconnect=False, allow_reset=False, timeout=300):
+        cmd = [os.path.join(HERE, "run-guest.sh"), "--socket", socket_path, "--script", script,
+               "--num-queues", str(num_queues), "--timeout", str(timeout),
+               "--log", os.path.join(workdir, "console.log")]
+        if args:
+            cmd += ["--args", args]
+        if qmp:
+            cmd += ["--qmp", qmp]
+        if reconnect:
+            cmd += ["--reconnect"]
+        if allow_reset:
+            cmd += ["--allow-reset"]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT)
+        self.lines = []
+        self.queue = queue.Queue()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\r\n")
+            self.lines.append(line)
+            self.queue.put(line)
+        self.queue.put(None)
+
+    def expect(self, needle, timeout):
+        """Waits for a console line containing `needle`; fails if the guest ends first."""
+        end = time.monotonic() + timeout
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise ScenarioError(f"guest did not print '{needle}' within {timeout}s")
+            try:
+                line = self.queue.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise ScenarioError(f"guest ended before printing '{needle}'")
+            if "REMAPBLK-GUEST-RESULT: fail" in line:
+                raise ScenarioError(f"guest failed: {line}")
+            if needle in line:
+                return line
+
+    def send(self, text):
+        self.proc.stdin.write(text.encode())
+        self.proc.stdin.flush()
+
+    def wait(self, timeout):
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise ScenarioError(f"QEMU still running after {timeout}s")
+        # The console's last lines are in once the reader has seen end of file.
+        self.reader.join(10)
+        return rc
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def kill(self):
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait()
+
+    def tail(self, n=40):
+        return "\n".join(self.lines[-n:])
+
+
+class Qmp:
+    def __init__(self, path, timeout=30):
+        for _ in deadline_loop("the QMP socket", timeout):
+            if os.path.exists(path):
+                try:
+                    self.sock = socket.socket(socket.AF_UNIX)
+                    self.sock.connect(path)
+                    break
+                except OSError:
+                    self.sock.close()
+        self.sock.settimeout(timeout)
+        self.file = self.sock.makefile("rwb")
+        self.events = []
+        self._recv()  # greeting
+        self.cmd("qmp_capabilities")
+
+    def _recv(self):
+        line = self.file.readline()
+        if not line:
+            raise ScenarioError("QMP connection closed")
+        return json.loads(line)
+
+    def cmd(self, name, **args):
+        msg = {"execute": name}
+        if args:
+            msg["arguments"] = args
+        self.file.write(json.dumps(msg).encode() + b"\n")
+        self.file.flush()
+        while True:
+            r = self._recv()
+            if "event" in r:
+                self.events.append(r)
+            elif "error" in r:
+                raise ScenarioError(f"QMP {name} failed: {r['error'].get('desc')}")
+            elif "return" in r:
+                return r["return"]
+
+    def wait_event(self, name, timeout, **data):
+        """Waits for event `name` whose data has the given fields; consumes it and every
+        event before it."""
+        end = time.monotonic() + timeout
+        while True:
+            for i, e in enumerate(self.events):
+                if e["event"] == name and all(e.get("data", {}).get(k) == v for k, v in data.items()):
+                    del self.events[: i + 1]
+                    return e
+            left = end - time.monotonic()
+            if left <= 0:
+                raise ScenarioError(f"no QMP event {name} within {timeout}s")
+            self.sock.settimeout(left)
+            try:
+                self.events.append(self._recv())
+            except socket.timeout:
+                pass
+
+
+def md5_of(path, offset, length):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        h.update(f.read(length))
+    return h.hexdigest()
+
+
+def is_hole(path, offset, length):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            data = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError:
+            return True  # ENXIO: no data after offset
+        return data >= offset + length
+    finally:
+        os.close(fd)
+
+
+class Ctx:
+    def __init__(self, binary, workdir, size=64 * MIB):
+        self.workdir = workdir
+        self.binary = binary
+        self.image = os.path.join(workdir, "disk.img")
+        with open(self.image, "wb") as f:
+            f.truncate(size)
+        self.socket = os.path.join(workdir, "disk.sock")
+        self.qmp_path = os.path.join(workdir, "qmp.sock")
+        self.server = None
+        self.guest = None
+
+    def start_server(self, *extra):
+        self.server = Remapblk(self.binary, self.workdir, self.image, self.socket, list(extra))
+        self.server.start()
+
+    def boot(self, script, **kw):
+        self.guest = Guest(self.socket, self.workdir, script, **kw)
+        return self.guest
+
+    def finish_guest(self, timeout=120):
+        rc = self.guest.wait(timeout)
+        if not any("REMAPBLK-GUEST-RESULT: ok" in l for l in self.guest.lines):
+            raise ScenarioError(f"guest did not report success (run-guest.sh exit {rc})")
+        if rc != 0:
+            raise ScenarioError(f"run-guest.sh exited {rc}")
+
+    def cleanup(self):
+        if self.guest:
+            self.guest.kill()
+        if self.server:
+            self.server.stop(signal.SIGKILL)
+
+
+def scenario_verify(ctx):
+    serial = "remapblk-e2e"
+    ctx.start_server("--num-queues", "2", "--serial", serial)
+    g = ctx.boot("verify", num_queues=2,
+                 args=f"bytes={64 * MIB},bs=512,queues=2,serial={serial},off=4,len=16")
+    line = g.expect("DATA-MD5", 120)
+    ctx.finish_guest()
+    want = line.split()[-1]
+    got = md5_of(ctx.image, 4 * MIB, 16 * MIB)
+    if got != want:
+        raise ScenarioError(f"image holds md5 {got} where the guest wrote {want}")
+    if ctx.server.stop() != 0:
+        raise ScenarioError("remapblk did not exit 0 on SIGTERM")
+
+
+def scenario_flush_discard(ctx):
+    ctx.start_server()
+    g = ctx.boot("flush-discard", args="off=8")
+    line = g.expect("WT-MD5", 120)
+    ctx.finish_guest()
+    if md5_of(ctx.image, 13 * MIB, MIB) != line.split()[-1]:
+        raise ScenarioError("writethrough data is not in the image")
+    for mib in (9, 11):  # the discard and the write-zeroes with UNMAP
+        if not is_hole(ctx.image, mib * MIB, MIB):
+            raise ScenarioError(f"the host sees no hole at MiB {mib} after discard/unmap")
+    with open(ctx.image, "rb") as f:
+        f.seek(10 * MIB)
+        if f.read(MIB) != bytes(MIB):
+            raise ScenarioError("write-zeroes range is not zero in the image")
+
+
+def scenario_readonly(ctx):
+    with open(ctx.image, "r+b") as f:
+        f.write(b"\x5a" * MIB)
+    before = md5_of(ctx.image, 0, 4 * MIB)
+    ctx.start_server("--readonly")
+    ctx.boot("readonly")
+    ctx.finish_guest()
+    if md5_of(ctx.image, 0, 4 * MIB) != before:
+        raise ScenarioError("the read-only image changed")
+
+
+def scenario_hot_unplug(ctx, cycles=10):
+    ctx.start_server("--num-queues", "2")
+    # At device_add QEMU re-sends SET_OWNER on the connection it kept open; remapblk starts a
+    # fresh session on it (no reconnect option needed).
+    g = ctx.boot("hot-unplug-under-io", args=f"cycles={cycles}", num_queues=2,
+                 qmp=ctx.qmp_path, timeout=900)
+    qmp = Qmp(ctx.qmp_path)
+    for i in range(1, cycles + 1):
+        g.expect(f"IO-RUNNING {i}", 180)
+        qmp.cmd("device_del", id="disk0")
+        qmp.wait_event("DEVICE_DELETED", 60, device="disk0")
+        if not ctx.server.alive():
+            raise ScenarioError(f"remapblk died in cycle {i}")
+        g.expect(f"UNPLUGGED {i}", 60)
+        qmp.cmd("device_add", driver="vhost-user-blk-pci", chardev="c0", id="disk0",
+                **{"num-queues": 2})
+        g.expect(f"REPLUGGED-OK {i}", 120)
+        if not g.alive() or not ctx.server.alive():
+            raise ScenarioError(f"QEMU or remapblk died in cycle {i}")
+    ctx.finish_guest()
+
+
+def scenario_reset(ctx):
+    ctx.start_server()
+    g = ctx.boot("reset", qmp=ctx.qmp_path, allow_reset=True)
+    qmp = Qmp(ctx.qmp_path)
+    g.expect("IO-RUNNING", 120)
+    qmp.cmd("system_reset")
+    g.expect("SECOND-BOOT-OK", 120)
+    ctx.finish_guest()
+    if not ctx.server.alive():
+        raise ScenarioError("remapblk died across the reset")
+
+
+def scenario_backend_restart(ctx):
+    ctx.start_server()
+    g = ctx.boot("backend-restart", reconnect=True)
+    for rnd, sig in ((1, signal.SIGTERM), (2, signal.SIGKILL)):
+        g.expect(f"IDLE {rnd}", 120)
+        rc = ctx.server.stop(sig)
+        if sig == signal.SIGTERM and rc != 0:
+            raise ScenarioError(f"remapblk exited {rc} on SIGTERM")
+        ctx.server.start()
+        g.send("go\n")
+        g.expect(f"ROUND-OK {rnd}", 120)
+    ctx.finish_guest()
+
+
+SCENARIOS = [
+    ("verify", scenario_verify),
+    ("flush-discard", scenario_flush_discard),
+    ("readonly", scenario_readonly),
+    ("hot-unplug-under-io", scenario_hot_unplug),
+    ("reset", scenario_reset),
+    ("backend-restart", scenario_backend_restart),
+]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "remapblk"),
+                    help="remapblk binary (default: target/release/remapblk)")
+    ap.add_argument("--only", nargs="*", help="run only these scenarios")
+    ap.add_argument("--keep", action="store_true", help="keep the work directories")
+    opts = ap.parse_args()
+    if not os.access(opts.bin, os.X_OK):
+        print(f"scenarios: {opts.bin} is missing; run cargo build --release", file=sys.stderr)
+        return 2
+    subprocess.run([os.path.join(HERE, "build-guest.sh")], check=True)
+
+    failed = 0
+    for name, fn in SCENARIOS:
+        if opts.only and name not in opts.only:
+            continue
+        workdir = tempfile.mkdtemp(prefix=f"remapblk-{name}-")
+        ctx = None
+        t0 = time.monotonic()
+        try:
+            ctx = Ctx(opts.bin, workdir)
+            fn(ctx)
+            print(f"guest {name}: ok ({time.monotonic() - t0:.1f} s)", flush=True)
+        except Exception as e:  # noqa: BLE001 - every failure is reported the same way
+            failed += 1
+            print(f"guest {name}: FAILED ({time.monotonic() - t0:.1f} s): {e}", flush=True)
+            if ctx and ctx.guest:
+                print(f"--- guest console (last lines) ---\n{ctx.guest.tail()}")
+            if ctx:
+                print(f"--- remapblk log (last lines) ---\n{ctx.server.tail()}", flush=True)
+        finally:
+            if ctx:
+                ctx.cleanup()
+            if not opts.keep:
+                shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
