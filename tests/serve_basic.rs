@@ -215,3 +215,72 @@ fn bad_usage_exits_2() {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
 }
+
+/// A loop device stands in for a real disk: the size comes from BLKGETSIZE64.
+struct Loop(String);
+
+impl Loop {
+    fn attach(file: &std::path::Path) -> Loop {
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .expect("run losetup (this test needs root and util-linux)");
+        assert!(
+            out.status.success(),
+            "losetup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn block_device_as_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("backing.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    let lo = Loop::attach(&backing);
+    let dev = std::path::PathBuf::from(&lo.0);
+
+    // A block device cannot be resized: a different --size is refused.
+    let out = Command::new(env!("CARGO_BIN_EXE_remapblk"))
+        .args(["serve", "--image", &lo.0, "--size", "32M", "--socket"])
+        .arg(dir.path().join("x.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("block device"));
+
+    let s = Server::start_on(dir, dev, &[]);
+    let mut c = s.client(1);
+    assert_eq!(c.capacity, 16 * MIB);
+    fill(&mut c, 21, 0, 4 * MIB, CHUNK, 32);
+    verify(&mut c, 21, 0, 4 * MIB, CHUNK, 32);
+    assert_eq!(
+        c.batch(
+            0,
+            &[
+                Op::Flush,
+                Op::WriteZeroes {
+                    offset: MIB,
+                    len: MIB,
+                    unmap: false
+                }
+            ]
+        ),
+        vec![0, 0]
+    );
+    assert!(c.read(0, MIB, CHUNK).unwrap().iter().all(|&b| b == 0));
+    drop(c);
+    verify_file(&backing, 21, 0, MIB, CHUNK);
+}
