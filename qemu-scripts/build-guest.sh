@@ -40,18 +40,19 @@ if [ ! -f "$dir/vmlinuz" ] || [ ! -d "$dir/modules" ]; then
 fi
 
 # Initramfs: rebuilt only when its inputs change.
-stamp=$(cat "$here/build-guest.sh" "$here"/guest/init "$here"/guest/*.c "$here"/guest/scenarios/*.sh /bin/busybox | sha256sum | cut -c1-16)
+stamp=$(cat "$here/build-guest.sh" "$here"/guest/init "$here"/guest/lib/*.sh "$here"/guest/*.c "$here"/guest/scenarios/*.sh /bin/busybox | sha256sum | cut -c1-16)
 if [ -f "$dir/initramfs.gz" ] && [ "$(cat "$dir/initramfs.stamp" 2>/dev/null)" = "$stamp" ]; then
     exit 0
 fi
 echo "build-guest: building initramfs"
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
-mkdir -p "$stage"/{bin,sbin,dev,proc,sys,tmp,modules,scenarios}
+mkdir -p "$stage"/{bin,sbin,dev,proc,sys,tmp,lib,modules,scenarios}
 cp /bin/busybox "$stage/bin/busybox"
 cp "$dir"/modules/*.ko "$stage/modules/"
 cp "$here/guest/init" "$stage/init"
 cp "$here"/guest/scenarios/*.sh "$stage/scenarios/"
+cp "$here"/guest/lib/*.sh "$stage/lib/"
 gcc -O2 -static -o "$stage/bin/blkzero" "$here/guest/blkzero.c"
 chmod +x "$stage/init" "$stage"/scenarios/*.sh
 (cd "$stage" && find . | cpio -o -H newc --quiet | gzip -1) > "$dir/initramfs.gz.tmp"

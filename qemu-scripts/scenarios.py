@@ -310,11 +310,11 @@ def scenario_readonly(ctx):
         raise ScenarioError("the read-only image changed")
 
 
-def scenario_hot_unplug(ctx, cycles=10):
-    ctx.start_server("--num-queues", "2")
+def scenario_hot_unplug(ctx, cycles=10, queues=2):
+    ctx.start_server("--num-queues", str(queues))
     # At device_add QEMU re-sends SET_OWNER on the connection it kept open; remapblk starts a
     # fresh session on it (no reconnect option needed).
-    g = ctx.boot("hot-unplug-under-io", args=f"cycles={cycles}", num_queues=2,
+    g = ctx.boot("hot-unplug-under-io", args=f"cycles={cycles}", num_queues=queues,
                  qmp=ctx.qmp_path, timeout=900)
     qmp = Qmp(ctx.qmp_path)
     for i in range(1, cycles + 1):
@@ -325,7 +325,7 @@ def scenario_hot_unplug(ctx, cycles=10):
             raise ScenarioError(f"remapblk died in cycle {i}")
         g.expect(f"UNPLUGGED {i}", 60)
         qmp.cmd("device_add", driver="vhost-user-blk-pci", chardev="c0", id="disk0",
-                **{"num-queues": 2})
+                **{"num-queues": queues})
         g.expect(f"REPLUGGED-OK {i}", 120)
         if not g.alive() or not ctx.server.alive():
             raise ScenarioError(f"QEMU or remapblk died in cycle {i}")

@@ -23,7 +23,7 @@ case "$mark" in
         dd if=/tmp/m of=$dev bs=512 seek=$markblk oflag=direct conv=notrunc,fsync 2>/dev/null || fail "write mark"
         head -c $mib /dev/urandom > /tmp/r
         for k in 1 2 3 4; do
-            ( while dd if=/tmp/r of=$dev bs=64k seek=$((k * 160)) oflag=direct conv=notrunc 2>/dev/null; do :; done ) &
+            ( while [ -b $dev ] && dd if=/tmp/r of=$dev bs=64k seek=$((k * 160)) oflag=direct conv=notrunc 2>/dev/null; do :; done ) &
         done
         log "IO-RUNNING"
         sleep 300
