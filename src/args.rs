@@ -25,6 +25,26 @@ pub struct Cli {
 pub enum Command {
     /// Serve a disk image over vhost-user-blk until SIGINT or SIGTERM.
     Serve(ServeArgs),
+    /// Send one command to a running server's control socket and print its answer as JSON.
+    Ctl(CtlArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Commands: query-status, query-stats, quiesce, resume.\n\
+Example: remapblk ctl query-stats\n\
+Values are JSON where they parse (lba=1000), else strings (op=read).\n\
+Exit codes: 0 success, 1 the command failed or nothing listens, 2 bad usage.")]
+pub struct CtlArgs {
+    /// The server's control socket.
+    #[arg(long, value_name = "PATH", default_value = "remapblk.sock.ctl")]
+    pub control: PathBuf,
+
+    /// Command name, e.g. query-status.
+    pub name: String,
+
+    /// Arguments as key=value.
+    #[arg(value_name = "KEY=VALUE")]
+    pub args: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -74,6 +94,10 @@ pub struct ServeArgs {
     /// completing them with IOERR.
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     pub drain_timeout_ms: u64,
+
+    /// Control socket (QMP-shaped JSON; see `remapblk ctl --help`). Default: <socket>.ctl.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 }
 
 /// Parses `4096`, `512K`, `512M`, `20G`, `1T` (also `20GiB`, `20g`): binary units.
@@ -162,7 +186,9 @@ mod tests {
     #[test]
     fn cli_defaults_and_limits() {
         let cli = Cli::try_parse_from(["remapblk", "serve"]).unwrap();
-        let Command::Serve(a) = cli.command;
+        let Command::Serve(a) = cli.command else {
+            panic!("not serve")
+        };
         assert_eq!(a.num_queues, 1);
         assert_eq!(a.queue_size, 256);
         assert_eq!(a.block_size, 512);
@@ -174,7 +200,9 @@ mod tests {
                 .is_err()
         );
         let cli = Cli::try_parse_from(["remapblk", "serve", "--block-size", "4096"]).unwrap();
-        let Command::Serve(a) = cli.command;
+        let Command::Serve(a) = cli.command else {
+            panic!("not serve")
+        };
         assert_eq!(a.block_size, 4096);
     }
 }

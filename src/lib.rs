@@ -3,6 +3,7 @@
 
 pub mod args;
 pub mod backend;
+pub mod control;
 pub mod stats;
 pub mod storage;
 pub mod virtio;

@@ -6,9 +6,12 @@ use std::time::Duration;
 use clap::Parser;
 use log::warn;
 
-use remapblk::args::{Cli, Command, ServeArgs};
+use remapblk::args::{Cli, Command, CtlArgs, ServeArgs};
 use remapblk::backend::device::default_serial;
-use remapblk::backend::{serve, Device, DeviceConfig};
+use remapblk::backend::{serve, Device, DeviceConfig, Live};
+use remapblk::control::client::{call, parse_arguments, CtlError};
+use remapblk::control::commands::Commands;
+use remapblk::control::ControlServer;
 use remapblk::storage::{Image, OpenOptions};
 use remapblk::virtio::ID_BYTES;
 
@@ -19,11 +22,30 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => run_serve(args),
+        Command::Ctl(args) => return run_ctl(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
             eprintln!("remapblk: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run_ctl(a: CtlArgs) -> ExitCode {
+    let result = parse_arguments(&a.args).and_then(|args| call(&a.control, &a.name, args));
+    match result {
+        Ok(v) => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e @ CtlError::BadArgument(_)) => {
+            eprintln!("remapblk ctl: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("remapblk ctl: {e}");
             ExitCode::from(1)
         }
     }
@@ -62,6 +84,7 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
     serial[..n].copy_from_slice(&serial_str.as_bytes()[..n]);
 
     let cfg = DeviceConfig {
+        image: a.image.clone(),
         capacity,
         block_size: a.block_size,
         readonly: a.readonly,
@@ -70,12 +93,23 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
         queue_size: a.queue_size,
         drain_timeout: Duration::from_millis(a.drain_timeout_ms),
     };
-    print_banner(&a, capacity, &serial_str);
+    let control_path = a.control.clone().unwrap_or_else(|| {
+        let mut p = a.socket.clone().into_os_string();
+        p.push(".ctl");
+        p.into()
+    });
+    print_banner(&a, capacity, &serial_str, &control_path);
     let dev = Arc::new(Device::new(cfg, Arc::new(image)));
-    serve(dev, &a.socket).map_err(|e| e.to_string())
+    let live = Arc::new(Live::default());
+    let commands = Arc::new(Commands {
+        dev: dev.clone(),
+        live: live.clone(),
+    });
+    let _control = ControlServer::start(&control_path, commands).map_err(|e| e.to_string())?;
+    serve(dev, live, &a.socket).map_err(|e| e.to_string())
 }
 
-fn print_banner(a: &ServeArgs, capacity: u64, serial: &str) {
+fn print_banner(a: &ServeArgs, capacity: u64, serial: &str, control: &Path) {
     let sock = absolute(&a.socket);
     println!(
         "remapblk: serving {} ({} bytes = {} MiB, {}-byte blocks{}, serial {serial}) on {}",
@@ -95,6 +129,10 @@ fn print_banner(a: &ServeArgs, capacity: u64, serial: &str) {
     println!(
         "  cloud-hypervisor --memory size=1G,shared=on --disk vhost_user=true,socket={sock},num_queues={},queue_size={} ...",
         a.num_queues, a.queue_size
+    );
+    println!(
+        "control: remapblk ctl --control {} query-status",
+        absolute(control)
     );
 }
 

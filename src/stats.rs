@@ -22,6 +22,8 @@ pub struct QueueStats {
     pub unsupported: AtomicU64,
     /// Requests a drain gave up on and completed with IOERR.
     pub abandoned: AtomicU64,
+    /// Time from pop to completion.
+    pub latency: Histogram,
 }
 
 impl QueueStats {
@@ -35,6 +37,64 @@ impl QueueStats {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+}
+
+/// Latency histogram with power-of-two microsecond buckets: bucket `i` holds samples in
+/// `[2^(i-1), 2^i)` us (bucket 0: under 1 us). Recording is one relaxed atomic add; quantiles
+/// are read as the upper bound of the bucket they fall in, which is within a factor of two.
+#[derive(Debug)]
+pub struct Histogram {
+    buckets: [AtomicU64; 40],
+    max_us: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            max_us: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    pub fn record(&self, d: std::time::Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = (64 - us.leading_zeros() as usize).min(self.buckets.len() - 1);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.max_us.fetch_max(us, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    pub fn max_us(&self) -> u64 {
+        self.max_us.load(Ordering::Relaxed)
+    }
+
+    /// The latency (us) below which a fraction `q` of the samples fall; 0 with no samples.
+    pub fn quantile_us(&self, q: f64) -> u64 {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return 0;
+        }
+        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                let upper = if i == 0 { 1 } else { 1u64 << i };
+                return upper.min(self.max_us()).max(1);
+            }
+        }
+        self.max_us()
     }
 }
 
@@ -61,5 +121,32 @@ impl Stats {
     /// Sum of one counter over all queues.
     pub fn total(&self, pick: impl Fn(&QueueStats) -> &AtomicU64) -> u64 {
         self.queues.iter().map(|q| QueueStats::get(pick(q))).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn histogram_quantiles_land_in_the_right_bucket() {
+        let h = Histogram::default();
+        assert_eq!(h.quantile_us(0.5), 0);
+        for _ in 0..98 {
+            h.record(Duration::from_micros(10));
+        }
+        h.record(Duration::from_millis(200));
+        h.record(Duration::from_millis(250));
+        assert_eq!(h.count(), 100);
+        // 10 us falls in [8, 16).
+        assert_eq!(h.quantile_us(0.5), 16);
+        assert!(
+            h.quantile_us(0.99) >= 200_000,
+            "p99 {}",
+            h.quantile_us(0.99)
+        );
+        assert_eq!(h.max_us(), 250_000);
+        assert!(h.quantile_us(0.99) <= 250_000);
     }
 }

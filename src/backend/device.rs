@@ -1,6 +1,7 @@
 //! What the guest sees of the disk: features, config space, limits. One `Device` lives for the
 //! whole process; each frontend connection gets fresh per-connection state on top of it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +25,8 @@ const MAX_ZERO_SEGS: u32 = 32;
 
 #[derive(Debug, Clone)]
 pub struct DeviceConfig {
+    /// The image's path as given, for status reports.
+    pub image: std::path::PathBuf,
     /// Bytes the guest sees; a whole number of blocks.
     pub capacity: u64,
     pub block_size: u32,
@@ -38,12 +41,27 @@ pub struct Device {
     pub cfg: DeviceConfig,
     pub target: Arc<dyn BlockIo>,
     pub stats: Stats,
+    /// Set by `quiesce`: no queue takes descriptors, whichever frontend is connected.
+    quiesced: AtomicBool,
 }
 
 impl Device {
     pub fn new(cfg: DeviceConfig, target: Arc<dyn BlockIo>) -> Device {
         let stats = Stats::new(cfg.num_queues as usize);
-        Device { cfg, target, stats }
+        Device {
+            cfg,
+            target,
+            stats,
+            quiesced: AtomicBool::new(false),
+        }
+    }
+
+    pub fn is_quiesced(&self) -> bool {
+        self.quiesced.load(Ordering::Acquire)
+    }
+
+    pub fn set_quiesced(&self, on: bool) {
+        self.quiesced.store(on, Ordering::Release);
     }
 
     pub fn features(&self) -> u64 {

@@ -11,6 +11,7 @@
 //! does not complete it a second time.
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -104,8 +105,29 @@ impl QueueCtl {
         self.lock().inflight.len()
     }
 
+    /// Wakes the worker by signalling the ring's kick eventfd, as the guest would.
+    pub fn poke(&self) {
+        let Some(vring) = self.vring.get() else {
+            return;
+        };
+        let state = vring.get_ref();
+        if let Some(kick) = state.get_kick() {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a live u64 to an eventfd we hold open.
+            let r = unsafe { libc::write(kick.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            if r != 8 {
+                warn!(
+                    "queue {}: cannot wake the worker: {}",
+                    self.index,
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+
     /// Called by the worker on each kick. A stopped queue whose ring the frontend has made
-    /// ready again starts running; a stopping or closed one stays as it is.
+    /// ready again starts running (unless the device is quiesced: `ring_ready` is false then);
+    /// a stopping or closed one stays as it is.
     pub fn start_if_ready(&self, vring: &Vring, ring_ready: bool) -> bool {
         let _ = self.vring.set(vring.clone());
         let mut inner = self.lock();

@@ -4,11 +4,13 @@
 pub mod device;
 pub mod exec;
 pub mod inflight;
+pub mod live;
 pub mod relay;
 pub mod server;
 pub mod vhu_blk;
 
 pub use device::{Device, DeviceConfig};
+pub use live::Live;
 pub use server::{serve, ServeError};
 
 #[cfg(test)]

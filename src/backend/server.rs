@@ -19,6 +19,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::device::Device;
 use super::inflight::{DrainReport, Phase};
+use super::live::Live;
 use super::relay;
 use super::vhu_blk::BlkBackend;
 
@@ -130,7 +131,7 @@ pub(crate) fn wait_any(fds: &[RawFd]) -> io::Result<usize> {
 }
 
 /// Serves frontends on `socket` one after another until SIGINT or SIGTERM.
-pub fn serve(dev: Arc<Device>, socket: &Path) -> Result<(), ServeError> {
+pub fn serve(dev: Arc<Device>, live: Arc<Live>, socket: &Path) -> Result<(), ServeError> {
     let signals = SignalPipe::new().map_err(ServeError::Signals)?;
     claim_socket(socket)?;
     let listen_err = |e: io::Error| ServeError::Listen {
@@ -140,10 +141,12 @@ pub fn serve(dev: Arc<Device>, socket: &Path) -> Result<(), ServeError> {
     let listener = UnixListener::bind(socket).map_err(listen_err)?;
     let internal = Internal::new().map_err(listen_err)?;
     info!("listening on {}", socket.display());
+    let live = &*live;
 
     let result = (|| loop {
         if wait_any(&[listener.as_raw_fd(), signals.fd()]).map_err(ServeError::Poll)? == 1 {
             info!("signal received while idle; exiting");
+            live.set_stopping();
             return Ok(());
         }
         let frontend = match listener.accept() {
@@ -153,7 +156,7 @@ pub fn serve(dev: Arc<Device>, socket: &Path) -> Result<(), ServeError> {
                 continue;
             }
         };
-        if serve_connection(&dev, frontend, &internal, &signals)? {
+        if serve_connection(&dev, live, frontend, &internal, &signals)? {
             return Ok(());
         }
     })();
@@ -188,18 +191,18 @@ impl Internal {
 /// true when a signal asked the process to exit.
 fn serve_connection(
     dev: &Arc<Device>,
+    live: &Live,
     frontend: UnixStream,
     internal: &Internal,
     signals: &SignalPipe,
 ) -> Result<bool, ServeError> {
     info!("frontend connected");
-    let current: Mutex<Option<BlkBackend>> = Mutex::new(None);
     let front_ctl = frontend.try_clone().map_err(ServeError::Poll)?;
     let (done_rx, mut done_tx) = UnixStream::pair().map_err(ServeError::Poll)?;
 
     thread::scope(|s| {
         let sessions = s.spawn(|| {
-            let r = run_sessions(dev, &frontend, internal, &current);
+            let r = run_sessions(dev, &frontend, internal, live);
             let _ = done_tx.write_all(&[1]);
             r
         });
@@ -208,8 +211,8 @@ fn serve_connection(
             // Drain before closing the connection: requests the guest already handed us
             // complete and are signalled while the frontend still listens.
             info!("signal received; draining in-flight requests");
-            let backend = current.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            if let Some(b) = backend {
+            live.set_stopping();
+            if let Some(b) = live.current() {
                 log_drain("exit", &b.drain_all(Phase::Closed));
             }
             let _ = front_ctl.shutdown(Shutdown::Both);
@@ -226,7 +229,7 @@ fn run_sessions(
     dev: &Arc<Device>,
     frontend: &UnixStream,
     internal: &Internal,
-    current: &Mutex<Option<BlkBackend>>,
+    live: &Live,
 ) -> Result<(), ServeError> {
     let daemon_err = |e: vhost_user_backend::Error| ServeError::Daemon(e.to_string());
     let mut replay: Option<relay::Message> = None;
@@ -240,7 +243,7 @@ fn run_sessions(
         daemon
             .start(&mut internal.listener.lock().unwrap_or_else(|p| p.into_inner()))
             .map_err(daemon_err)?;
-        *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(backend.clone());
+        live.set_current(Some(backend.clone()));
 
         let end = match replay.take() {
             Some(m) => relay::replay_and_relay(&m, frontend, &session, &mut negotiation),
@@ -251,7 +254,7 @@ fn run_sessions(
         let _ = session.shutdown(Shutdown::Both);
         let result = daemon.wait();
         let report = backend.drain_all(Phase::Closed);
-        *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        live.set_current(None);
         log_drain("disconnect", &report);
         teardown(daemon, &report);
 

@@ -124,6 +124,7 @@ fn rig(readonly: bool, drain_timeout: Duration) -> Rig {
     serial[..11].copy_from_slice(b"test-serial");
     let dev = Arc::new(Device::new(
         DeviceConfig {
+            image: "mem".into(),
             capacity: CAPACITY,
             block_size: 512,
             readonly,

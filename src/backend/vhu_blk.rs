@@ -102,6 +102,19 @@ impl BlkBackend {
         total
     }
 
+    /// Requests accepted and not yet completed on queue `q`.
+    pub fn queue_inflight(&self, q: usize) -> usize {
+        self.conn.queues.get(q).map_or(0, QueueCtl::inflight)
+    }
+
+    /// Makes every queue's worker look at its ring again (after a resume): a kick that came
+    /// while the queue was quiesced was consumed without popping anything.
+    pub fn poke(&self) {
+        for q in &self.conn.queues {
+            q.poke();
+        }
+    }
+
     /// Requests a drain gave up on count as errors of their queue.
     fn record_drain(&self, q: usize, report: &DrainReport) {
         let stats = self.conn.dev.stats.queue(q);
@@ -113,7 +126,7 @@ impl BlkBackend {
     fn process_queue(&self, q: usize, vring: &Vring) {
         let conn = &*self.conn;
         let ctl = &conn.queues[q];
-        let ready = vring.get_ref().get_queue().ready();
+        let ready = vring.get_ref().get_queue().ready() && !conn.dev.is_quiesced();
         if !ctl.start_if_ready(vring, ready) {
             return;
         }
@@ -125,7 +138,15 @@ impl BlkBackend {
             }
             loop {
                 match self.pop(ctl, vring, &mem) {
-                    Pop::Popped((head, parsed)) => self.run(q, ctl, vring, &mem, head, parsed),
+                    Pop::Popped((head, parsed, popped)) => {
+                        self.run(q, ctl, vring, &mem, head, parsed);
+                        self.conn
+                            .dev
+                            .stats
+                            .queue(q)
+                            .latency
+                            .record(popped.elapsed());
+                    }
                     Pop::Empty => break,
                     // Stopping: leave the rest in the avail ring for whoever starts it again.
                     Pop::NotRunning => return,
@@ -151,7 +172,7 @@ impl BlkBackend {
         ctl: &QueueCtl,
         vring: &Vring,
         mem: &GuestMemoryLoadGuard<GuestMem>,
-    ) -> Pop<(u16, Result<Request, Rejected>)> {
+    ) -> Pop<(u16, Result<Request, Rejected>, Instant)> {
         let limits = self.conn.dev.limits();
         ctl.pop(
             vring,
@@ -163,6 +184,7 @@ impl BlkBackend {
                     .and_then(|mut it| it.next())
             },
             |chain| {
+                let now = Instant::now();
                 let head = chain.head_index();
                 let parsed = request::parse(chain, mem, &limits);
                 let entry = match &parsed {
@@ -171,7 +193,7 @@ impl BlkBackend {
                         kind: r.kind.name(),
                         sector: r.sector,
                         len: r.data_len,
-                        since: Instant::now(),
+                        since: now,
                         status_addr: Some(r.status_addr),
                     },
                     Err(rej) => InflightReq {
@@ -179,11 +201,11 @@ impl BlkBackend {
                         kind: rej.kind.map_or("malformed", RequestType::name),
                         sector: 0,
                         len: 0,
-                        since: Instant::now(),
+                        since: now,
                         status_addr: rej.status_addr,
                     },
                 };
-                ((head, parsed), entry)
+                ((head, parsed, now), entry)
             },
         )
     }
@@ -201,6 +223,9 @@ impl BlkBackend {
         let stats = dev.stats.queue(q);
         let (status, used_len) = match parsed {
             Err(rej) => {
+                if let Some(kind) = rej.kind {
+                    QueueStats::inc(op_counter(stats, kind));
+                }
                 QueueStats::inc(&stats.errors);
                 if matches!(rej.error, RequestError::Unsupported(_)) {
                     QueueStats::inc(&stats.unsupported);
@@ -236,16 +261,19 @@ impl BlkBackend {
     }
 }
 
-fn count(stats: &QueueStats, req: &Request, ok: bool) {
-    let counter = match req.kind {
+fn op_counter(stats: &QueueStats, kind: RequestType) -> &std::sync::atomic::AtomicU64 {
+    match kind {
         RequestType::In => &stats.reads,
         RequestType::Out => &stats.writes,
         RequestType::Flush => &stats.flushes,
         RequestType::GetId => &stats.get_ids,
         RequestType::Discard => &stats.discards,
         RequestType::WriteZeroes => &stats.write_zeroes,
-    };
-    QueueStats::inc(counter);
+    }
+}
+
+fn count(stats: &QueueStats, req: &Request, ok: bool) {
+    QueueStats::inc(op_counter(stats, req.kind));
     if !ok {
         QueueStats::inc(&stats.errors);
         return;

@@ -136,6 +136,39 @@ impl Server {
         read_log(&self.log)
     }
 
+    /// The control socket (the default: the socket path plus ".ctl").
+    pub fn control(&self) -> PathBuf {
+        let mut p = self.socket.clone().into_os_string();
+        p.push(".ctl");
+        p.into()
+    }
+
+    /// Runs `remapblk ctl NAME ARGS...` against this server: (exit code, parsed stdout or
+    /// Null, stderr).
+    pub fn ctl(&self, name: &str, args: &[&str]) -> (i32, serde_json::Value, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_remapblk"))
+            .arg("ctl")
+            .arg("--control")
+            .arg(self.control())
+            .arg(name)
+            .args(args)
+            .output()
+            .expect("run remapblk ctl");
+        let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        (
+            out.status.code().unwrap_or(-1),
+            v,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `ctl` that must succeed; returns the `return` object.
+    pub fn ctl_ok(&self, name: &str, args: &[&str]) -> serde_json::Value {
+        let (code, v, err) = self.ctl(name, args);
+        assert_eq!(code, 0, "ctl {name} failed: {err}");
+        v
+    }
+
     pub fn client(&self, num_queues: usize) -> Client {
         Client::connect(&self.socket, num_queues, false)
     }
