@@ -30,10 +30,14 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Commands: query-status, query-stats, quiesce, resume.\n\
+#[command(
+    after_help = "Commands: query-status, query-stats, quiesce, resume, fault-add, fault-list,\n\
+fault-remove, fault-clear.\n\
+Example: remapblk ctl fault-add op=read lba=1000 mode=error\n\
 Example: remapblk ctl query-stats\n\
 Values are JSON where they parse (lba=1000), else strings (op=read).\n\
-Exit codes: 0 success, 1 the command failed or nothing listens, 2 bad usage.")]
+Exit codes: 0 success, 1 the command failed or nothing listens, 2 bad usage."
+)]
 pub struct CtlArgs {
     /// The server's control socket.
     #[arg(long, value_name = "PATH", default_value = "remapblk.sock.ctl")]
@@ -98,6 +102,16 @@ pub struct ServeArgs {
     /// Control socket (QMP-shaped JSON; see `remapblk ctl --help`). Default: <socket>.ctl.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+
+    /// JSON array of fault-add argument objects, applied before the first frontend connects,
+    /// e.g. [{"op": "read", "lba": 1000, "mode": "error"}].
+    #[arg(long, value_name = "FILE")]
+    pub faults: Option<PathBuf>,
+
+    /// Append one JSON object per line for every fault that fires, quiesce, resume, connect,
+    /// disconnect and drain, with a CLOCK_MONOTONIC timestamp (monotonic_ns).
+    #[arg(long, value_name = "PATH")]
+    pub event_log: Option<PathBuf>,
 }
 
 /// Parses `4096`, `512K`, `512M`, `20G`, `1T` (also `20GiB`, `20g`): binary units.

@@ -4,6 +4,8 @@
 pub mod args;
 pub mod backend;
 pub mod control;
+pub mod events;
+pub mod fault;
 pub mod stats;
 pub mod storage;
 pub mod virtio;

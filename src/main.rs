@@ -12,6 +12,8 @@ use remapblk::backend::{serve, Device, DeviceConfig, Live};
 use remapblk::control::client::{call, parse_arguments, CtlError};
 use remapblk::control::commands::Commands;
 use remapblk::control::ControlServer;
+use remapblk::events::EventLog;
+use remapblk::fault::{FaultSpec, FaultTable, FaultyTarget};
 use remapblk::storage::{Image, OpenOptions};
 use remapblk::virtio::ID_BYTES;
 
@@ -98,15 +100,53 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
         p.push(".ctl");
         p.into()
     });
+    let events = Arc::new(match &a.event_log {
+        Some(p) => {
+            EventLog::open(p).map_err(|e| format!("cannot open event log {}: {e}", p.display()))?
+        }
+        None => EventLog::disabled(),
+    });
+    let faults = Arc::new(FaultTable::new(events.clone()));
+    if let Some(path) = &a.faults {
+        load_faults(path, &faults, capacity / bs)?;
+    }
     print_banner(&a, capacity, &serial_str, &control_path);
-    let dev = Arc::new(Device::new(cfg, Arc::new(image)));
-    let live = Arc::new(Live::default());
+    let target = Arc::new(FaultyTarget::new(
+        Arc::new(image),
+        faults.clone(),
+        a.block_size,
+    ));
+    let dev = Arc::new(Device::new(cfg, target));
+    let live = Arc::new(Live::new(events));
     let commands = Arc::new(Commands {
         dev: dev.clone(),
         live: live.clone(),
+        faults,
     });
     let _control = ControlServer::start(&control_path, commands).map_err(|e| e.to_string())?;
     serve(dev, live, &a.socket).map_err(|e| e.to_string())
+}
+
+/// Applies a `--faults` file: a JSON array of fault-add argument objects.
+fn load_faults(path: &Path, table: &FaultTable, capacity_blocks: u64) -> Result<(), String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read faults file {}: {e}", path.display()))?;
+    let list: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| {
+        format!(
+            "faults file {} is not a JSON array of fault-add argument objects: {e}",
+            path.display()
+        )
+    })?;
+    for (i, entry) in list.iter().enumerate() {
+        let args = entry
+            .as_object()
+            .ok_or_else(|| format!("faults file {}: entry {i} is not an object", path.display()))?;
+        let spec = FaultSpec::from_args(args, capacity_blocks)
+            .map_err(|e| format!("faults file {}: entry {i}: {e}", path.display()))?;
+        let id = table.add(spec);
+        log::info!("fault {id} from {}: {entry}", path.display());
+    }
+    Ok(())
 }
 
 fn print_banner(a: &ServeArgs, capacity: u64, serial: &str, control: &Path) {

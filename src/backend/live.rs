@@ -2,19 +2,45 @@
 //! being served (if any) and whether a quiesce or an exit is under way.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use serde_json::json;
 
 use super::device::Device;
+use super::inflight::DrainReport;
 use super::vhu_blk::BlkBackend;
+use crate::events::EventLog;
 
-#[derive(Default)]
 pub struct Live {
     current: Mutex<Option<BlkBackend>>,
     stopping: AtomicBool,
     quiescing: AtomicBool,
+    pub events: Arc<EventLog>,
 }
 
 impl Live {
+    pub fn new(events: Arc<EventLog>) -> Live {
+        Live {
+            current: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+            quiescing: AtomicBool::new(false),
+            events,
+        }
+    }
+
+    /// Logs a drain to the event log: why, how long, how many requests, how many abandoned.
+    pub fn drain_event(&self, why: &str, report: &DrainReport) {
+        self.events.emit(
+            "drain",
+            json!({
+                "reason": why,
+                "duration_us": report.duration.as_micros() as u64,
+                "waited_for": report.waited_for,
+                "abandoned": report.abandoned.len(),
+            }),
+        );
+    }
+
     pub fn set_current(&self, backend: Option<BlkBackend>) {
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = backend;
     }

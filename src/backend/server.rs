@@ -197,6 +197,7 @@ fn serve_connection(
     signals: &SignalPipe,
 ) -> Result<bool, ServeError> {
     info!("frontend connected");
+    live.events.emit("connect", serde_json::json!({}));
     let front_ctl = frontend.try_clone().map_err(ServeError::Poll)?;
     let (done_rx, mut done_tx) = UnixStream::pair().map_err(ServeError::Poll)?;
 
@@ -213,7 +214,9 @@ fn serve_connection(
             info!("signal received; draining in-flight requests");
             live.set_stopping();
             if let Some(b) = live.current() {
-                log_drain("exit", &b.drain_all(Phase::Closed));
+                let report = b.drain_all(Phase::Closed);
+                live.drain_event("exit", &report);
+                log_drain("exit", &report);
             }
             let _ = front_ctl.shutdown(Shutdown::Both);
         }
@@ -255,6 +258,7 @@ fn run_sessions(
         let result = daemon.wait();
         let report = backend.drain_all(Phase::Closed);
         live.set_current(None);
+        live.drain_event("disconnect", &report);
         log_drain("disconnect", &report);
         teardown(daemon, &report);
 
@@ -265,10 +269,13 @@ fn run_sessions(
             }
             relay::SessionEnd::FrontendClosed(None) => {
                 info!("frontend disconnected");
+                live.events.emit("disconnect", serde_json::json!({}));
                 return Ok(());
             }
             relay::SessionEnd::FrontendClosed(Some(e)) => {
                 warn!("frontend connection ended: {e}");
+                live.events
+                    .emit("disconnect", serde_json::json!({ "error": e.to_string() }));
                 return Ok(());
             }
             relay::SessionEnd::BackendClosed => {
@@ -279,6 +286,10 @@ fn run_sessions(
                     Ok(()) => warn!("backend session ended; closing the frontend connection"),
                 }
                 let _ = frontend.shutdown(Shutdown::Both);
+                live.events.emit(
+                    "disconnect",
+                    serde_json::json!({ "error": "backend refused a request" }),
+                );
                 return Ok(());
             }
         }

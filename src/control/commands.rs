@@ -9,11 +9,24 @@ use serde_json::{json, Map, Value};
 use super::protocol::{CommandError, CommandResult, Request};
 use crate::backend::inflight::Phase;
 use crate::backend::{Device, Live};
+use crate::fault::{FaultSpec, FaultTable};
 use crate::stats::QueueStats;
+
+pub const COMMANDS: [&str; 8] = [
+    "query-status",
+    "query-stats",
+    "quiesce",
+    "resume",
+    "fault-add",
+    "fault-list",
+    "fault-remove",
+    "fault-clear",
+];
 
 pub struct Commands {
     pub dev: Arc<Device>,
     pub live: Arc<Live>,
+    pub faults: Arc<FaultTable>,
 }
 
 impl Commands {
@@ -24,12 +37,49 @@ impl Commands {
             "query-stats" => no_args(args).and_then(|_| self.query_stats()),
             "quiesce" => no_args(args).and_then(|_| self.quiesce()),
             "resume" => no_args(args).and_then(|_| self.resume()),
+            "fault-add" => self.fault_add(args),
+            "fault-list" => no_args(args).map(|_| Value::Array(self.faults.list())),
+            "fault-remove" => self.fault_remove(args),
+            "fault-clear" => no_args(args).map(|_| json!({ "removed": self.faults.clear() })),
             other => Err(CommandError {
                 class: "CommandNotFound",
                 desc: format!(
-                    "unknown command \"{other}\"; known: query-status, query-stats, quiesce, resume"
+                    "unknown command \"{other}\"; known: {}",
+                    COMMANDS.join(", ")
                 ),
             }),
+        }
+    }
+
+    fn fault_add(&self, args: &Map<String, Value>) -> CommandResult {
+        let blocks = self.dev.cfg.capacity / u64::from(self.dev.cfg.block_size);
+        let spec =
+            FaultSpec::from_args(args, blocks).map_err(|e| CommandError::generic(e.to_string()))?;
+        Ok(json!({ "id": self.faults.add(spec) }))
+    }
+
+    fn fault_remove(&self, args: &Map<String, Value>) -> CommandResult {
+        if let Some(k) = args.keys().find(|k| *k != "id") {
+            return Err(CommandError::generic(format!(
+                "{k}: unknown argument; fault-remove takes id"
+            )));
+        }
+        let id = match args.get("id") {
+            None => {
+                return Err(CommandError::generic(
+                    "id: missing: the fault's id from fault-add",
+                ))
+            }
+            Some(v) => v.as_u64().ok_or_else(|| {
+                CommandError::generic(format!("id: must be a non-negative integer, got {v}"))
+            })?,
+        };
+        if self.faults.remove(id) {
+            Ok(json!({}))
+        } else {
+            Err(CommandError::generic(format!(
+                "id: no fault with id {id}; see fault-list"
+            )))
         }
     }
 
@@ -79,11 +129,19 @@ impl Commands {
         let start = Instant::now();
         self.dev.set_quiesced(true);
         let Some(backend) = self.live.current() else {
-            return Ok(json!({ "duration_us": 0, "waited_for": 0, "abandoned": 0 }));
+            self.live
+                .events
+                .emit("quiesce", json!({ "duration_us": 0, "waited_for": 0 }));
+            return Ok(json!({ "duration_us": 0, "waited_for": 0, "abandoned": 0, "inflight": 0 }));
         };
         self.live.set_quiescing(true);
         let report = backend.drain_all(Phase::Stopped);
         self.live.set_quiescing(false);
+        self.live.drain_event("quiesce", &report);
+        self.live.events.emit(
+            "quiesce",
+            json!({ "duration_us": start.elapsed().as_micros() as u64, "waited_for": report.waited_for }),
+        );
         Ok(json!({
             "duration_us": start.elapsed().as_micros() as u64,
             "waited_for": report.waited_for,
@@ -98,6 +156,9 @@ impl Commands {
         if let Some(b) = self.live.current() {
             b.poke();
         }
+        self.live
+            .events
+            .emit("resume", json!({ "was_quiesced": was }));
         Ok(json!({ "was_quiesced": was }))
     }
 }

@@ -1,0 +1,11 @@
+//! Fault injection on the main image: chosen blocks fail (media error), are delayed, or fail
+//! now and then with a seeded, repeatable pattern. A lab turns a healthy image into a failing
+//! disk with these, from the control socket or a `--faults` file.
+
+pub mod io;
+pub mod spec;
+pub mod table;
+
+pub use io::FaultyTarget;
+pub use spec::{FaultArgError, FaultMode, FaultOp, FaultSpec};
+pub use table::FaultTable;

@@ -1,0 +1,238 @@
+//! The live set of faults. The I/O path reads it through an `ArcSwap` snapshot (no lock, and
+//! nothing at all to do when it is empty); control commands replace the snapshot under a
+//! writers' lock.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use serde_json::{json, Value};
+
+use super::spec::{FaultMode, FaultOp, FaultSpec};
+use crate::events::EventLog;
+
+struct Fault {
+    id: u64,
+    spec: FaultSpec,
+    fired: AtomicU64,
+    /// xorshift64* state, for flaky faults only.
+    rng: Mutex<u64>,
+}
+
+impl Fault {
+    /// Claims one firing if `times` allows it.
+    fn claim(&self) -> bool {
+        match self.spec.times {
+            None => {
+                self.fired.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Some(limit) => self
+                .fired
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| {
+                    (f < limit).then_some(f + 1)
+                })
+                .is_ok(),
+        }
+    }
+
+    fn expired(&self) -> bool {
+        self.spec
+            .times
+            .is_some_and(|t| self.fired.load(Ordering::Acquire) >= t)
+    }
+
+    /// The next draw of a flaky fault's generator, in [0, 1).
+    fn draw(&self) -> f64 {
+        let mut s = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+        *s ^= *s >> 12;
+        *s ^= *s << 25;
+        *s ^= *s >> 27;
+        let x = s.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// What the fault layer does with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    /// Fail with a media error; the fault's id.
+    Fail(u64),
+    /// Hold the request this long first.
+    Delay(Duration),
+}
+
+pub struct FaultTable {
+    faults: ArcSwap<Vec<Arc<Fault>>>,
+    writers: Mutex<u64>,
+    events: Arc<EventLog>,
+}
+
+impl FaultTable {
+    pub fn new(events: Arc<EventLog>) -> FaultTable {
+        FaultTable {
+            faults: ArcSwap::from_pointee(Vec::new()),
+            writers: Mutex::new(1),
+            events,
+        }
+    }
+
+    pub fn add(&self, spec: FaultSpec) -> u64 {
+        let mut next = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        let id = *next;
+        *next += 1;
+        let seed = match spec.mode {
+            // xorshift needs a non-zero state; any seed, 0 included, maps to one.
+            FaultMode::Flaky { seed, .. } => seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+            _ => 1,
+        };
+        let fault = Arc::new(Fault {
+            id,
+            spec,
+            fired: AtomicU64::new(0),
+            rng: Mutex::new(seed),
+        });
+        let mut v = Vec::clone(&self.faults.load());
+        v.push(fault);
+        self.faults.store(Arc::new(v));
+        id
+    }
+
+    pub fn remove(&self, id: u64) -> bool {
+        let _w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        let cur = self.faults.load();
+        if !cur.iter().any(|f| f.id == id) {
+            return false;
+        }
+        let v: Vec<_> = cur.iter().filter(|f| f.id != id).cloned().collect();
+        self.faults.store(Arc::new(v));
+        true
+    }
+
+    pub fn clear(&self) -> usize {
+        let _w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        let n = self.faults.load().len();
+        self.faults.store(Arc::new(Vec::new()));
+        n
+    }
+
+    pub fn list(&self) -> Vec<Value> {
+        self.faults
+            .load()
+            .iter()
+            .map(|f| {
+                let mut v = f.spec.to_json();
+                v["id"] = json!(f.id);
+                v["fired"] = json!(f.fired.load(Ordering::Acquire));
+                v["expired"] = json!(f.expired());
+                v
+            })
+            .collect()
+    }
+
+    /// Decides the fate of a request of kind `op` on blocks `[first, last]`. The first
+    /// matching fault that fires decides; delays of several faults do not add up.
+    pub fn check(&self, op: FaultOp, first: u64, last: u64) -> Verdict {
+        let faults = self.faults.load();
+        if faults.is_empty() {
+            return Verdict::Pass;
+        }
+        for f in faults.iter() {
+            if !f.spec.applies_to(op) || !f.spec.overlaps(first, last) || f.expired() {
+                continue;
+            }
+            let verdict = match f.spec.mode {
+                FaultMode::Error => Verdict::Fail(f.id),
+                FaultMode::Delay { ms } => Verdict::Delay(Duration::from_millis(ms)),
+                FaultMode::Flaky { probability, .. } => {
+                    if f.draw() < probability {
+                        Verdict::Fail(f.id)
+                    } else {
+                        continue;
+                    }
+                }
+            };
+            if !f.claim() {
+                continue;
+            }
+            self.events.emit(
+                "fault-fired",
+                json!({
+                    "id": f.id,
+                    "op": if op == FaultOp::Read { "read" } else { "write" },
+                    "mode": f.spec.to_json()["mode"],
+                    "first_block": first,
+                    "last_block": last,
+                }),
+            );
+            return verdict;
+        }
+        Verdict::Pass
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(op: FaultOp, lba: u64, mode: FaultMode, times: Option<u64>) -> FaultSpec {
+        FaultSpec {
+            op,
+            lba,
+            count: 1,
+            mode,
+            times,
+        }
+    }
+
+    #[test]
+    fn error_fault_hits_only_its_block_and_op() {
+        let t = FaultTable::new(Arc::new(EventLog::disabled()));
+        assert_eq!(t.check(FaultOp::Read, 0, 10), Verdict::Pass);
+        let id = t.add(spec(FaultOp::Read, 5, FaultMode::Error, None));
+        assert_eq!(t.check(FaultOp::Read, 0, 10), Verdict::Fail(id));
+        assert_eq!(t.check(FaultOp::Read, 5, 5), Verdict::Fail(id));
+        assert_eq!(t.check(FaultOp::Read, 6, 10), Verdict::Pass);
+        assert_eq!(t.check(FaultOp::Write, 5, 5), Verdict::Pass);
+        assert!(t.remove(id));
+        assert!(!t.remove(id));
+        assert_eq!(t.check(FaultOp::Read, 5, 5), Verdict::Pass);
+    }
+
+    #[test]
+    fn times_expires_the_fault() {
+        let t = FaultTable::new(Arc::new(EventLog::disabled()));
+        t.add(spec(FaultOp::Any, 1, FaultMode::Error, Some(3)));
+        let fired = (0..10)
+            .filter(|_| t.check(FaultOp::Write, 1, 1) != Verdict::Pass)
+            .count();
+        assert_eq!(fired, 3);
+        assert_eq!(t.list()[0]["fired"], 3);
+        assert_eq!(t.list()[0]["expired"], true);
+    }
+
+    #[test]
+    fn flaky_is_repeatable_for_a_seed() {
+        let run = |seed| {
+            let t = FaultTable::new(Arc::new(EventLog::disabled()));
+            t.add(spec(
+                FaultOp::Read,
+                0,
+                FaultMode::Flaky {
+                    probability: 0.3,
+                    seed,
+                },
+                None,
+            ));
+            (0..200)
+                .map(|_| t.check(FaultOp::Read, 0, 0) != Verdict::Pass)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
+        let hits = run(7).iter().filter(|&&x| x).count();
+        assert!((30..90).contains(&hits), "{hits} of 200 at p=0.3");
+    }
+}

@@ -1,0 +1,330 @@
+//! Fault injection seen from a libblkio client: exactly the requests that touch a faulty block
+//! fail, `times` and seeded flaky faults behave, delays show in the latency statistics, bad
+//! arguments are named, and the event log records it all.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const CHUNK: usize = 4096;
+
+/// Results of reading (or writing) every 4 KiB chunk of the first MiB, one request each.
+fn sweep(c: &mut Client, write: bool) -> Vec<i32> {
+    let mut out = Vec::new();
+    for group in (0..MIB).step_by(CHUNK).collect::<Vec<_>>().chunks(32) {
+        let ops: Vec<Op> = group
+            .iter()
+            .map(|&offset| {
+                if write {
+                    Op::Write { offset, len: CHUNK }
+                } else {
+                    Op::Read { offset, len: CHUNK }
+                }
+            })
+            .collect();
+        out.extend(c.batch(0, &ops));
+    }
+    out
+}
+
+/// Indexes of the failed requests.
+fn failed(results: &[i32]) -> Vec<usize> {
+    results
+        .iter()
+        .enumerate()
+        .filter(|(_, &r)| r != 0)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+#[test]
+fn read_fault_fails_exactly_the_reads_that_touch_its_block() {
+    let s = Server::start(4 * MIB, &[]);
+    let id = s.ctl_ok("fault-add", &["op=read", "lba=1000"])["id"]
+        .as_u64()
+        .unwrap();
+    let mut c = s.client(1);
+    // Block 1000 (512-byte blocks) is bytes 512000..512512: chunk 125.
+    let reads = sweep(&mut c, false);
+    assert_eq!(failed(&reads), vec![125]);
+    assert_eq!(reads[125], -libc::EIO);
+    assert!(
+        failed(&sweep(&mut c, true)).is_empty(),
+        "a read fault must not fail writes"
+    );
+    // A read that only straddles into the block fails too; its neighbours do not.
+    assert_eq!(
+        c.batch(
+            0,
+            &[
+                Op::Read {
+                    offset: 999 * 512,
+                    len: 1024
+                },
+                Op::Read {
+                    offset: 999 * 512,
+                    len: 512
+                },
+                Op::Read {
+                    offset: 1001 * 512,
+                    len: 512
+                },
+            ]
+        ),
+        vec![-libc::EIO, 0, 0]
+    );
+    let list = s.ctl_ok("fault-list", &[]);
+    assert_eq!(list[0]["id"], id);
+    assert_eq!(list[0]["op"], "read");
+    assert_eq!(list[0]["lba"], 1000);
+    assert_eq!(list[0]["count"], 1);
+    assert_eq!(list[0]["mode"], "error");
+    assert_eq!(list[0]["fired"], 2);
+    assert_eq!(s.ctl_ok("query-stats", &[])["totals"]["errors"], 2);
+    s.ctl_ok("fault-remove", &[&format!("id={id}")]);
+    assert!(failed(&sweep(&mut c, false)).is_empty());
+}
+
+#[test]
+fn write_fault_fails_exactly_the_writes_that_touch_its_blocks() {
+    let s = Server::start(4 * MIB, &[]);
+    s.ctl_ok("fault-add", &["op=write", "lba=1000", "count=16"]);
+    let mut c = s.client(1);
+    // Blocks 1000..1016 are bytes 512000..520192: chunks 125 and 126 (127 starts at 520192).
+    assert_eq!(failed(&sweep(&mut c, true)), vec![125, 126]);
+    assert!(failed(&sweep(&mut c, false)).is_empty());
+    assert_eq!(s.ctl_ok("fault-clear", &[])["removed"], 1);
+    assert!(failed(&sweep(&mut c, true)).is_empty());
+}
+
+#[test]
+fn times_three_fires_three_times() {
+    let s = Server::start(4 * MIB, &[]);
+    s.ctl_ok("fault-add", &["lba=8", "times=3"]);
+    let mut c = s.client(1);
+    let ops: Vec<Op> = (0..10)
+        .map(|_| Op::Read {
+            offset: 4096,
+            len: 4096,
+        })
+        .collect();
+    let mut fails = 0;
+    for op in ops {
+        if c.batch(0, &[op])[0] != 0 {
+            fails += 1;
+        }
+    }
+    assert_eq!(fails, 3);
+    let f = &s.ctl_ok("fault-list", &[])[0];
+    assert_eq!(f["fired"], 3);
+    assert_eq!(f["times"], 3);
+    assert_eq!(f["expired"], true);
+}
+
+#[test]
+fn flaky_fault_with_seed_7_repeats_its_failures() {
+    let run = || {
+        let s = Server::start(4 * MIB, &[]);
+        s.ctl_ok(
+            "fault-add",
+            &[
+                "op=read",
+                "lba=0",
+                "mode=flaky",
+                "probability=0.4",
+                "seed=7",
+            ],
+        );
+        let mut c = s.client(1);
+        (0..100)
+            .map(|_| {
+                c.batch(
+                    0,
+                    &[Op::Read {
+                        offset: 0,
+                        len: 512,
+                    }],
+                )[0] != 0
+            })
+            .collect::<Vec<bool>>()
+    };
+    let a = run();
+    let b = run();
+    assert_eq!(a, b, "the same seed must fail the same requests");
+    let n = a.iter().filter(|&&f| f).count();
+    assert!((20..60).contains(&n), "{n} failures of 100 at p=0.4");
+}
+
+#[test]
+fn delay_fault_shows_in_latency_stats() {
+    let s = Server::start(4 * MIB, &[]);
+    s.ctl_ok("fault-add", &["lba=0", "mode=delay", "delay_ms=200"]);
+    let mut c = s.client(1);
+    let t0 = Instant::now();
+    assert_eq!(
+        c.batch(
+            0,
+            &[Op::Read {
+                offset: 0,
+                len: 4096
+            }]
+        ),
+        vec![0]
+    );
+    assert!(t0.elapsed() >= Duration::from_millis(200));
+    for _ in 0..20 {
+        assert_eq!(
+            c.batch(
+                0,
+                &[Op::Read {
+                    offset: 65536,
+                    len: 4096
+                }]
+            ),
+            vec![0]
+        );
+    }
+    let l = &s.ctl_ok("query-stats", &[])["queues"][0]["latency_us"];
+    assert!(l["max"].as_u64().unwrap() >= 200_000, "{l}");
+    assert!(l["p50"].as_u64().unwrap() < 200_000, "{l}");
+}
+
+#[test]
+fn bad_fault_arguments_are_named() {
+    let s = Server::start(4 * MIB, &[]);
+    for (args, field) in [
+        (vec!["op=read"], "lba"),
+        (vec!["lba=8192"], "lba"),
+        (
+            vec!["lba=1", "mode=flaky", "probability=1.5"],
+            "probability",
+        ),
+        (vec!["lba=1", "op=erase"], "op"),
+        (vec!["lba=1", "mode=delay"], "delay_ms"),
+    ] {
+        let (code, _, err) = s.ctl("fault-add", &args);
+        assert_eq!(code, 1, "{args:?}");
+        assert!(err.contains(field), "{args:?}: {err}");
+    }
+    let (code, _, err) = s.ctl("fault-remove", &["id=99"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("99"));
+    assert_eq!(s.ctl_ok("fault-list", &[]), serde_json::json!([]));
+}
+
+#[test]
+fn faults_file_and_event_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = dir.path().join("faults.json");
+    std::fs::write(
+        &faults,
+        r#"[{"op": "read", "lba": 16}, {"op": "write", "lba": 32, "count": 8, "times": 1}]"#,
+    )
+    .unwrap();
+    let events = dir.path().join("events.jsonl");
+    let image = dir.path().join("d.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(4 * MIB)
+        .unwrap();
+    let s = Server::start_on(
+        dir,
+        image,
+        &[
+            "--faults",
+            faults.to_str().unwrap(),
+            "--event-log",
+            events.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(s.ctl_ok("fault-list", &[]).as_array().unwrap().len(), 2);
+    {
+        let mut c = s.client(1);
+        assert_eq!(
+            c.batch(
+                0,
+                &[Op::Read {
+                    offset: 16 * 512,
+                    len: 512
+                }]
+            ),
+            vec![-libc::EIO]
+        );
+        assert_eq!(
+            c.batch(
+                0,
+                &[Op::Write {
+                    offset: 32 * 512,
+                    len: 4096
+                }]
+            ),
+            vec![-libc::EIO]
+        );
+        assert_eq!(
+            c.batch(
+                0,
+                &[Op::Write {
+                    offset: 32 * 512,
+                    len: 4096
+                }]
+            ),
+            vec![0]
+        );
+        s.ctl_ok("quiesce", &[]);
+        s.ctl_ok("resume", &[]);
+    }
+    wait_until("the disconnect event", Duration::from_secs(10), || {
+        std::fs::read_to_string(&events)
+            .unwrap_or_default()
+            .contains("\"disconnect\"")
+    });
+    let log = std::fs::read_to_string(&events).unwrap();
+    let names: Vec<String> = log
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("one JSON object per line");
+            assert!(v["monotonic_ns"].as_u64().unwrap() > 0);
+            v["event"].as_str().unwrap().to_string()
+        })
+        .collect();
+    for want in [
+        "connect",
+        "fault-fired",
+        "quiesce",
+        "resume",
+        "drain",
+        "disconnect",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "no {want} event in {names:?}"
+        );
+    }
+    assert_eq!(names.iter().filter(|n| *n == "fault-fired").count(), 2);
+
+    // A bad faults file stops the server from starting, naming the entry.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.json");
+    std::fs::write(
+        &bad,
+        r#"[{"lba": 1}, {"lba": 1, "probability": 2, "mode": "flaky"}]"#,
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_remapblk"))
+        .args(["serve", "--size", "1M", "--image"])
+        .arg(dir.path().join("i.img"))
+        .arg("--socket")
+        .arg(dir.path().join("s.sock"))
+        .arg("--faults")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("entry 1") && err.contains("probability"),
+        "{err}"
+    );
+}
