@@ -358,6 +358,20 @@ def scenario_backend_restart(ctx):
     ctx.finish_guest()
 
 
+def scenario_read_fault(ctx, sector=4096):
+    faults = os.path.join(ctx.workdir, "faults.json")
+    events = os.path.join(ctx.workdir, "events.jsonl")
+    with open(faults, "w") as f:
+        json.dump([{"op": "read", "lba": sector, "mode": "error"}], f)
+    ctx.start_server("--faults", faults, "--event-log", events)
+    ctx.boot("read-fault", args=f"sector={sector}")
+    ctx.finish_guest()
+    with open(events) as f:
+        fired = [json.loads(l) for l in f if '"fault-fired"' in l]
+    if not any(e["first_block"] <= sector <= e["last_block"] for e in fired):
+        raise ScenarioError("the event log shows no fault firing on the faulty sector")
+
+
 SCENARIOS = [
     ("verify", scenario_verify),
     ("flush-discard", scenario_flush_discard),
@@ -365,6 +379,7 @@ SCENARIOS = [
     ("hot-unplug-under-io", scenario_hot_unplug),
     ("reset", scenario_reset),
     ("backend-restart", scenario_backend_restart),
+    ("read-fault", scenario_read_fault),
 ]
 
 
