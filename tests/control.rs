@@ -186,3 +186,37 @@ fn quiesce_under_load_loses_no_request() {
     let t = &s.ctl_ok("query-stats", &[])["totals"];
     assert_eq!(t["writes"], BATCHES as u64 * 32);
 }
+
+#[test]
+fn many_clients_at_once() {
+    let s = Server::start(4 * MIB, &[]);
+    let conns: Vec<(UnixStream, BufReader<UnixStream>)> = (0..8)
+        .map(|_| {
+            let c = UnixStream::connect(s.control()).unwrap();
+            let r = BufReader::new(c.try_clone().unwrap());
+            (c, r)
+        })
+        .collect();
+    // Every client sends before any reads: each is served on its own.
+    for (i, (w, _)) in conns.iter().enumerate() {
+        let cmd = if i % 2 == 0 {
+            "query-status"
+        } else {
+            "query-stats"
+        };
+        (&*w)
+            .write_all(format!("{{\"execute\": \"{cmd}\"}}\n").as_bytes())
+            .unwrap();
+    }
+    for (i, (_, r)) in conns.into_iter().enumerate().rev() {
+        let mut r = r;
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if i % 2 == 0 {
+            assert_eq!(v["return"]["state"], "waiting");
+        } else {
+            assert!(v["return"]["queues"].is_array());
+        }
+    }
+}
