@@ -27,6 +27,26 @@ pub enum Command {
     Serve(ServeArgs),
     /// Send one command to a running server's control socket and print its answer as JSON.
     Ctl(CtlArgs),
+    /// Inspect a spare file offline.
+    Metadata {
+        #[command(subcommand)]
+        action: MetadataAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MetadataAction {
+    /// Print the header and the newest valid table as JSON.
+    Dump {
+        /// The spare file.
+        spare: PathBuf,
+    },
+    /// Verify both metadata slots. Exit 0: healthy; 1: one slot is bad (it is rewritten on the
+    /// next start); 2: both are bad or the file is unreadable (the server refuses to start).
+    Check {
+        /// The spare file.
+        spare: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -108,6 +128,20 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE")]
     pub faults: Option<PathBuf>,
 
+    /// Spare file holding remapped blocks and the remap table. Default: <image>.spare,
+    /// created when missing.
+    #[arg(long, value_name = "PATH")]
+    pub spare: Option<PathBuf>,
+
+    /// Spare blocks in a new spare file. Default: 1% of the image's blocks, at least 1024.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub spare_blocks: Option<u64>,
+
+    /// Remap a block when a write to it fails on the main image (the guest sees no error).
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off,
+          action = clap::ArgAction::Set)]
+    pub auto_remap: bool,
+
     /// Append one JSON object per line for every fault that fires, quiesce, resume, connect,
     /// disconnect and drain, with a CLOCK_MONOTONIC timestamp (monotonic_ns).
     #[arg(long, value_name = "PATH")]
@@ -158,6 +192,14 @@ fn parse_block_size(s: &str) -> Result<u32, String> {
         "512" => Ok(512),
         "4096" => Ok(4096),
         _ => Err(format!("block size must be 512 or 4096, got '{s}'")),
+    }
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("expected on or off, got '{s}'")),
     }
 }
 

@@ -6,6 +6,7 @@ pub mod backend;
 pub mod control;
 pub mod events;
 pub mod fault;
+pub mod remap;
 pub mod stats;
 pub mod storage;
 pub mod virtio;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Parser;
 use log::warn;
 
-use remapblk::args::{Cli, Command, CtlArgs, ServeArgs};
+use remapblk::args::{Cli, Command, CtlArgs, MetadataAction, ServeArgs};
 use remapblk::backend::device::default_serial;
 use remapblk::backend::{serve, Device, DeviceConfig, Live};
 use remapblk::control::client::{call, parse_arguments, CtlError};
@@ -14,6 +14,9 @@ use remapblk::control::commands::Commands;
 use remapblk::control::ControlServer;
 use remapblk::events::EventLog;
 use remapblk::fault::{FaultSpec, FaultTable, FaultyTarget};
+use remapblk::remap::metadata::Header;
+use remapblk::remap::spare::{inspect, Spare};
+use remapblk::remap::{RemapTable, RemapTarget};
 use remapblk::storage::{Image, OpenOptions};
 use remapblk::virtio::ID_BYTES;
 
@@ -25,12 +28,64 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => run_serve(args),
         Command::Ctl(args) => return run_ctl(args),
+        Command::Metadata { action } => return run_metadata(action),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
             eprintln!("remapblk: {msg}");
             ExitCode::from(1)
+        }
+    }
+}
+
+fn run_metadata(action: MetadataAction) -> ExitCode {
+    match action {
+        MetadataAction::Dump { spare } => match inspect(&spare) {
+            Ok(i) => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&i.to_json()).unwrap_or_default()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("remapblk metadata: {e}");
+                ExitCode::from(2)
+            }
+        },
+        MetadataAction::Check { spare } => {
+            let i = match inspect(&spare) {
+                Ok(i) => i,
+                Err(e) => {
+                    eprintln!("remapblk metadata: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let bad: Vec<String> = i
+                .slots
+                .iter()
+                .enumerate()
+                .filter_map(|(n, s)| {
+                    s.as_ref()
+                        .err()
+                        .map(|e| format!("slot {}: {e}", if n == 0 { 'A' } else { 'B' }))
+                })
+                .collect();
+            match bad.len() {
+                0 => {
+                    println!("{}: healthy (both metadata slots valid)", spare.display());
+                    ExitCode::SUCCESS
+                }
+                1 => {
+                    println!("{}: {}; the other slot is valid and the bad one is rewritten on the next start", spare.display(), bad[0]);
+                    ExitCode::from(1)
+                }
+                _ => {
+                    println!("{}: both metadata slots are bad ({}); remapblk serve refuses to start with this spare", spare.display(), bad.join("; "));
+                    ExitCode::from(2)
+                }
+            }
         }
     }
 }
@@ -110,11 +165,20 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
     if let Some(path) = &a.faults {
         load_faults(path, &faults, capacity / bs)?;
     }
+    let remap = Arc::new(open_spare(&a, capacity)?);
     print_banner(&a, capacity, &serial_str, &control_path);
-    let target = Arc::new(FaultyTarget::new(
+    // Guest I/O goes remap -> faults -> image: faults apply to the main image only, so a
+    // remapped block is healthy again.
+    let faulty = Arc::new(FaultyTarget::new(
         Arc::new(image),
         faults.clone(),
         a.block_size,
+    ));
+    let target = Arc::new(RemapTarget::new(
+        faulty,
+        remap.clone(),
+        a.block_size,
+        a.auto_remap,
     ));
     let dev = Arc::new(Device::new(cfg, target));
     let live = Arc::new(Live::new(events));
@@ -122,9 +186,54 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
         dev: dev.clone(),
         live: live.clone(),
         faults,
+        remap,
     });
     let _control = ControlServer::start(&control_path, commands).map_err(|e| e.to_string())?;
     serve(dev, live, &a.socket).map_err(|e| e.to_string())
+}
+
+/// Opens the spare file (`--spare`, default `<image>.spare`) or creates it.
+fn open_spare(a: &ServeArgs, capacity: u64) -> Result<RemapTable, String> {
+    let path = a.spare.clone().unwrap_or_else(|| {
+        let mut p = a.image.clone().into_os_string();
+        p.push(".spare");
+        p.into()
+    });
+    let bs = u64::from(a.block_size);
+    let (spare, entries) = if path.exists() {
+        let o = Spare::open(&path, a.block_size, capacity).map_err(|e| e.to_string())?;
+        if let Some(slot) = o.repaired {
+            warn!(
+                "spare file {}: metadata slot {slot} was bad and has been rewritten from the other",
+                path.display()
+            );
+        }
+        if let Some(n) = a
+            .spare_blocks
+            .filter(|n| *n != o.spare.header().spare_blocks)
+        {
+            warn!("spare file {} has {} spare blocks; --spare-blocks {n} only applies to a new spare file", path.display(), o.spare.header().spare_blocks);
+        }
+        (o.spare, o.entries)
+    } else {
+        let blocks = a
+            .spare_blocks
+            .unwrap_or_else(|| (capacity / bs / 100).max(1024));
+        let header = Header {
+            block_size: a.block_size,
+            image_size: capacity,
+            spare_blocks: blocks,
+        };
+        log::info!(
+            "created spare file {} with {blocks} spare blocks",
+            path.display()
+        );
+        (
+            Spare::create(&path, header).map_err(|e| e.to_string())?,
+            Vec::new(),
+        )
+    };
+    RemapTable::new(spare, entries)
 }
 
 /// Applies a `--faults` file: a JSON array of fault-add argument objects.

@@ -1,6 +1,7 @@
 //! Fault injection seen from a libblkio client: exactly the requests that touch a faulty block
 //! fail, `times` and seeded flaky faults behave, delays show in the latency statistics, bad
-//! arguments are named, and the event log records it all.
+//! arguments are named, and the event log records it all. Auto-remap is off where a test
+//! wants write errors to reach the client.
 
 mod common;
 
@@ -41,7 +42,7 @@ fn failed(results: &[i32]) -> Vec<usize> {
 
 #[test]
 fn read_fault_fails_exactly_the_reads_that_touch_its_block() {
-    let s = Server::start(4 * MIB, &[]);
+    let s = Server::start(4 * MIB, &["--auto-remap", "off"]);
     let id = s.ctl_ok("fault-add", &["op=read", "lba=1000"])["id"]
         .as_u64()
         .unwrap();
@@ -89,7 +90,7 @@ fn read_fault_fails_exactly_the_reads_that_touch_its_block() {
 
 #[test]
 fn write_fault_fails_exactly_the_writes_that_touch_its_blocks() {
-    let s = Server::start(4 * MIB, &[]);
+    let s = Server::start(4 * MIB, &["--auto-remap", "off"]);
     s.ctl_ok("fault-add", &["op=write", "lba=1000", "count=16"]);
     let mut c = s.client(1);
     // Blocks 1000..1016 are bytes 512000..520192: chunks 125 and 126 (127 starts at 520192).
@@ -237,6 +238,8 @@ fn faults_file_and_event_log() {
             faults.to_str().unwrap(),
             "--event-log",
             events.to_str().unwrap(),
+            "--auto-remap",
+            "off",
         ],
     );
     assert_eq!(s.ctl_ok("fault-list", &[]).as_array().unwrap().len(), 2);

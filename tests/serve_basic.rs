@@ -261,7 +261,9 @@ fn block_device_as_image() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("block device"));
 
-    let s = Server::start_on(dir, dev, &[]);
+    // The spare file would default to /dev/loopN.spare; keep it in the test's directory.
+    let spare = dir.path().join("loop.spare");
+    let s = Server::start_on(dir, dev, &["--spare", spare.to_str().unwrap()]);
     let mut c = s.client(1);
     assert_eq!(c.capacity, 16 * MIB);
     fill(&mut c, 21, 0, 4 * MIB, CHUNK, 32);

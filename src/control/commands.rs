@@ -10,9 +10,10 @@ use super::protocol::{CommandError, CommandResult, Request};
 use crate::backend::inflight::Phase;
 use crate::backend::{Device, Live};
 use crate::fault::{FaultSpec, FaultTable};
+use crate::remap::RemapTable;
 use crate::stats::QueueStats;
 
-pub const COMMANDS: [&str; 8] = [
+pub const COMMANDS: [&str; 10] = [
     "query-status",
     "query-stats",
     "quiesce",
@@ -21,12 +22,15 @@ pub const COMMANDS: [&str; 8] = [
     "fault-list",
     "fault-remove",
     "fault-clear",
+    "remap-list",
+    "pending-list",
 ];
 
 pub struct Commands {
     pub dev: Arc<Device>,
     pub live: Arc<Live>,
     pub faults: Arc<FaultTable>,
+    pub remap: Arc<RemapTable>,
 }
 
 impl Commands {
@@ -41,6 +45,16 @@ impl Commands {
             "fault-list" => no_args(args).map(|_| Value::Array(self.faults.list())),
             "fault-remove" => self.fault_remove(args),
             "fault-clear" => no_args(args).map(|_| json!({ "removed": self.faults.clear() })),
+            "remap-list" => no_args(args).map(|_| {
+                Value::Array(
+                    self.remap
+                        .entries()
+                        .iter()
+                        .map(|e| json!({ "lba": e.lba, "spare_block": e.spare_block, "cause": e.cause.name(), "since": e.since }))
+                        .collect(),
+                )
+            }),
+            "pending-list" => no_args(args).map(|_| json!(self.remap.pending())),
             other => Err(CommandError {
                 class: "CommandNotFound",
                 desc: format!(
@@ -98,6 +112,10 @@ impl Commands {
             "connected": self.live.current().is_some(),
             "inflight": self.inflight(),
             "readonly": cfg.readonly,
+            "remaps": self.remap.entries().len(),
+            "spare_total": self.remap.spare_total(),
+            "spare_free": self.remap.spare_free(),
+            "pending": self.remap.pending().len(),
         }))
     }
 

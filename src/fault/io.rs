@@ -8,6 +8,23 @@ use super::spec::FaultOp;
 use super::table::{FaultTable, Verdict};
 use crate::storage::BlockIo;
 
+/// The error an injected fault produces: which blocks of the request are bad, so the layer
+/// above (remap) need not probe them one by one.
+#[derive(Debug, thiserror::Error)]
+#[error("injected media error (fault {fault}) on blocks {}..={}", bad.start(), bad.end())]
+pub struct MediaError {
+    pub fault: u64,
+    pub bad: std::ops::RangeInclusive<u64>,
+}
+
+impl MediaError {
+    /// The bad blocks an I/O error names, if it came from an injected fault.
+    pub fn of(e: &io::Error) -> Option<&MediaError> {
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<MediaError>())
+    }
+}
+
 pub struct FaultyTarget {
     inner: Arc<dyn BlockIo>,
     table: Arc<FaultTable>,
@@ -35,9 +52,7 @@ impl FaultyTarget {
                 std::thread::sleep(d);
                 Ok(())
             }
-            Verdict::Fail(id) => Err(io::Error::other(format!(
-                "injected media error (fault {id}) on blocks {first}..={last}"
-            ))),
+            Verdict::Fail(id, bad) => Err(io::Error::other(MediaError { fault: id, bad })),
         }
     }
 }

@@ -55,11 +55,11 @@ impl Fault {
 }
 
 /// What the fault layer does with a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Pass,
-    /// Fail with a media error; the fault's id.
-    Fail(u64),
+    /// Fail with a media error: the fault's id and the request's blocks it covers.
+    Fail(u64, std::ops::RangeInclusive<u64>),
     /// Hold the request this long first.
     Delay(Duration),
 }
@@ -143,12 +143,13 @@ impl FaultTable {
             if !f.spec.applies_to(op) || !f.spec.overlaps(first, last) || f.expired() {
                 continue;
             }
+            let bad = first.max(f.spec.lba)..=last.min(f.spec.lba + f.spec.count - 1);
             let verdict = match f.spec.mode {
-                FaultMode::Error => Verdict::Fail(f.id),
+                FaultMode::Error => Verdict::Fail(f.id, bad),
                 FaultMode::Delay { ms } => Verdict::Delay(Duration::from_millis(ms)),
                 FaultMode::Flaky { probability, .. } => {
                     if f.draw() < probability {
-                        Verdict::Fail(f.id)
+                        Verdict::Fail(f.id, bad)
                     } else {
                         continue;
                     }
@@ -192,8 +193,8 @@ mod tests {
         let t = FaultTable::new(Arc::new(EventLog::disabled()));
         assert_eq!(t.check(FaultOp::Read, 0, 10), Verdict::Pass);
         let id = t.add(spec(FaultOp::Read, 5, FaultMode::Error, None));
-        assert_eq!(t.check(FaultOp::Read, 0, 10), Verdict::Fail(id));
-        assert_eq!(t.check(FaultOp::Read, 5, 5), Verdict::Fail(id));
+        assert_eq!(t.check(FaultOp::Read, 0, 10), Verdict::Fail(id, 5..=5));
+        assert_eq!(t.check(FaultOp::Read, 5, 5), Verdict::Fail(id, 5..=5));
         assert_eq!(t.check(FaultOp::Read, 6, 10), Verdict::Pass);
         assert_eq!(t.check(FaultOp::Write, 5, 5), Verdict::Pass);
         assert!(t.remove(id));

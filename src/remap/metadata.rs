@@ -1,0 +1,282 @@
+//! The spare file's on-disk format, kept apart from any I/O:
+//!
+//! ```text
+//! 0      header (4 KiB): magic "RMPBLKSP", version, block size, image size, spare blocks, CRC32C
+//! 4 KiB  metadata slot A  } written alternately; each: magic "RMPBLKMT", version, CRC32C,
+//! +slot  metadata slot B  } sequence number, entry count, entries (lba, spare block, cause, since)
+//! data   spare block 0, 1, ... (one logical block each)
+//! ```
+//!
+//! A slot is as large as a table that fills the whole spare, so the table has no cap of its
+//! own. The newest slot whose checksum holds is the table; a torn write leaves the other.
+
+use thiserror::Error;
+
+pub const HEADER_MAGIC: [u8; 8] = *b"RMPBLKSP";
+pub const SLOT_MAGIC: [u8; 8] = *b"RMPBLKMT";
+pub const VERSION: u32 = 1;
+pub const HEADER_LEN: u64 = 4096;
+const HEADER_USED: usize = 36;
+pub const SLOT_HEADER_LEN: usize = 40;
+pub const ENTRY_LEN: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub block_size: u32,
+    pub image_size: u64,
+    pub spare_blocks: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Cause {
+    Manual,
+    WriteError,
+}
+
+impl Cause {
+    pub fn name(self) -> &'static str {
+        match self {
+            Cause::Manual => "manual",
+            Cause::WriteError => "write-error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub lba: u64,
+    pub spare_block: u64,
+    pub cause: Cause,
+    /// Seconds since the Unix epoch when the remap was made.
+    pub since: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    pub seq: u64,
+    pub entries: Vec<Entry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum MetaError {
+    #[error("bad magic (not a remapblk spare file, or this part of it is overwritten)")]
+    Magic,
+    #[error("format version {0}; this remapblk reads version {VERSION}")]
+    Version(u32),
+    #[error("checksum mismatch")]
+    Checksum,
+    #[error("too short: {0} bytes")]
+    Truncated(usize),
+    #[error("{0}")]
+    Entry(String),
+}
+
+impl Header {
+    pub fn slot_size(&self) -> u64 {
+        slot_size(self.spare_blocks)
+    }
+
+    pub fn data_offset(&self) -> u64 {
+        HEADER_LEN + 2 * self.slot_size()
+    }
+
+    pub fn file_size(&self) -> u64 {
+        self.data_offset() + self.spare_blocks * u64::from(self.block_size)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; HEADER_LEN as usize];
+        b[0..8].copy_from_slice(&HEADER_MAGIC);
+        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        b[12..16].copy_from_slice(&self.block_size.to_le_bytes());
+        b[16..24].copy_from_slice(&self.image_size.to_le_bytes());
+        b[24..32].copy_from_slice(&self.spare_blocks.to_le_bytes());
+        let crc = crc32c::crc32c(&b[0..32]);
+        b[32..36].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Header, MetaError> {
+        if b.len() < HEADER_USED {
+            return Err(MetaError::Truncated(b.len()));
+        }
+        if b[0..8] != HEADER_MAGIC {
+            return Err(MetaError::Magic);
+        }
+        let version = u32_at(b, 8);
+        if version != VERSION {
+            return Err(MetaError::Version(version));
+        }
+        if u32_at(b, 32) != crc32c::crc32c(&b[0..32]) {
+            return Err(MetaError::Checksum);
+        }
+        Ok(Header {
+            block_size: u32_at(b, 12),
+            image_size: u64_at(b, 16),
+            spare_blocks: u64_at(b, 24),
+        })
+    }
+}
+
+pub fn slot_size(spare_blocks: u64) -> u64 {
+    (SLOT_HEADER_LEN as u64 + ENTRY_LEN as u64 * spare_blocks).next_multiple_of(4096)
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
+}
+
+fn slot_crc(b: &[u8]) -> u32 {
+    // Everything but the CRC field itself.
+    let c = crc32c::crc32c(&b[0..12]);
+    crc32c::crc32c_append(c, &b[16..])
+}
+
+impl Slot {
+    /// The slot's bytes: header and entries, not padded to the slot size.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; SLOT_HEADER_LEN + ENTRY_LEN * self.entries.len()];
+        b[0..8].copy_from_slice(&SLOT_MAGIC);
+        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        b[16..24].copy_from_slice(&self.seq.to_le_bytes());
+        b[24..32].copy_from_slice(&(self.entries.len() as u64).to_le_bytes());
+        for (i, e) in self.entries.iter().enumerate() {
+            let at = SLOT_HEADER_LEN + i * ENTRY_LEN;
+            b[at..at + 8].copy_from_slice(&e.lba.to_le_bytes());
+            b[at + 8..at + 16].copy_from_slice(&e.spare_block.to_le_bytes());
+            b[at + 16] = match e.cause {
+                Cause::Manual => 1,
+                Cause::WriteError => 2,
+            };
+            b[at + 24..at + 32].copy_from_slice(&e.since.to_le_bytes());
+        }
+        let crc = slot_crc(&b);
+        b[12..16].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Decodes a slot of a spare with `spare_blocks` blocks; `b` may carry padding.
+    pub fn decode(b: &[u8], spare_blocks: u64) -> Result<Slot, MetaError> {
+        if b.len() < SLOT_HEADER_LEN {
+            return Err(MetaError::Truncated(b.len()));
+        }
+        if b[0..8] != SLOT_MAGIC {
+            return Err(MetaError::Magic);
+        }
+        let version = u32_at(b, 8);
+        if version != VERSION {
+            return Err(MetaError::Version(version));
+        }
+        let count = u64_at(b, 24);
+        if count > spare_blocks {
+            return Err(MetaError::Entry(format!(
+                "{count} entries for {spare_blocks} spare blocks"
+            )));
+        }
+        let len = SLOT_HEADER_LEN + ENTRY_LEN * count as usize;
+        if b.len() < len {
+            return Err(MetaError::Truncated(b.len()));
+        }
+        if u32_at(b, 12) != slot_crc(&b[..len]) {
+            return Err(MetaError::Checksum);
+        }
+        let mut entries = Vec::with_capacity(count as usize);
+        for i in 0..count as usize {
+            let at = SLOT_HEADER_LEN + i * ENTRY_LEN;
+            let cause = match b[at + 16] {
+                1 => Cause::Manual,
+                2 => Cause::WriteError,
+                c => return Err(MetaError::Entry(format!("entry {i}: unknown cause {c}"))),
+            };
+            let spare_block = u64_at(b, at + 8);
+            if spare_block >= spare_blocks {
+                return Err(MetaError::Entry(format!(
+                    "entry {i}: spare block {spare_block} past the spare's {spare_blocks}"
+                )));
+            }
+            entries.push(Entry {
+                lba: u64_at(b, at),
+                spare_block,
+                cause,
+                since: u64_at(b, at + 24),
+            });
+        }
+        Ok(Slot {
+            seq: u64_at(b, 16),
+            entries,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn entries() -> impl Strategy<Value = Vec<Entry>> {
+        proptest::collection::vec(
+            (any::<u64>(), 0u64..1000, any::<bool>(), any::<u64>()),
+            0..50,
+        )
+        .prop_map(|v| {
+            v.into_iter()
+                .map(|(lba, spare_block, manual, since)| Entry {
+                    lba,
+                    spare_block,
+                    cause: if manual {
+                        Cause::Manual
+                    } else {
+                        Cause::WriteError
+                    },
+                    since,
+                })
+                .collect()
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn slot_round_trips(seq in any::<u64>(), entries in entries()) {
+            let s = Slot { seq, entries };
+            let mut b = s.encode();
+            b.resize(slot_size(1000) as usize, 0);
+            prop_assert_eq!(Slot::decode(&b, 1000).unwrap(), s);
+        }
+
+        #[test]
+        fn any_flipped_bit_is_caught(seq in any::<u64>(), entries in entries(), pos in any::<prop::sample::Index>(), bit in 0u8..8) {
+            let s = Slot { seq, entries };
+            let mut b = s.encode();
+            let i = pos.index(b.len());
+            b[i] ^= 1 << bit;
+            prop_assert!(Slot::decode(&b, 1000).is_err());
+        }
+
+        #[test]
+        fn header_round_trips_and_flips_are_caught(bs in prop::sample::select(vec![512u32, 4096]), size in any::<u64>(), spare in 0u64..1 << 40, pos in 0usize..36, bit in 0u8..8) {
+            let h = Header { block_size: bs, image_size: size, spare_blocks: spare };
+            let mut b = h.encode();
+            prop_assert_eq!(Header::decode(&b).unwrap(), h);
+            b[pos] ^= 1 << bit;
+            prop_assert!(Header::decode(&b).is_err());
+        }
+    }
+
+    #[test]
+    fn layout_is_what_the_docs_say() {
+        let h = Header {
+            block_size: 512,
+            image_size: 1 << 30,
+            spare_blocks: 1024,
+        };
+        assert_eq!(h.slot_size(), (40 + 32 * 1024u64).next_multiple_of(4096));
+        assert_eq!(h.data_offset(), 4096 + 2 * h.slot_size());
+        assert_eq!(h.file_size(), h.data_offset() + 1024 * 512);
+    }
+}

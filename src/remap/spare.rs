@@ -1,0 +1,366 @@
+//! The spare file on disk: creating it, opening and checking it (repairing one bad metadata
+//! slot from the other), committing the table, and the spare blocks' I/O.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use thiserror::Error;
+
+use super::metadata::{Entry, Header, MetaError, Slot, HEADER_LEN};
+
+#[derive(Debug, Error)]
+pub enum SpareError {
+    #[error("spare file {path}: cannot {what}: {source}")]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        source: io::Error,
+    },
+    #[error("spare file {path}: header: {err}. It is not a usable spare file: move it away to start with an empty table, or give --spare another path")]
+    Header { path: PathBuf, err: MetaError },
+    #[error("spare file {path}: block_size is {file} but the server runs with --block-size {want}; pass --block-size {file}, or use another --spare")]
+    BlockSize { path: PathBuf, file: u32, want: u32 },
+    #[error("spare file {path}: image_size is {file} bytes but the image has {want}; it belongs to another image (or the image was resized): use the right --spare, or move this one away")]
+    ImageSize { path: PathBuf, file: u64, want: u64 },
+    #[error("spare file {path}: both metadata slots are bad (A: {a}; B: {b}); refusing to start with an empty remap table, which would lose every remap. Inspect it with `remapblk metadata check {path}`")]
+    BothSlots {
+        path: PathBuf,
+        a: MetaError,
+        b: MetaError,
+    },
+}
+
+struct CommitState {
+    /// Slot the next commit goes to (0 = A, 1 = B).
+    next: usize,
+    seq: u64,
+}
+
+pub struct Spare {
+    file: File,
+    path: PathBuf,
+    header: Header,
+    commit: Mutex<CommitState>,
+}
+
+/// A spare file just opened: its table, and which slot was rewritten because it was bad.
+pub struct Opened {
+    pub spare: Spare,
+    pub entries: Vec<Entry>,
+    pub repaired: Option<char>,
+}
+
+pub fn slot_name(i: usize) -> char {
+    if i == 0 {
+        'A'
+    } else {
+        'B'
+    }
+}
+
+fn io_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> SpareError + 'a {
+    move |source| SpareError::Io {
+        path: path.to_path_buf(),
+        what,
+        source,
+    }
+}
+
+impl Spare {
+    pub fn create(path: &Path, header: Header) -> Result<Spare, SpareError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(io_err(path, "create it"))?;
+        file.set_len(header.file_size())
+            .map_err(io_err(path, "size it"))?;
+        file.write_all_at(&header.encode(), 0)
+            .map_err(io_err(path, "write its header"))?;
+        let spare = Spare {
+            file,
+            path: path.to_path_buf(),
+            header,
+            commit: Mutex::new(CommitState { next: 0, seq: 0 }),
+        };
+        // Both slots valid from the start, so a crash during the first commit leaves one.
+        spare.commit(&[]).map_err(io_err(path, "write slot A"))?;
+        spare.commit(&[]).map_err(io_err(path, "write slot B"))?;
+        Ok(spare)
+    }
+
+    /// Opens an existing spare file made for `block_size` and `image_size`.
+    pub fn open(path: &Path, block_size: u32, image_size: u64) -> Result<Opened, SpareError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io_err(path, "open it"))?;
+        let header = read_header(&file, path)?;
+        if header.block_size != block_size {
+            return Err(SpareError::BlockSize {
+                path: path.to_path_buf(),
+                file: header.block_size,
+                want: block_size,
+            });
+        }
+        if header.image_size != image_size {
+            return Err(SpareError::ImageSize {
+                path: path.to_path_buf(),
+                file: header.image_size,
+                want: image_size,
+            });
+        }
+        let slots = read_slots(&file, &header);
+        let best = match (&slots[0], &slots[1]) {
+            (Ok(a), Ok(b)) => usize::from(b.seq > a.seq),
+            (Ok(_), Err(_)) => 0,
+            (Err(_), Ok(_)) => 1,
+            (Err(a), Err(b)) => {
+                return Err(SpareError::BothSlots {
+                    path: path.to_path_buf(),
+                    a: a.clone(),
+                    b: b.clone(),
+                })
+            }
+        };
+        let Ok(slot) = &slots[best] else {
+            unreachable!("best is a valid slot")
+        };
+        let entries = slot.entries.clone();
+        let spare = Spare {
+            file,
+            path: path.to_path_buf(),
+            header,
+            commit: Mutex::new(CommitState {
+                next: 1 - best,
+                seq: slot.seq,
+            }),
+        };
+        let other = 1 - best;
+        let repaired = if slots[other].is_err() {
+            // Rewrite the bad slot now, so the next torn write still leaves a good one.
+            spare
+                .commit(&entries)
+                .map_err(io_err(path, "repair its bad metadata slot"))?;
+            Some(slot_name(other))
+        } else {
+            None
+        };
+        Ok(Opened {
+            spare,
+            entries,
+            repaired,
+        })
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Makes `entries` the durable table: the older slot is overwritten with the next
+    /// sequence number, then fdatasync.
+    pub fn commit(&self, entries: &[Entry]) -> io::Result<()> {
+        let mut st = self.commit.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = Slot {
+            seq: st.seq + 1,
+            entries: entries.to_vec(),
+        };
+        let at = HEADER_LEN + st.next as u64 * self.header.slot_size();
+        self.file.write_all_at(&slot.encode(), at)?;
+        self.file.sync_data()?;
+        st.seq += 1;
+        st.next = 1 - st.next;
+        Ok(())
+    }
+
+    fn block_offset(&self, block: u64) -> u64 {
+        self.header.data_offset() + block * u64::from(self.header.block_size)
+    }
+
+    pub fn read_block(&self, block: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, self.block_offset(block))
+    }
+
+    pub fn write_block(&self, block: u64, buf: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(buf, self.block_offset(block))
+    }
+
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+fn read_header(file: &File, path: &Path) -> Result<Header, SpareError> {
+    let mut b = vec![0u8; HEADER_LEN as usize];
+    file.read_exact_at(&mut b, 0).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            SpareError::Header {
+                path: path.to_path_buf(),
+                err: MetaError::Truncated(0),
+            }
+        } else {
+            io_err(path, "read its header")(e)
+        }
+    })?;
+    Header::decode(&b).map_err(|err| SpareError::Header {
+        path: path.to_path_buf(),
+        err,
+    })
+}
+
+fn read_slots(file: &File, header: &Header) -> [Result<Slot, MetaError>; 2] {
+    [0u64, 1].map(|i| {
+        let mut b = vec![0u8; header.slot_size() as usize];
+        match file.read_exact_at(&mut b, HEADER_LEN + i * header.slot_size()) {
+            Ok(()) => Slot::decode(&b, header.spare_blocks),
+            Err(_) => Err(MetaError::Truncated(0)),
+        }
+    })
+}
+
+/// What `remapblk metadata check` and `dump` report about a spare file, without changing it.
+pub struct Inspection {
+    pub header: Header,
+    pub slots: [Result<Slot, MetaError>; 2],
+}
+
+pub fn inspect(path: &Path) -> Result<Inspection, SpareError> {
+    let file = File::open(path).map_err(io_err(path, "open it"))?;
+    let header = read_header(&file, path)?;
+    let slots = read_slots(&file, &header);
+    Ok(Inspection { header, slots })
+}
+
+impl Inspection {
+    /// `remapblk metadata dump`: the header and each slot, the newest valid one marked.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        let newest = match (&self.slots[0], &self.slots[1]) {
+            (Ok(a), Ok(b)) => Some(usize::from(b.seq > a.seq)),
+            (Ok(_), Err(_)) => Some(0),
+            (Err(_), Ok(_)) => Some(1),
+            _ => None,
+        };
+        let slots: Vec<_> = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| match s {
+                Ok(slot) => json!({
+                    "slot": slot_name(i).to_string(),
+                    "valid": true,
+                    "seq": slot.seq,
+                    "entries": slot.entries.len(),
+                }),
+                Err(e) => json!({ "slot": slot_name(i).to_string(), "valid": false, "error": e.to_string() }),
+            })
+            .collect();
+        let table: Vec<_> = newest
+            .and_then(|i| self.slots[i].as_ref().ok())
+            .map(|s| {
+                s.entries
+                    .iter()
+                    .map(|e| json!({ "lba": e.lba, "spare_block": e.spare_block, "cause": e.cause.name(), "since": e.since }))
+                    .collect()
+            })
+            .unwrap_or_default();
+        json!({
+            "header": {
+                "version": super::metadata::VERSION,
+                "block_size": self.header.block_size,
+                "image_size": self.header.image_size,
+                "spare_blocks": self.header.spare_blocks,
+                "slot_size": self.header.slot_size(),
+                "data_offset": self.header.data_offset(),
+            },
+            "slots": slots,
+            "current": newest.map(|i| slot_name(i).to_string()),
+            "entries": table,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::metadata::Cause;
+    use super::*;
+
+    fn header() -> Header {
+        Header {
+            block_size: 512,
+            image_size: 1 << 20,
+            spare_blocks: 64,
+        }
+    }
+
+    fn entry(lba: u64, spare_block: u64) -> Entry {
+        Entry {
+            lba,
+            spare_block,
+            cause: Cause::Manual,
+            since: 1,
+        }
+    }
+
+    #[test]
+    fn commits_alternate_and_the_newest_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let s = Spare::create(&p, header()).unwrap();
+        s.commit(&[entry(1, 0)]).unwrap();
+        s.commit(&[entry(1, 0), entry(2, 1)]).unwrap();
+        drop(s);
+        let o = Spare::open(&p, 512, 1 << 20).unwrap();
+        assert_eq!(o.entries, vec![entry(1, 0), entry(2, 1)]);
+        assert_eq!(o.repaired, None);
+    }
+
+    #[test]
+    fn one_bad_slot_is_repaired_both_bad_refuse() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let s = Spare::create(&p, header()).unwrap();
+        s.commit(&[entry(7, 3)]).unwrap(); // seq 3, slot A
+        drop(s);
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0xff; 8], HEADER_LEN + 20).unwrap(); // corrupt A
+        drop(f);
+        let o = Spare::open(&p, 512, 1 << 20).unwrap();
+        assert_eq!(o.repaired, Some('A'));
+        assert_eq!(o.entries, vec![], "B (seq 2) held the empty table");
+        drop(o);
+        let i = inspect(&p).unwrap();
+        assert!(i.slots[0].is_ok() && i.slots[1].is_ok());
+
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0xff; 8], HEADER_LEN + 20).unwrap();
+        f.write_all_at(&[0xff; 8], HEADER_LEN + header().slot_size() + 20)
+            .unwrap();
+        drop(f);
+        let e = Spare::open(&p, 512, 1 << 20).err().unwrap();
+        assert!(matches!(e, SpareError::BothSlots { .. }), "{e}");
+    }
+
+    #[test]
+    fn mismatches_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        drop(Spare::create(&p, header()).unwrap());
+        let e = Spare::open(&p, 4096, 1 << 20).err().unwrap();
+        assert!(e.to_string().contains("block_size"), "{e}");
+        let e = Spare::open(&p, 512, 2 << 20).err().unwrap();
+        assert!(e.to_string().contains("image_size"), "{e}");
+        std::fs::write(&p, b"not a spare").unwrap();
+        let e = Spare::open(&p, 512, 1 << 20).err().unwrap();
+        assert!(matches!(e, SpareError::Header { .. }), "{e}");
+    }
+}

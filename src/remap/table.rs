@@ -1,0 +1,183 @@
+//! The remap table in memory and the spare-block allocator. Readers (the I/O path) take an
+//! `ArcSwap` snapshot, which costs nothing measurable and shares no lock between queues;
+//! changes are made one at a time under a mutex, made durable in the spare file, and only
+//! then published.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use log::{info, warn};
+
+use super::metadata::{Cause, Entry};
+use super::spare::Spare;
+
+/// What the I/O path needs: where remapped blocks live, and which blocks are pending.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub map: BTreeMap<u64, Entry>,
+    /// Blocks whose read failed on the main image; the next write to one remaps it.
+    pub pending: BTreeSet<u64>,
+}
+
+impl Snapshot {
+    /// Whether any of blocks `[first, last]` is remapped or pending.
+    pub fn touches(&self, first: u64, last: u64) -> bool {
+        self.map.range(first..=last).next().is_some()
+            || self.pending.range(first..=last).next().is_some()
+    }
+}
+
+struct Inner {
+    map: BTreeMap<u64, Entry>,
+    pending: BTreeSet<u64>,
+    free: BTreeSet<u64>,
+    /// One warning per exhaustion, not one per request.
+    warned_exhausted: bool,
+}
+
+pub struct RemapTable {
+    snap: ArcSwap<Snapshot>,
+    inner: Mutex<Inner>,
+    spare: Spare,
+}
+
+impl RemapTable {
+    /// Builds the table from the entries loaded from `spare`; the free list is every spare
+    /// block no entry uses (so a block written but never committed is free again).
+    pub fn new(spare: Spare, entries: Vec<Entry>) -> Result<RemapTable, String> {
+        let total = spare.header().spare_blocks;
+        let mut map = BTreeMap::new();
+        let mut used = BTreeSet::new();
+        for e in entries {
+            if !used.insert(e.spare_block) {
+                return Err(format!(
+                    "spare file {}: spare block {} is used twice; the table is inconsistent",
+                    spare.path().display(),
+                    e.spare_block
+                ));
+            }
+            if map.insert(e.lba, e).is_some() {
+                return Err(format!(
+                    "spare file {}: block {} is remapped twice; the table is inconsistent",
+                    spare.path().display(),
+                    e.lba
+                ));
+            }
+        }
+        let free = (0..total).filter(|b| !used.contains(b)).collect();
+        let snap = ArcSwap::from_pointee(Snapshot {
+            map: map.clone(),
+            pending: BTreeSet::new(),
+        });
+        Ok(RemapTable {
+            snap,
+            inner: Mutex::new(Inner {
+                map,
+                pending: BTreeSet::new(),
+                free,
+                warned_exhausted: false,
+            }),
+            spare,
+        })
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snap.load_full()
+    }
+
+    pub fn spare(&self) -> &Spare {
+        &self.spare
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self, inner: &Inner) {
+        self.snap.store(Arc::new(Snapshot {
+            map: inner.map.clone(),
+            pending: inner.pending.clone(),
+        }));
+    }
+
+    /// Marks blocks whose read failed.
+    pub fn add_pending(&self, blocks: impl IntoIterator<Item = u64>) {
+        let mut inner = self.lock();
+        let before = inner.pending.len();
+        inner.pending.extend(blocks);
+        if inner.pending.len() != before {
+            self.publish(&inner);
+        }
+    }
+
+    /// Gives `lba` a spare block holding `data` (one logical block): the data is durable in
+    /// the spare, then the table entry is, before this returns. Clears `lba` from pending.
+    pub fn remap_with_data(&self, lba: u64, data: &[u8], cause: Cause) -> io::Result<Entry> {
+        let mut inner = self.lock();
+        if let Some(e) = inner.map.get(&lba).copied() {
+            self.spare.write_block(e.spare_block, data)?;
+            return Ok(e);
+        }
+        let Some(block) = inner.free.pop_first() else {
+            if !inner.warned_exhausted {
+                warn!(
+                    "spare file {} is exhausted: write errors now reach the guest",
+                    self.spare.path().display()
+                );
+                inner.warned_exhausted = true;
+            }
+            return Err(io::Error::other("spare file exhausted"));
+        };
+        let entry = Entry {
+            lba,
+            spare_block: block,
+            cause,
+            since: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        // Data first, then the table: a crash in between leaves a spare block that no entry
+        // uses, which the next start-up frees again.
+        let durable = self
+            .spare
+            .write_block(block, data)
+            .and_then(|_| self.spare.sync())
+            .and_then(|_| {
+                inner.map.insert(lba, entry);
+                let all: Vec<Entry> = inner.map.values().copied().collect();
+                self.spare.commit(&all)
+            });
+        if let Err(e) = durable {
+            inner.map.remove(&lba);
+            inner.free.insert(block);
+            return Err(e);
+        }
+        inner.pending.remove(&lba);
+        self.publish(&inner);
+        info!(
+            "block {lba} remapped to spare block {block} ({})",
+            cause.name()
+        );
+        Ok(entry)
+    }
+
+    pub fn entries(&self) -> Vec<Entry> {
+        self.snapshot().map.values().copied().collect()
+    }
+
+    pub fn pending(&self) -> Vec<u64> {
+        self.snapshot().pending.iter().copied().collect()
+    }
+
+    pub fn spare_total(&self) -> u64 {
+        self.spare.header().spare_blocks
+    }
+
+    pub fn spare_free(&self) -> u64 {
+        self.lock().free.len() as u64
+    }
+}

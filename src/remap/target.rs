@@ -1,0 +1,232 @@
+//! The remap layer as a block target. Requests that touch no remapped or pending block go
+//! straight to the main image (zero copy). The rest are split into per-block pieces through a
+//! bounce buffer: that path only runs for damaged areas of the disk.
+//!
+//! Policy: a write error on the main image remaps each failing block (when auto-remap is on)
+//! and the guest's write succeeds; a read error puts the failing blocks on the pending list
+//! and reaches the guest (its data is not ours to invent); the next write to a pending block
+//! remaps it.
+
+use std::io;
+use std::sync::Arc;
+
+use super::metadata::Cause;
+use super::table::RemapTable;
+use crate::fault::MediaError;
+use crate::storage::BlockIo;
+
+pub struct RemapTarget {
+    main: Arc<dyn BlockIo>,
+    table: Arc<RemapTable>,
+    bs: u64,
+    auto_remap: bool,
+}
+
+/// Copies between a request's iovecs and a flat buffer.
+fn gather(iov: &[libc::iovec], out: &mut [u8]) {
+    let mut at = 0;
+    for v in iov {
+        // SAFETY: the caller of readv/writev guarantees the iovecs are valid.
+        let src = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
+        out[at..at + v.iov_len].copy_from_slice(src);
+        at += v.iov_len;
+    }
+}
+
+fn scatter(iov: &[libc::iovec], data: &[u8]) {
+    let mut at = 0;
+    for v in iov {
+        // SAFETY: as above; these buffers are the guest's to be filled.
+        let dst = unsafe { std::slice::from_raw_parts_mut(v.iov_base as *mut u8, v.iov_len) };
+        dst.copy_from_slice(&data[at..at + v.iov_len]);
+        at += v.iov_len;
+    }
+}
+
+fn one(buf: &[u8]) -> [libc::iovec; 1] {
+    [libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    }]
+}
+
+impl RemapTarget {
+    pub fn new(
+        main: Arc<dyn BlockIo>,
+        table: Arc<RemapTable>,
+        block_size: u32,
+        auto_remap: bool,
+    ) -> RemapTarget {
+        RemapTarget {
+            main,
+            table,
+            bs: u64::from(block_size),
+            auto_remap,
+        }
+    }
+
+    fn blocks(&self, offset: u64, len: u64) -> (u64, u64) {
+        (offset / self.bs, (offset + len.max(1) - 1) / self.bs)
+    }
+
+    /// The blocks of `[first, last]` that failed with `e`: named by an injected fault, or
+    /// found by trying each block on its own.
+    fn bad_blocks(
+        &self,
+        e: &io::Error,
+        first: u64,
+        last: u64,
+        probe: impl Fn(u64) -> bool,
+    ) -> Vec<u64> {
+        match MediaError::of(e) {
+            Some(m) => m.bad.clone().collect(),
+            None => (first..=last).filter(|&b| !probe(b)).collect(),
+        }
+    }
+
+    fn main_read_block(&self, b: u64) -> io::Result<Vec<u8>> {
+        let buf = vec![0u8; self.bs as usize];
+        // SAFETY: `buf` is a live buffer of the iovec's length.
+        unsafe { self.main.readv(b * self.bs, &one(&buf))? };
+        Ok(buf)
+    }
+
+    /// Writes `data` (whole blocks from `first`) to the main image; blocks that fail are
+    /// remapped when auto-remap is on.
+    fn write_main_remapping(&self, first: u64, data: &[u8]) -> io::Result<()> {
+        // SAFETY: `data` is a live buffer.
+        match unsafe { self.main.writev(first * self.bs, &one(data)) } {
+            Ok(()) => Ok(()),
+            Err(e) => self.recover_write(first, data, e),
+        }
+    }
+
+    /// After the main image refused a write of `data` at block `first` with `e`: remaps the
+    /// failing blocks (auto-remap on) after writing the good ones.
+    fn recover_write(&self, first: u64, data: &[u8], e: io::Error) -> io::Result<()> {
+        if !self.auto_remap {
+            return Err(e);
+        }
+        let nblocks = data.len() as u64 / self.bs;
+        let block =
+            |b: u64| &data[((b - first) * self.bs) as usize..((b - first + 1) * self.bs) as usize];
+        let bad = self.bad_blocks(&e, first, first + nblocks - 1, |b| {
+            // SAFETY: the block's slice is live.
+            unsafe { self.main.writev(b * self.bs, &one(block(b))) }.is_ok()
+        });
+        if MediaError::of(&e).is_some() {
+            // The fault named the bad blocks; the others still need writing.
+            for b in (first..first + nblocks).filter(|b| !bad.contains(b)) {
+                // SAFETY: as above.
+                unsafe { self.main.writev(b * self.bs, &one(block(b)))? };
+            }
+        }
+        for b in bad {
+            self.table.remap_with_data(b, block(b), Cause::WriteError)?;
+        }
+        Ok(())
+    }
+
+    /// The slow path for a write touching remapped or pending blocks, one block at a time.
+    fn write_split(&self, first: u64, data: &[u8]) -> io::Result<()> {
+        let snap = self.table.snapshot();
+        for (i, chunk) in data.chunks(self.bs as usize).enumerate() {
+            let b = first + i as u64;
+            if let Some(e) = snap.map.get(&b) {
+                self.table.spare().write_block(e.spare_block, chunk)?;
+            } else if self.auto_remap && snap.pending.contains(&b) {
+                // Like drive firmware with a pending sector: the next write remaps it.
+                self.table.remap_with_data(b, chunk, Cause::WriteError)?;
+            } else {
+                self.write_main_remapping(b, chunk)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn read_split(&self, first: u64, out: &mut [u8]) -> io::Result<()> {
+        let snap = self.table.snapshot();
+        for (i, chunk) in out.chunks_mut(self.bs as usize).enumerate() {
+            let b = first + i as u64;
+            match snap.map.get(&b) {
+                Some(e) => self.table.spare().read_block(e.spare_block, chunk)?,
+                None => match self.main_read_block(b) {
+                    Ok(buf) => chunk.copy_from_slice(&buf),
+                    Err(e) => {
+                        self.table.add_pending([b]);
+                        return Err(e);
+                    }
+                },
+            }
+        }
+        Ok(())
+    }
+}
+
+impl BlockIo for RemapTarget {
+    unsafe fn readv(&self, offset: u64, iov: &[libc::iovec]) -> io::Result<()> {
+        let len: usize = iov.iter().map(|v| v.iov_len).sum();
+        let (first, last) = self.blocks(offset, len as u64);
+        let snap = self.table.snapshot();
+        if snap.map.range(first..=last).next().is_none() {
+            return self.main.readv(offset, iov).inspect_err(|e| {
+                let bad = self.bad_blocks(e, first, last, |b| self.main_read_block(b).is_ok());
+                self.table.add_pending(bad);
+            });
+        }
+        let mut buf = vec![0u8; len];
+        self.read_split(first, &mut buf)?;
+        scatter(iov, &buf);
+        Ok(())
+    }
+
+    unsafe fn writev(&self, offset: u64, iov: &[libc::iovec]) -> io::Result<()> {
+        let len: usize = iov.iter().map(|v| v.iov_len).sum();
+        let (first, last) = self.blocks(offset, len as u64);
+        let snap = self.table.snapshot();
+        if !snap.touches(first, last) {
+            return match self.main.writev(offset, iov) {
+                Ok(()) => Ok(()),
+                Err(e) if !self.auto_remap => Err(e),
+                Err(e) => {
+                    let mut buf = vec![0u8; len];
+                    gather(iov, &mut buf);
+                    self.recover_write(first, &buf, e)
+                }
+            };
+        }
+        let mut buf = vec![0u8; len];
+        gather(iov, &mut buf);
+        self.write_split(first, &buf)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.main.flush()?;
+        self.table.spare().sync()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (first, last) = self.blocks(offset, len);
+        if !self.table.snapshot().touches(first, last) {
+            return self.main.discard(offset, len);
+        }
+        self.write_zeroes(offset, len, true)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        let (first, last) = self.blocks(offset, len);
+        let snap = self.table.snapshot();
+        if !snap.touches(first, last) {
+            return self.main.write_zeroes(offset, len, unmap);
+        }
+        let zero = vec![0u8; self.bs as usize];
+        for b in first..=last {
+            if snap.map.contains_key(&b) || snap.pending.contains(&b) {
+                self.write_split(b, &zero)?;
+            } else {
+                self.main.write_zeroes(b * self.bs, self.bs, unmap)?;
+            }
+        }
+        Ok(())
+    }
+}
