@@ -1,0 +1,197 @@
+//! The remap layer end to end: writes through write faults succeed and land in the spare,
+//! remaps survive a restart, read errors make blocks pending until the next write, an
+//! exhausted spare lets errors through, and damaged metadata is repaired or refused.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn spare_of(s: &Server) -> std::path::PathBuf {
+    let mut p = s.image.clone().into_os_string();
+    p.push(".spare");
+    p.into()
+}
+
+fn metadata(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_remapblk"))
+        .arg("metadata")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn write_through_a_write_fault_is_remapped_and_survives_restart() {
+    let mut s = Server::start(4 * MIB, &["--spare-blocks", "64"]);
+    s.ctl_ok("fault-add", &["op=write", "lba=100", "count=4"]);
+    let mut c = s.client(1);
+    // 8 blocks from 96: blocks 100..104 fail on the main image and are remapped.
+    let data = pattern(5, 96 * 512, 4096);
+    assert_eq!(
+        c.write(0, 96 * 512, &data),
+        0,
+        "the guest must not see the write error"
+    );
+    assert_eq!(c.read(0, 96 * 512, 4096).unwrap(), data);
+    let remaps = s.ctl_ok("remap-list", &[]);
+    let lbas: Vec<u64> = remaps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["lba"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lbas, vec![100, 101, 102, 103]);
+    assert!(remaps
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["cause"] == "write-error"));
+    let st = s.ctl_ok("query-status", &[]);
+    assert_eq!(st["remaps"], 4);
+    assert_eq!(st["spare_total"], 64);
+    assert_eq!(st["spare_free"], 60);
+    // The main image does not hold the remapped blocks' new data; the spare does.
+    assert_ne!(
+        read_file_at(&s.image, 100 * 512, 512),
+        data[4 * 512..5 * 512]
+    );
+    drop(c);
+
+    s.signal(libc::SIGTERM);
+    assert_eq!(s.wait_exit(Duration::from_secs(5)).code(), Some(0));
+    let (code, dump) = metadata(&["dump", spare_of(&s).to_str().unwrap()]);
+    assert_eq!(code, 0, "{dump}");
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(dump["entries"].as_array().unwrap().len(), 4);
+    let e = &dump["entries"][0];
+    let off =
+        dump["header"]["data_offset"].as_u64().unwrap() + e["spare_block"].as_u64().unwrap() * 512;
+    let lba = e["lba"].as_u64().unwrap();
+    assert_eq!(
+        read_file_at(&spare_of(&s), off, 512),
+        data[((lba - 96) * 512) as usize..((lba - 95) * 512) as usize],
+        "the spare file holds the data"
+    );
+
+    // After a restart (the fault is gone with the old process) the data still reads back.
+    s.spawn();
+    let mut c = s.client(1);
+    assert_eq!(c.read(0, 96 * 512, 4096).unwrap(), data);
+    assert_eq!(s.ctl_ok("query-status", &[])["remaps"], 4);
+}
+
+#[test]
+fn read_error_makes_a_block_pending_until_the_next_write() {
+    let s = Server::start(4 * MIB, &[]);
+    s.ctl_ok("fault-add", &["op=read", "lba=200"]);
+    let mut c = s.client(1);
+    assert_eq!(c.read(0, 200 * 512, 512).unwrap_err(), -libc::EIO);
+    assert_eq!(s.ctl_ok("pending-list", &[]), serde_json::json!([200]));
+    assert_eq!(s.ctl_ok("query-status", &[])["pending"], 1);
+    let data = pattern(6, 200 * 512, 512);
+    assert_eq!(c.write(0, 200 * 512, &data), 0);
+    assert_eq!(s.ctl_ok("pending-list", &[]), serde_json::json!([]));
+    assert_eq!(s.ctl_ok("remap-list", &[])[0]["lba"], 200);
+    // The read fault is still there, on the main image; the block now lives in the spare.
+    assert_eq!(c.read(0, 200 * 512, 512).unwrap(), data);
+}
+
+#[test]
+fn exhausted_spare_lets_write_errors_through_and_warns_once() {
+    let s = Server::start(4 * MIB, &["--spare-blocks", "2"]);
+    s.ctl_ok("fault-add", &["op=write", "lba=0", "count=8"]);
+    let mut c = s.client(1);
+    assert_eq!(
+        c.write(0, 0, &[1u8; 1024]),
+        0,
+        "two blocks fit in the spare"
+    );
+    assert_eq!(c.write(0, 1024, &[2u8; 512]), -libc::EIO);
+    assert_eq!(c.write(0, 2048, &[3u8; 512]), -libc::EIO);
+    let st = s.ctl_ok("query-status", &[]);
+    assert_eq!(st["spare_free"], 0);
+    assert_eq!(st["remaps"], 2);
+    assert_eq!(s.log().matches("is exhausted").count(), 1);
+}
+
+#[test]
+fn damaged_metadata_is_repaired_or_refused() {
+    let mut s = Server::start(4 * MIB, &["--spare-blocks", "16"]);
+    s.ctl_ok("fault-add", &["op=write", "lba=10"]);
+    let mut c = s.client(1);
+    assert_eq!(c.write(0, 10 * 512, &[7u8; 512]), 0);
+    drop(c);
+    s.signal(libc::SIGTERM);
+    s.wait_exit(Duration::from_secs(5));
+    let spare = spare_of(&s);
+    let path = spare.to_str().unwrap();
+    assert_eq!(metadata(&["check", path]).0, 0);
+
+    // Corrupt slot A (it holds the newest table here): start-up falls back to slot B, the
+    // newest valid one, and rewrites A from it. `metadata check` names the bad slot first.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&spare)
+        .unwrap();
+    f.write_all_at(&[0xee; 16], 4096 + 16).unwrap();
+    drop(f);
+    let (code, out) = metadata(&["check", path]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("slot A"), "{out}");
+    s.spawn();
+    assert!(s.log().contains("was bad and has been rewritten"));
+    assert_eq!(metadata(&["check", path]).0, 0);
+    s.signal(libc::SIGTERM);
+    s.wait_exit(Duration::from_secs(5));
+
+    // Both slots bad: refuse to start.
+    let slot = {
+        let dump: serde_json::Value = serde_json::from_str(&metadata(&["dump", path]).1).unwrap();
+        dump["header"]["slot_size"].as_u64().unwrap()
+    };
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&spare)
+        .unwrap();
+    f.write_all_at(&[0xee; 16], 4096 + 16).unwrap();
+    f.write_all_at(&[0xee; 16], 4096 + slot + 16).unwrap();
+    drop(f);
+    assert_eq!(metadata(&["check", path]).0, 2);
+    let out = Command::new(env!("CARGO_BIN_EXE_remapblk"))
+        .args(["serve", "--image"])
+        .arg(&s.image)
+        .arg("--socket")
+        .arg(s.dir.path().join("other.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("both metadata slots are bad"));
+}
+
+#[test]
+fn spare_made_for_another_block_size_is_refused() {
+    let mut s = Server::start(4 * MIB, &[]);
+    s.signal(libc::SIGTERM);
+    s.wait_exit(Duration::from_secs(5));
+    let out = Command::new(env!("CARGO_BIN_EXE_remapblk"))
+        .args(["serve", "--block-size", "4096", "--image"])
+        .arg(&s.image)
+        .arg("--socket")
+        .arg(s.dir.path().join("other.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("block_size") && err.contains("--block-size 512"),
+        "{err}"
+    );
+}
