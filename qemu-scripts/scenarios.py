@@ -372,6 +372,28 @@ def scenario_read_fault(ctx, sector=4096):
         raise ScenarioError("the event log shows no fault firing on the faulty sector")
 
 
+def scenario_remap(ctx, off_mib=4):
+    faults = os.path.join(ctx.workdir, "faults.json")
+    lba = off_mib * 2048 + 100
+    with open(faults, "w") as f:
+        json.dump([{"op": "write", "lba": lba, "count": 8}], f)
+    ctx.start_server("--faults", faults)
+    g = ctx.boot("remap", args=f"off={off_mib}", reconnect=True)
+    g.expect("WRITTEN", 120)
+    out = subprocess.run([ctx.binary, "ctl", "--control", ctx.socket + ".ctl", "remap-list"],
+                         capture_output=True, text=True, check=True)
+    remapped = sorted(e["lba"] for e in json.loads(out.stdout))
+    if remapped != list(range(lba, lba + 8)):
+        raise ScenarioError(f"expected blocks {lba}..{lba + 7} remapped, remap-list says {remapped}")
+    if ctx.server.stop() != 0:
+        raise ScenarioError("remapblk did not exit 0 on SIGTERM")
+    ctx.server.args = [a for a in ctx.server.args if a not in ("--faults", faults)]
+    ctx.server.start()
+    g.send("go\n")
+    g.expect("READ-BACK-OK", 120)
+    ctx.finish_guest()
+
+
 SCENARIOS = [
     ("verify", scenario_verify),
     ("flush-discard", scenario_flush_discard),
@@ -380,6 +402,7 @@ SCENARIOS = [
     ("reset", scenario_reset),
     ("backend-restart", scenario_backend_restart),
     ("read-fault", scenario_read_fault),
+    ("remap", scenario_remap),
 ]
 
 
