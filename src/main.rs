@@ -180,13 +180,13 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
         a.block_size,
         a.auto_remap,
     ));
-    let dev = Arc::new(Device::new(cfg, target));
+    let dev = Arc::new(Device::new(cfg, target.clone()));
     let live = Arc::new(Live::new(events));
     let commands = Arc::new(Commands {
         dev: dev.clone(),
         live: live.clone(),
         faults,
-        remap,
+        remap: target,
     });
     let _control = ControlServer::start(&control_path, commands).map_err(|e| e.to_string())?;
     serve(dev, live, &a.socket).map_err(|e| e.to_string())

@@ -195,3 +195,126 @@ fn spare_made_for_another_block_size_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn remap_add_and_remove_move_data_both_ways() {
+    let s = Server::start(4 * MIB, &["--spare-blocks", "64"]);
+    let mut c = s.client(1);
+    let data = pattern(9, 100 * 512, 4096);
+    assert_eq!(c.write(0, 100 * 512, &data), 0);
+    let added = s.ctl_ok("remap-add", &["lba=100", "count=8"]);
+    assert_eq!(added.as_array().unwrap().len(), 8);
+    assert!(added
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["cause"] == "manual"));
+    assert_eq!(s.ctl_ok("query-status", &[])["remaps"], 8);
+    assert_eq!(c.read(0, 100 * 512, 4096).unwrap(), data);
+    // New data goes to the spare while the blocks are remapped...
+    let data2 = pattern(10, 100 * 512, 4096);
+    assert_eq!(c.write(0, 100 * 512, &data2), 0);
+    assert_eq!(
+        read_file_at(&s.image, 100 * 512, 4096),
+        data,
+        "the main image keeps the old data"
+    );
+    // ...and comes back to the main image with remap-remove.
+    assert_eq!(
+        s.ctl_ok("remap-remove", &["lba=100", "count=8"])
+            .as_array()
+            .unwrap()
+            .len(),
+        8
+    );
+    let st = s.ctl_ok("query-status", &[]);
+    assert_eq!(
+        (st["remaps"].as_u64(), st["spare_free"].as_u64()),
+        (Some(0), Some(64))
+    );
+    assert_eq!(read_file_at(&s.image, 100 * 512, 4096), data2);
+    assert_eq!(c.read(0, 100 * 512, 4096).unwrap(), data2);
+    for (args, field) in [
+        (vec!["count=2"], "lba"),
+        (vec!["lba=8192"], "lba"),
+        (vec!["lba=8190", "count=4"], "count"),
+    ] {
+        let (code, _, err) = s.ctl("remap-add", &args);
+        assert_eq!(code, 1);
+        assert!(
+            err.starts_with(&format!("remapblk ctl: {field}")),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+/// Remaps move blocks back and forth while four queues write to them; at the end every chunk
+/// holds the last value whose write was acknowledged.
+#[test]
+fn remap_churn_under_writes_loses_no_write() {
+    const CHUNKS: usize = 64; // 4 KiB chunks over the first 256 KiB: blocks 0..512
+    let s = Server::start(4 * MIB, &["--num-queues", "4", "--spare-blocks", "1024"]);
+    let control = s.control();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut rounds = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let lba = (rounds * 37) % 448;
+                for cmd in ["remap-add", "remap-remove"] {
+                    let out = Command::new(env!("CARGO_BIN_EXE_remapblk"))
+                        .args(["ctl", "--control"])
+                        .arg(&control)
+                        .args([cmd, &format!("lba={lba}"), "count=64"])
+                        .output()
+                        .unwrap();
+                    assert!(
+                        out.status.success(),
+                        "{cmd}: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    let mut c = s.client(4);
+    let mut last = vec![0u64; CHUNKS];
+    for gen in 1..=40u64 {
+        for q in 0..4 {
+            // Each queue writes its own 16 chunks at queue depth 16.
+            let chunks: Vec<usize> = (0..16).map(|i| q * 16 + i).collect();
+            let ops: Vec<Op> = chunks
+                .iter()
+                .enumerate()
+                .map(|(slot, &k)| {
+                    let off = (k * 4096) as u64;
+                    c.slot_mut(slot, 4096)
+                        .copy_from_slice(&pattern(gen, off, 4096));
+                    Op::Write {
+                        offset: off,
+                        len: 4096,
+                    }
+                })
+                .collect();
+            let res = c.batch(q, &ops);
+            assert!(res.iter().all(|&r| r == 0), "{res:?}");
+            for k in chunks {
+                last[k] = gen;
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = churn.join().unwrap();
+    assert!(rounds >= 1);
+    for (k, gen) in last.iter().enumerate() {
+        let off = (k * 4096) as u64;
+        assert_eq!(
+            c.read(0, off, 4096).unwrap(),
+            pattern(*gen, off, 4096),
+            "chunk {k} lost its last write"
+        );
+    }
+}

@@ -10,10 +10,11 @@ use super::protocol::{CommandError, CommandResult, Request};
 use crate::backend::inflight::Phase;
 use crate::backend::{Device, Live};
 use crate::fault::{FaultSpec, FaultTable};
-use crate::remap::RemapTable;
+use crate::remap::metadata::Entry;
+use crate::remap::RemapTarget;
 use crate::stats::QueueStats;
 
-pub const COMMANDS: [&str; 10] = [
+pub const COMMANDS: [&str; 12] = [
     "query-status",
     "query-stats",
     "quiesce",
@@ -24,13 +25,15 @@ pub const COMMANDS: [&str; 10] = [
     "fault-clear",
     "remap-list",
     "pending-list",
+    "remap-add",
+    "remap-remove",
 ];
 
 pub struct Commands {
     pub dev: Arc<Device>,
     pub live: Arc<Live>,
     pub faults: Arc<FaultTable>,
-    pub remap: Arc<RemapTable>,
+    pub remap: Arc<RemapTarget>,
 }
 
 impl Commands {
@@ -45,16 +48,20 @@ impl Commands {
             "fault-list" => no_args(args).map(|_| Value::Array(self.faults.list())),
             "fault-remove" => self.fault_remove(args),
             "fault-clear" => no_args(args).map(|_| json!({ "removed": self.faults.clear() })),
-            "remap-list" => no_args(args).map(|_| {
-                Value::Array(
-                    self.remap
-                        .entries()
-                        .iter()
-                        .map(|e| json!({ "lba": e.lba, "spare_block": e.spare_block, "cause": e.cause.name(), "since": e.since }))
-                        .collect(),
-                )
+            "remap-list" => no_args(args).map(|_| entries_json(&self.remap.table().entries())),
+            "pending-list" => no_args(args).map(|_| json!(self.remap.table().pending())),
+            "remap-add" => self.block_range(args).and_then(|(lba, count)| {
+                self.remap
+                    .remap_add(lba, count)
+                    .map(|e| entries_json(&e))
+                    .map_err(|e| CommandError::generic(e.to_string()))
             }),
-            "pending-list" => no_args(args).map(|_| json!(self.remap.pending())),
+            "remap-remove" => self.block_range(args).and_then(|(lba, count)| {
+                self.remap
+                    .remap_remove(lba, count)
+                    .map(|e| entries_json(&e))
+                    .map_err(|e| CommandError::generic(e.to_string()))
+            }),
             other => Err(CommandError {
                 class: "CommandNotFound",
                 desc: format!(
@@ -97,6 +104,40 @@ impl Commands {
         }
     }
 
+    /// `lba=N [count=M]` of remap-add and remap-remove, checked against the capacity.
+    fn block_range(&self, args: &Map<String, Value>) -> Result<(u64, u64), CommandError> {
+        if let Some(k) = args.keys().find(|k| *k != "lba" && *k != "count") {
+            return Err(CommandError::generic(format!(
+                "{k}: unknown argument; this command takes lba and count"
+            )));
+        }
+        let num = |field: &str| -> Result<Option<u64>, CommandError> {
+            match args.get(field) {
+                None => Ok(None),
+                Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                    CommandError::generic(format!(
+                        "{field}: must be a non-negative integer, got {v}"
+                    ))
+                }),
+            }
+        };
+        let blocks = self.dev.cfg.capacity / u64::from(self.dev.cfg.block_size);
+        let lba = num("lba")?
+            .ok_or_else(|| CommandError::generic("lba: missing: the first logical block"))?;
+        if lba >= blocks {
+            return Err(CommandError::generic(format!(
+                "lba: {lba} is past the end of the disk ({blocks} blocks)"
+            )));
+        }
+        let count = num("count")?.unwrap_or(1);
+        if count == 0 || lba.checked_add(count).is_none_or(|end| end > blocks) {
+            return Err(CommandError::generic(format!(
+                "count: {count} blocks from lba {lba} do not fit the disk ({blocks} blocks)"
+            )));
+        }
+        Ok((lba, count))
+    }
+
     fn inflight(&self) -> usize {
         self.live.current().map_or(0, |b| b.inflight())
     }
@@ -112,10 +153,10 @@ impl Commands {
             "connected": self.live.current().is_some(),
             "inflight": self.inflight(),
             "readonly": cfg.readonly,
-            "remaps": self.remap.entries().len(),
-            "spare_total": self.remap.spare_total(),
-            "spare_free": self.remap.spare_free(),
-            "pending": self.remap.pending().len(),
+            "remaps": self.remap.table().entries().len(),
+            "spare_total": self.remap.table().spare_total(),
+            "spare_free": self.remap.table().spare_free(),
+            "pending": self.remap.table().pending().len(),
         }))
     }
 
@@ -179,6 +220,15 @@ impl Commands {
             .emit("resume", json!({ "was_quiesced": was }));
         Ok(json!({ "was_quiesced": was }))
     }
+}
+
+fn entries_json(entries: &[Entry]) -> Value {
+    Value::Array(
+        entries
+            .iter()
+            .map(|e| json!({ "lba": e.lba, "spare_block": e.spare_block, "cause": e.cause.name(), "since": e.since }))
+            .collect(),
+    )
 }
 
 /// The per-queue counters as JSON, read through `get`.

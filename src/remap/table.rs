@@ -117,6 +117,44 @@ impl RemapTable {
     /// the spare, then the table entry is, before this returns. Clears `lba` from pending.
     pub fn remap_with_data(&self, lba: u64, data: &[u8], cause: Cause) -> io::Result<Entry> {
         let mut inner = self.lock();
+        self.remap_locked(&mut inner, lba, data, cause)
+    }
+
+    /// Drops the entry of `lba` after `copy_back` has put the block's data where it belongs;
+    /// the spare block is free once the smaller table is durable.
+    pub fn unmap(
+        &self,
+        lba: u64,
+        copy_back: impl FnOnce(&Entry) -> io::Result<()>,
+    ) -> io::Result<Option<Entry>> {
+        let mut inner = self.lock();
+        let Some(entry) = inner.map.get(&lba).copied() else {
+            return Ok(None);
+        };
+        copy_back(&entry)?;
+        inner.map.remove(&lba);
+        let all: Vec<Entry> = inner.map.values().copied().collect();
+        if let Err(e) = self.spare.commit(&all) {
+            inner.map.insert(lba, entry);
+            return Err(e);
+        }
+        inner.free.insert(entry.spare_block);
+        inner.warned_exhausted = false;
+        self.publish(&inner);
+        info!(
+            "block {lba} moved back from spare block {}",
+            entry.spare_block
+        );
+        Ok(Some(entry))
+    }
+
+    fn remap_locked(
+        &self,
+        inner: &mut Inner,
+        lba: u64,
+        data: &[u8],
+        cause: Cause,
+    ) -> io::Result<Entry> {
         if let Some(e) = inner.map.get(&lba).copied() {
             self.spare.write_block(e.spare_block, data)?;
             return Ok(e);
@@ -157,7 +195,7 @@ impl RemapTable {
             return Err(e);
         }
         inner.pending.remove(&lba);
-        self.publish(&inner);
+        self.publish(inner);
         info!(
             "block {lba} remapped to spare block {block} ({})",
             cause.name()

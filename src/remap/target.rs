@@ -8,9 +8,10 @@
 //! remaps it.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
-use super::metadata::Cause;
+use super::metadata::{Cause, Entry};
 use super::table::RemapTable;
 use crate::fault::MediaError;
 use crate::storage::BlockIo;
@@ -20,6 +21,61 @@ pub struct RemapTarget {
     table: Arc<RemapTable>,
     bs: u64,
     auto_remap: bool,
+    moves: MoveGuard,
+}
+
+/// Keeps guest writes and online moves (remap-add, remap-remove) from losing data, without a
+/// lock on the I/O path: a move makes `gen` odd while it copies and even when the new mapping
+/// is published. A write that saw `gen` change while it ran may have landed on the old
+/// location after the copy, so it waits for the move to end and writes again; a write that
+/// finds a move under way waits for it first. Moves are rare and one at a time; the I/O path
+/// pays one atomic load before and after each write.
+#[derive(Default)]
+struct MoveGuard {
+    gen: AtomicU64,
+    one_at_a_time: Mutex<()>,
+    done: Mutex<()>,
+    done_cv: Condvar,
+}
+
+impl MoveGuard {
+    fn wait_idle(&self) -> u64 {
+        let mut g = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let gen = self.gen.load(Ordering::SeqCst);
+            if gen % 2 == 0 {
+                return gen;
+            }
+            g = self.done_cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Runs `write` until no move overlapped it.
+    fn write<T>(&self, mut write: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+        loop {
+            let mut before = self.gen.load(Ordering::SeqCst);
+            if before % 2 == 1 {
+                before = self.wait_idle();
+            }
+            let r = write();
+            // Pairs with the mover's increment before it copies: either this load sees the
+            // move, or the move's copy sees this write.
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if self.gen.load(Ordering::SeqCst) == before {
+                return r;
+            }
+        }
+    }
+
+    fn run<T>(&self, body: impl FnOnce() -> T) -> T {
+        let _one = self.one_at_a_time.lock().unwrap_or_else(|p| p.into_inner());
+        self.gen.fetch_add(1, Ordering::SeqCst);
+        let r = body();
+        let _g = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        self.gen.fetch_add(1, Ordering::SeqCst);
+        self.done_cv.notify_all();
+        r
+    }
 }
 
 /// Copies between a request's iovecs and a flat buffer.
@@ -62,7 +118,59 @@ impl RemapTarget {
             table,
             bs: u64::from(block_size),
             auto_remap,
+            moves: MoveGuard::default(),
         }
+    }
+
+    pub fn table(&self) -> &Arc<RemapTable> {
+        &self.table
+    }
+
+    /// `remap-add`: copies blocks `[lba, lba + count)` to new spare blocks and switches the
+    /// table, safely against concurrent guest writes. Blocks already remapped are left alone.
+    pub fn remap_add(&self, lba: u64, count: u64) -> io::Result<Vec<Entry>> {
+        self.moves.run(|| {
+            let mut out = Vec::new();
+            for b in lba..lba + count {
+                if let Some(e) = self.table.snapshot().map.get(&b) {
+                    out.push(*e);
+                    continue;
+                }
+                let data = self.main_read_block(b).map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("cannot copy block {b} to the spare: reading it failed: {e}"),
+                    )
+                })?;
+                out.push(self.table.remap_with_data(b, &data, Cause::Manual)?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// `remap-remove`: copies remapped blocks of `[lba, lba + count)` back to the main image
+    /// and frees their spare blocks. Returns the entries removed.
+    pub fn remap_remove(&self, lba: u64, count: u64) -> io::Result<Vec<Entry>> {
+        self.moves.run(|| {
+            let mut out = Vec::new();
+            for b in lba..lba + count {
+                let removed = self.table.unmap(b, |e| {
+                    let mut buf = vec![0u8; self.bs as usize];
+                    self.table.spare().read_block(e.spare_block, &mut buf)?;
+                    // SAFETY: `buf` is live for the call.
+                    unsafe { self.main.writev(b * self.bs, &one(&buf)) }
+                        .and_then(|_| self.main.flush())
+                        .map_err(|err| {
+                            io::Error::new(
+                                err.kind(),
+                                format!("cannot copy block {b} back to the main image: {err}"),
+                            )
+                        })
+                })?;
+                out.extend(removed);
+            }
+            Ok(out)
+        })
     }
 
     fn blocks(&self, offset: u64, len: u64) -> (u64, u64) {
@@ -181,6 +289,41 @@ impl BlockIo for RemapTarget {
     }
 
     unsafe fn writev(&self, offset: u64, iov: &[libc::iovec]) -> io::Result<()> {
+        self.moves.write(|| self.write_once(offset, iov))
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.main.flush()?;
+        self.table.spare().sync()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.moves.write(|| {
+            let (first, last) = self.blocks(offset, len);
+            if !self.table.snapshot().touches(first, last) {
+                return self.main.discard(offset, len);
+            }
+            self.zero_split(first, last, true)
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        self.moves.write(|| {
+            let (first, last) = self.blocks(offset, len);
+            if !self.table.snapshot().touches(first, last) {
+                return self.main.write_zeroes(offset, len, unmap);
+            }
+            self.zero_split(first, last, unmap)
+        })
+    }
+}
+
+impl RemapTarget {
+    /// One attempt at a guest write (see `MoveGuard::write`).
+    ///
+    /// # Safety
+    /// As for [`BlockIo::writev`].
+    unsafe fn write_once(&self, offset: u64, iov: &[libc::iovec]) -> io::Result<()> {
         let len: usize = iov.iter().map(|v| v.iov_len).sum();
         let (first, last) = self.blocks(offset, len as u64);
         let snap = self.table.snapshot();
@@ -200,25 +343,8 @@ impl BlockIo for RemapTarget {
         self.write_split(first, &buf)
     }
 
-    fn flush(&self) -> io::Result<()> {
-        self.main.flush()?;
-        self.table.spare().sync()
-    }
-
-    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        let (first, last) = self.blocks(offset, len);
-        if !self.table.snapshot().touches(first, last) {
-            return self.main.discard(offset, len);
-        }
-        self.write_zeroes(offset, len, true)
-    }
-
-    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
-        let (first, last) = self.blocks(offset, len);
+    fn zero_split(&self, first: u64, last: u64, unmap: bool) -> io::Result<()> {
         let snap = self.table.snapshot();
-        if !snap.touches(first, last) {
-            return self.main.write_zeroes(offset, len, unmap);
-        }
         let zero = vec![0u8; self.bs as usize];
         for b in first..=last {
             if snap.map.contains_key(&b) || snap.pending.contains(&b) {
