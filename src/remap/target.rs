@@ -43,7 +43,7 @@ impl MoveGuard {
         let mut g = self.done.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             let gen = self.gen.load(Ordering::SeqCst);
-            if gen % 2 == 0 {
+            if gen.is_multiple_of(2) {
                 return gen;
             }
             g = self.done_cv.wait(g).unwrap_or_else(|p| p.into_inner());
@@ -54,7 +54,7 @@ impl MoveGuard {
     fn write<T>(&self, mut write: impl FnMut() -> io::Result<T>) -> io::Result<T> {
         loop {
             let mut before = self.gen.load(Ordering::SeqCst);
-            if before % 2 == 1 {
+            if !before.is_multiple_of(2) {
                 before = self.wait_idle();
             }
             let r = write();
