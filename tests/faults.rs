@@ -315,17 +315,12 @@ fn faults_file_and_event_log() {
         r#"[{"lba": 1}, {"lba": 1, "probability": 2, "mode": "flaky"}]"#,
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_remapblk"))
-        .args(["serve", "--size", "1M", "--image"])
-        .arg(dir.path().join("i.img"))
-        .arg("--socket")
-        .arg(dir.path().join("s.sock"))
-        .arg("--faults")
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = serve_refused(
+        &dir.path().join("i.img"),
+        &dir.path().join("s.sock"),
+        &["--size", "1M", "--faults", bad.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(1));
     assert!(
         err.contains("entry 1") && err.contains("probability"),
         "{err}"

@@ -165,15 +165,9 @@ fn damaged_metadata_is_repaired_or_refused() {
     f.write_all_at(&[0xee; 16], 4096 + slot + 16).unwrap();
     drop(f);
     assert_eq!(metadata(&["check", path]).0, 2);
-    let out = Command::new(env!("CARGO_BIN_EXE_remapblk"))
-        .args(["serve", "--image"])
-        .arg(&s.image)
-        .arg("--socket")
-        .arg(s.dir.path().join("other.sock"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("both metadata slots are bad"));
+    let (code, err) = serve_refused(&s.image, &s.dir.path().join("other.sock"), &[]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("both metadata slots are bad"), "{err}");
 }
 
 #[test]
@@ -181,15 +175,12 @@ fn spare_made_for_another_block_size_is_refused() {
     let mut s = Server::start(4 * MIB, &[]);
     s.signal(libc::SIGTERM);
     s.wait_exit(Duration::from_secs(5));
-    let out = Command::new(env!("CARGO_BIN_EXE_remapblk"))
-        .args(["serve", "--block-size", "4096", "--image"])
-        .arg(&s.image)
-        .arg("--socket")
-        .arg(s.dir.path().join("other.sock"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = serve_refused(
+        &s.image,
+        &s.dir.path().join("other.sock"),
+        &["--block-size", "4096"],
+    );
+    assert_eq!(code, Some(1));
     assert!(
         err.contains("block_size") && err.contains("--block-size 512"),
         "{err}"

@@ -161,20 +161,8 @@ fn size_creates_a_missing_image_and_refuses_to_shrink() {
     let c = s.client(1);
     assert_eq!(c.capacity, 24 * MIB);
     drop(c);
-    let out = Command::new(env!("CARGO_BIN_EXE_remapblk"))
-        .args([
-            "serve",
-            "--image",
-            image.to_str().unwrap(),
-            "--size",
-            "8M",
-            "--socket",
-        ])
-        .arg(s.dir.path().join("other.sock"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = serve_refused(&image, &s.dir.path().join("other.sock"), &["--size", "8M"]);
+    assert_eq!(code, Some(1));
     assert!(err.contains("shrink") && err.contains("--size"), "{err}");
 }
 
@@ -253,13 +241,9 @@ fn block_device_as_image() {
     let dev = std::path::PathBuf::from(&lo.0);
 
     // A block device cannot be resized: a different --size is refused.
-    let out = Command::new(env!("CARGO_BIN_EXE_remapblk"))
-        .args(["serve", "--image", &lo.0, "--size", "32M", "--socket"])
-        .arg(dir.path().join("x.sock"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("block device"));
+    let (code, err) = serve_refused(&dev, &dir.path().join("x.sock"), &["--size", "32M"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("block device"), "{err}");
 
     // The spare file would default to /dev/loopN.spare; keep it in the test's directory.
     let spare = dir.path().join("loop.spare");

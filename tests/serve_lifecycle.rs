@@ -184,15 +184,9 @@ fn garbage_from_a_peer_closes_only_that_connection() {
 fn stale_socket_is_replaced_live_one_is_refused() {
     let mut s = Server::start(4 * MIB, &[]);
     // A second server on the same socket while the first lives: refused, exit 1.
-    let out = Command::new(env!("CARGO_BIN_EXE_remapblk"))
-        .args(["serve", "--image"])
-        .arg(s.dir.path().join("second.img"))
-        .arg("--socket")
-        .arg(&s.socket)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("in use"));
+    let (code, err) = serve_refused(&s.dir.path().join("second.img"), &s.socket, &[]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("in use"), "{err}");
     assert!(s.is_alive());
 
     // SIGKILL leaves the socket file behind; a restart replaces it.

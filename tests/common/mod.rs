@@ -23,6 +23,24 @@ pub struct Server {
     args: Vec<String>,
 }
 
+/// Runs `remapblk serve --image IMAGE --socket SOCKET EXTRA...` that is expected to stop at
+/// start-up: (exit code, stderr).
+pub fn serve_refused(image: &Path, socket: &Path, extra: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_remapblk"))
+        .arg("serve")
+        .arg("--image")
+        .arg(image)
+        .arg("--socket")
+        .arg(socket)
+        .args(extra)
+        .output()
+        .expect("run remapblk serve");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Polls `cond` every few milliseconds until it holds or `deadline` passes.
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let end = Instant::now() + timeout;
