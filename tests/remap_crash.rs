@@ -182,16 +182,10 @@ fn sigkill_during_remap_storms_loses_nothing_acknowledged() {
                     _ => {}
                 }
             }
-            match kind {
-                "A" => {
-                    // An acknowledged write over the faulty blocks succeeded only by remapping.
-                    for b in k * 8..k * 8 + 8 {
-                        if (fault_lba..fault_lba + 32).contains(&b) {
-                            must_be_remapped.insert(b);
-                        }
-                    }
-                }
-                _ => {}
+            if kind == "A" {
+                // An acknowledged write over the faulty blocks succeeded only by remapping.
+                must_be_remapped
+                    .extend((k * 8..k * 8 + 8).filter(|b| (fault_lba..fault_lba + 32).contains(b)));
             }
         }
         if manual_ok {
@@ -271,5 +265,5 @@ fn sigkill_during_remap_storms_loses_nothing_acknowledged() {
         "{} remaps",
         causes.len()
     );
-    assert!(causes.iter().any(|c| *c == "manual"));
+    assert!(causes.contains(&"manual"));
 }
