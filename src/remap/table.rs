@@ -103,11 +103,15 @@ impl RemapTable {
         }));
     }
 
-    /// Marks blocks whose read failed.
+    /// Marks blocks whose read failed on the main image (a block remapped meanwhile is not).
     pub fn add_pending(&self, blocks: impl IntoIterator<Item = u64>) {
         let mut inner = self.lock();
         let before = inner.pending.len();
-        inner.pending.extend(blocks);
+        for b in blocks {
+            if !inner.map.contains_key(&b) {
+                inner.pending.insert(b);
+            }
+        }
         if inner.pending.len() != before {
             self.publish(&inner);
         }
@@ -217,5 +221,90 @@ impl RemapTable {
 
     pub fn spare_free(&self) -> u64 {
         self.lock().free.len() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::metadata::Header;
+    use super::super::spare::Spare;
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Remap(u64),
+        Unmap(u64),
+        Pending(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u64..32).prop_map(Op::Remap),
+            (0u64..32).prop_map(Op::Unmap),
+            (0u64..32).prop_map(Op::Pending),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// Whatever the sequence of remaps, unmaps and read errors: no spare block is used
+        /// twice, used + free = total, a remapped block is never pending, and reopening the
+        /// spare file gives the same table.
+        #[test]
+        fn table_invariants_hold_and_survive_reopen(ops in proptest::collection::vec(op(), 1..40)) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("spare");
+            let header = Header { block_size: 512, image_size: 1 << 20, spare_blocks: 8 };
+            let t = RemapTable::new(Spare::create(&path, header).unwrap(), Vec::new()).unwrap();
+            for op in ops {
+                match op {
+                    Op::Remap(b) => { let _ = t.remap_with_data(b, &[b as u8; 512], Cause::Manual); }
+                    Op::Unmap(b) => { t.unmap(b, |_| Ok(())).unwrap(); }
+                    Op::Pending(b) => t.add_pending([b]),
+                }
+                let entries = t.entries();
+                let spares: BTreeSet<u64> = entries.iter().map(|e| e.spare_block).collect();
+                prop_assert_eq!(spares.len(), entries.len());
+                prop_assert_eq!(entries.len() as u64 + t.spare_free(), 8);
+                let snap = t.snapshot();
+                prop_assert!(snap.map.keys().all(|b| !snap.pending.contains(b)));
+            }
+            let before = t.entries();
+            drop(t);
+            let reopened = Spare::open(&path, 512, 1 << 20).unwrap();
+            prop_assert_eq!(reopened.entries, before);
+        }
+    }
+
+    #[test]
+    fn remapped_data_is_in_the_spare_and_exhaustion_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let header = Header {
+            block_size: 512,
+            image_size: 1 << 20,
+            spare_blocks: 2,
+        };
+        let t = RemapTable::new(
+            Spare::create(&dir.path().join("s"), header).unwrap(),
+            Vec::new(),
+        )
+        .unwrap();
+        t.add_pending([5]);
+        let e = t
+            .remap_with_data(5, &[9u8; 512], Cause::WriteError)
+            .unwrap();
+        assert!(t.pending().is_empty(), "remapping clears pending");
+        let mut buf = [0u8; 512];
+        t.spare().read_block(e.spare_block, &mut buf).unwrap();
+        assert_eq!(buf, [9u8; 512]);
+        t.remap_with_data(6, &[1u8; 512], Cause::WriteError)
+            .unwrap();
+        assert!(t
+            .remap_with_data(7, &[1u8; 512], Cause::WriteError)
+            .is_err());
+        assert_eq!(t.spare_free(), 0);
+        t.unmap(5, |_| Ok(())).unwrap();
+        assert_eq!(t.spare_free(), 1);
     }
 }
