@@ -13,10 +13,9 @@ use remapblk::control::client::{call, parse_arguments, CtlError};
 use remapblk::control::commands::Commands;
 use remapblk::control::ControlServer;
 use remapblk::events::EventLog;
-use remapblk::fault::{FaultSpec, FaultTable, FaultyTarget};
-use remapblk::remap::metadata::Header;
-use remapblk::remap::spare::{inspect, Spare};
-use remapblk::remap::{RemapTable, RemapTarget};
+use remapblk::fault::{FaultTable, FaultyTarget};
+use remapblk::remap::spare::inspect;
+use remapblk::remap::{self, RemapTarget};
 use remapblk::storage::{Image, OpenOptions};
 use remapblk::virtio::ID_BYTES;
 
@@ -54,39 +53,17 @@ fn run_metadata(action: MetadataAction) -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        MetadataAction::Check { spare } => {
-            let i = match inspect(&spare) {
-                Ok(i) => i,
-                Err(e) => {
-                    eprintln!("remapblk metadata: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let bad: Vec<String> = i
-                .slots
-                .iter()
-                .enumerate()
-                .filter_map(|(n, s)| {
-                    s.as_ref()
-                        .err()
-                        .map(|e| format!("slot {}: {e}", if n == 0 { 'A' } else { 'B' }))
-                })
-                .collect();
-            match bad.len() {
-                0 => {
-                    println!("{}: healthy (both metadata slots valid)", spare.display());
-                    ExitCode::SUCCESS
-                }
-                1 => {
-                    println!("{}: {}; the other slot is valid and the bad one is rewritten on the next start", spare.display(), bad[0]);
-                    ExitCode::from(1)
-                }
-                _ => {
-                    println!("{}: both metadata slots are bad ({}); remapblk serve refuses to start with this spare", spare.display(), bad.join("; "));
-                    ExitCode::from(2)
-                }
+        MetadataAction::Check { spare } => match inspect(&spare) {
+            Ok(i) => {
+                let (code, msg) = i.check(&spare);
+                println!("{msg}");
+                ExitCode::from(code)
             }
-        }
+            Err(e) => {
+                eprintln!("remapblk metadata: {e}");
+                ExitCode::from(2)
+            }
+        },
     }
 }
 
@@ -163,9 +140,19 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
     });
     let faults = Arc::new(FaultTable::new(events.clone()));
     if let Some(path) = &a.faults {
-        load_faults(path, &faults, capacity / bs)?;
+        faults.load_file(path, capacity / bs)?;
     }
-    let remap = Arc::new(open_spare(&a, capacity)?);
+    let spare_path = a.spare.clone().unwrap_or_else(|| {
+        let mut p = a.image.clone().into_os_string();
+        p.push(".spare");
+        p.into()
+    });
+    let remap = Arc::new(remap::open_or_create(
+        &spare_path,
+        a.block_size,
+        capacity,
+        a.spare_blocks,
+    )?);
     print_banner(&a, capacity, &serial_str, &control_path);
     // Guest I/O goes remap -> faults -> image: faults apply to the main image only, so a
     // remapped block is healthy again.
@@ -190,72 +177,6 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
     });
     let _control = ControlServer::start(&control_path, commands).map_err(|e| e.to_string())?;
     serve(dev, live, &a.socket).map_err(|e| e.to_string())
-}
-
-/// Opens the spare file (`--spare`, default `<image>.spare`) or creates it.
-fn open_spare(a: &ServeArgs, capacity: u64) -> Result<RemapTable, String> {
-    let path = a.spare.clone().unwrap_or_else(|| {
-        let mut p = a.image.clone().into_os_string();
-        p.push(".spare");
-        p.into()
-    });
-    let bs = u64::from(a.block_size);
-    let (spare, entries) = if path.exists() {
-        let o = Spare::open(&path, a.block_size, capacity).map_err(|e| e.to_string())?;
-        if let Some(slot) = o.repaired {
-            warn!(
-                "spare file {}: metadata slot {slot} was bad and has been rewritten from the other",
-                path.display()
-            );
-        }
-        if let Some(n) = a
-            .spare_blocks
-            .filter(|n| *n != o.spare.header().spare_blocks)
-        {
-            warn!("spare file {} has {} spare blocks; --spare-blocks {n} only applies to a new spare file", path.display(), o.spare.header().spare_blocks);
-        }
-        (o.spare, o.entries)
-    } else {
-        let blocks = a
-            .spare_blocks
-            .unwrap_or_else(|| (capacity / bs / 100).max(1024));
-        let header = Header {
-            block_size: a.block_size,
-            image_size: capacity,
-            spare_blocks: blocks,
-        };
-        log::info!(
-            "created spare file {} with {blocks} spare blocks",
-            path.display()
-        );
-        (
-            Spare::create(&path, header).map_err(|e| e.to_string())?,
-            Vec::new(),
-        )
-    };
-    RemapTable::new(spare, entries)
-}
-
-/// Applies a `--faults` file: a JSON array of fault-add argument objects.
-fn load_faults(path: &Path, table: &FaultTable, capacity_blocks: u64) -> Result<(), String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read faults file {}: {e}", path.display()))?;
-    let list: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| {
-        format!(
-            "faults file {} is not a JSON array of fault-add argument objects: {e}",
-            path.display()
-        )
-    })?;
-    for (i, entry) in list.iter().enumerate() {
-        let args = entry
-            .as_object()
-            .ok_or_else(|| format!("faults file {}: entry {i} is not an object", path.display()))?;
-        let spec = FaultSpec::from_args(args, capacity_blocks)
-            .map_err(|e| format!("faults file {}: entry {i}: {e}", path.display()))?;
-        let id = table.add(spec);
-        log::info!("fault {id} from {}: {entry}", path.display());
-    }
-    Ok(())
 }
 
 fn print_banner(a: &ServeArgs, capacity: u64, serial: &str, control: &Path) {

@@ -100,6 +100,28 @@ impl FaultTable {
         id
     }
 
+    /// Applies a `--faults` file: a JSON array of fault-add argument objects. Returns how many.
+    pub fn load_file(&self, path: &std::path::Path, capacity_blocks: u64) -> Result<usize, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read faults file {}: {e}", path.display()))?;
+        let list: Vec<Value> = serde_json::from_str(&text).map_err(|e| {
+            format!(
+                "faults file {} is not a JSON array of fault-add argument objects: {e}",
+                path.display()
+            )
+        })?;
+        for (i, entry) in list.iter().enumerate() {
+            let args = entry.as_object().ok_or_else(|| {
+                format!("faults file {}: entry {i} is not an object", path.display())
+            })?;
+            let spec = FaultSpec::from_args(args, capacity_blocks)
+                .map_err(|e| format!("faults file {}: entry {i}: {e}", path.display()))?;
+            let id = self.add(spec);
+            log::info!("fault {id} from {}: {entry}", path.display());
+        }
+        Ok(list.len())
+    }
+
     pub fn remove(&self, id: u64) -> bool {
         let _w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
         let cur = self.faults.load();

@@ -116,20 +116,16 @@ impl Spare {
             });
         }
         let slots = read_slots(&file, &header);
-        let best = match (&slots[0], &slots[1]) {
-            (Ok(a), Ok(b)) => usize::from(b.seq > a.seq),
-            (Ok(_), Err(_)) => 0,
-            (Err(_), Ok(_)) => 1,
-            (Err(a), Err(b)) => {
+        let (best, slot) = match newest_valid(&slots) {
+            Some(best) => best,
+            None => {
+                let err = |i: usize| slots[i].clone().err().unwrap_or(MetaError::Magic);
                 return Err(SpareError::BothSlots {
                     path: path.to_path_buf(),
-                    a: a.clone(),
-                    b: b.clone(),
-                })
+                    a: err(0),
+                    b: err(1),
+                });
             }
-        };
-        let Ok(slot) = &slots[best] else {
-            unreachable!("best is a valid slot")
         };
         let entries = slot.entries.clone();
         let spare = Spare {
@@ -217,6 +213,16 @@ fn read_header(file: &File, path: &Path) -> Result<Header, SpareError> {
     })
 }
 
+/// The newest slot whose checksum holds: the table.
+fn newest_valid(slots: &[Result<Slot, MetaError>; 2]) -> Option<(usize, &Slot)> {
+    match (&slots[0], &slots[1]) {
+        (Ok(a), Ok(b)) if b.seq > a.seq => Some((1, b)),
+        (Ok(a), _) => Some((0, a)),
+        (Err(_), Ok(b)) => Some((1, b)),
+        (Err(_), Err(_)) => None,
+    }
+}
+
 fn read_slots(file: &File, header: &Header) -> [Result<Slot, MetaError>; 2] {
     [0u64, 1].map(|i| {
         let mut b = vec![0u8; header.slot_size() as usize];
@@ -244,12 +250,7 @@ impl Inspection {
     /// `remapblk metadata dump`: the header and each slot, the newest valid one marked.
     pub fn to_json(&self) -> serde_json::Value {
         use serde_json::json;
-        let newest = match (&self.slots[0], &self.slots[1]) {
-            (Ok(a), Ok(b)) => Some(usize::from(b.seq > a.seq)),
-            (Ok(_), Err(_)) => Some(0),
-            (Err(_), Ok(_)) => Some(1),
-            _ => None,
-        };
+        let newest = newest_valid(&self.slots);
         let slots: Vec<_> = self
             .slots
             .iter()
@@ -265,8 +266,7 @@ impl Inspection {
             })
             .collect();
         let table: Vec<_> = newest
-            .and_then(|i| self.slots[i].as_ref().ok())
-            .map(|s| {
+            .map(|(_, s)| {
                 s.entries
                     .iter()
                     .map(|e| json!({ "lba": e.lba, "spare_block": e.spare_block, "cause": e.cause.name(), "since": e.since }))
@@ -283,9 +283,37 @@ impl Inspection {
                 "data_offset": self.header.data_offset(),
             },
             "slots": slots,
-            "current": newest.map(|i| slot_name(i).to_string()),
+            "current": newest.map(|(i, _)| slot_name(i).to_string()),
             "entries": table,
         })
+    }
+}
+
+impl Inspection {
+    /// `remapblk metadata check`: the exit code (0 healthy, 1 one slot bad, 2 both bad) and
+    /// what to tell the user.
+    pub fn check(&self, path: &Path) -> (u8, String) {
+        let bad: Vec<String> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                s.as_ref()
+                    .err()
+                    .map(|e| format!("slot {}: {e}", slot_name(i)))
+            })
+            .collect();
+        match bad.as_slice() {
+            [] => (0, format!("{}: healthy (both metadata slots valid)", path.display())),
+            [one] => (
+                1,
+                format!("{}: {one}; the other slot is valid and the bad one is rewritten on the next start", path.display()),
+            ),
+            _ => (
+                2,
+                format!("{}: both metadata slots are bad ({}); remapblk serve refuses to start with this spare", path.display(), bad.join("; ")),
+            ),
+        }
     }
 }
 
