@@ -4,9 +4,8 @@
 use std::io::{self, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -139,7 +138,7 @@ pub fn serve(dev: Arc<Device>, live: Arc<Live>, socket: &Path) -> Result<(), Ser
         reason: e.to_string(),
     };
     let listener = UnixListener::bind(socket).map_err(listen_err)?;
-    let internal = Internal::new().map_err(listen_err)?;
+    let internal = Internal::new(socket).map_err(listen_err)?;
     info!("listening on {}", socket.display());
     let live = &*live;
 
@@ -171,19 +170,40 @@ pub fn serve(dev: Arc<Device>, live: Arc<Live>, socket: &Path) -> Result<(), Ser
     Ok(())
 }
 
-/// The internal socket the backend sessions listen on, in the abstract namespace so that
-/// nothing is left on disk, and private to this process by its name.
+/// The internal socket the backend sessions listen on. Whoever connects to it gets the disk,
+/// so it lives in a directory only this user can enter (`<socket>.session/`, mode 0700), not in
+/// the abstract namespace, where any local process could connect. A directory left by a killed
+/// process is replaced, like the socket.
 struct Internal {
-    addr: SocketAddr,
+    dir: PathBuf,
+    path: PathBuf,
     listener: Mutex<Listener>,
 }
 
 impl Internal {
-    fn new() -> io::Result<Internal> {
-        let name = format!("remapblk-{}-session", std::process::id());
-        let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
-        let listener = Mutex::new(Listener::from(UnixListener::bind_addr(&addr)?));
-        Ok(Internal { addr, listener })
+    fn new(socket: &Path) -> io::Result<Internal> {
+        let mut dir = socket.as_os_str().to_owned();
+        dir.push(".session");
+        let dir = PathBuf::from(dir);
+        let path = dir.join("sock");
+        if dir.is_dir() {
+            let _ = std::fs::remove_file(&path);
+            let _ = std::fs::remove_dir(&dir);
+        }
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        let listener = Mutex::new(Listener::from(UnixListener::bind(&path)?));
+        Ok(Internal {
+            dir,
+            path,
+            listener,
+        })
+    }
+}
+
+impl Drop for Internal {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_dir(&self.dir);
     }
 }
 
@@ -242,7 +262,7 @@ fn run_sessions(
         let backend = BlkBackend::new(dev.clone(), mem.clone());
         let mut daemon = VhostUserDaemon::new("remapblk".to_string(), backend.clone(), mem)
             .map_err(daemon_err)?;
-        let session = UnixStream::connect_addr(&internal.addr).map_err(ServeError::Poll)?;
+        let session = UnixStream::connect(&internal.path).map_err(ServeError::Poll)?;
         daemon
             .start(&mut internal.listener.lock().unwrap_or_else(|p| p.into_inner()))
             .map_err(daemon_err)?;
