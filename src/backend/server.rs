@@ -280,7 +280,7 @@ fn run_sessions(
         live.set_current(None);
         live.drain_event("disconnect", &report);
         log_drain("disconnect", &report);
-        teardown(daemon, &report);
+        teardown(daemon, &backend);
 
         match end {
             relay::SessionEnd::Restart(msg) => {
@@ -316,8 +316,8 @@ fn run_sessions(
     }
 }
 
-fn teardown(daemon: VhostUserDaemon<BlkBackend>, report: &DrainReport) {
-    if report.abandoned.is_empty() {
+fn teardown(daemon: VhostUserDaemon<BlkBackend>, backend: &BlkBackend) {
+    if !backend.abandoned_any() {
         drop(daemon);
     } else {
         // A worker may still sit in a system call that never returns; joining it would hang
