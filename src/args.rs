@@ -52,7 +52,7 @@ pub enum MetadataAction {
 #[derive(Debug, Args)]
 #[command(
     after_help = "Commands: query-status, query-stats, quiesce, resume, fault-add, fault-list,\n\
-fault-remove, fault-clear.\n\
+fault-remove, fault-clear, remap-add, remap-remove, remap-list, pending-list.\n\
 Example: remapblk ctl fault-add op=read lba=1000 mode=error\n\
 Example: remapblk ctl query-stats\n\
 Values are JSON where they parse (lba=1000), else strings (op=read).\n\
