@@ -10,14 +10,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use log::{error, info, warn};
+use log::{info, warn};
 use thiserror::Error;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::device::Device;
-use super::inflight::{DrainReport, Phase};
+use super::inflight::Phase;
 use super::live::Live;
 use super::relay;
 use super::vhu_blk::BlkBackend;
@@ -235,8 +235,7 @@ fn serve_connection(
             live.set_stopping();
             if let Some(b) = live.current() {
                 let report = b.drain_all(Phase::Closed);
-                live.drain_event("exit", &report);
-                log_drain("exit", &report);
+                live.drain_done("exit", &report);
             }
             let _ = front_ctl.shutdown(Shutdown::Both);
         }
@@ -278,8 +277,7 @@ fn run_sessions(
         let result = daemon.wait();
         let report = backend.drain_all(Phase::Closed);
         live.set_current(None);
-        live.drain_event("disconnect", &report);
-        log_drain("disconnect", &report);
+        live.drain_done("disconnect", &report);
         teardown(daemon, &backend);
 
         match end {
@@ -325,21 +323,5 @@ fn teardown(daemon: VhostUserDaemon<BlkBackend>, backend: &BlkBackend) {
         let _ = thread::Builder::new()
             .name("teardown".to_string())
             .spawn(move || drop(daemon));
-    }
-}
-
-fn log_drain(why: &str, report: &DrainReport) {
-    if report.abandoned.is_empty() {
-        info!(
-            "drain on {why}: waited for {} requests, {:?}",
-            report.waited_for, report.duration
-        );
-    } else {
-        error!(
-            "drain on {why}: gave up on {} of {} requests after {:?} (completed with IOERR)",
-            report.abandoned.len(),
-            report.waited_for,
-            report.duration
-        );
     }
 }

@@ -196,7 +196,7 @@ impl Commands {
         self.live.set_quiescing(true);
         let report = backend.drain_all(Phase::Stopped);
         self.live.set_quiescing(false);
-        self.live.drain_event("quiesce", &report);
+        self.live.drain_done("quiesce", &report);
         self.live.events.emit(
             "quiesce",
             json!({ "duration_us": start.elapsed().as_micros() as u64, "waited_for": report.waited_for }),
