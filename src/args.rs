@@ -114,6 +114,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "STR", value_parser = parse_serial)]
     pub serial: Option<String>,
 
+    /// I/O engine: `io_uring` (one ring per queue, a batch per kick), `sync` (blocking
+    /// preadv/pwritev on the queue's worker) or `null` (reads return zeros, writes are
+    /// dropped: measures the ring handling alone). Default: io_uring where the kernel allows
+    /// it, else sync (the start-up log says which). Also read from REMAPBLK_ENGINE.
+    #[arg(long, value_name = "ENGINE", value_enum, env = "REMAPBLK_ENGINE")]
+    pub engine: Option<EngineArg>,
+
     /// How long a ring stop, reset, disconnect or exit waits for in-flight requests before
     /// completing them with IOERR.
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
@@ -146,6 +153,14 @@ pub struct ServeArgs {
     /// disconnect and drain, with a CLOCK_MONOTONIC timestamp (monotonic_ns).
     #[arg(long, value_name = "PATH")]
     pub event_log: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineArg {
+    Sync,
+    #[value(name = "io_uring")]
+    IoUring,
+    Null,
 }
 
 /// Parses `4096`, `512K`, `512M`, `20G`, `1T` (also `20GiB`, `20g`): binary units.

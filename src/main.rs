@@ -6,8 +6,9 @@ use std::time::Duration;
 use clap::Parser;
 use log::warn;
 
-use remapblk::args::{Cli, Command, CtlArgs, MetadataAction, ServeArgs};
+use remapblk::args::{Cli, Command, CtlArgs, EngineArg, MetadataAction, ServeArgs};
 use remapblk::backend::device::default_serial;
+use remapblk::backend::uring;
 use remapblk::backend::{serve, Device, DeviceConfig, Live};
 use remapblk::control::client::{call, parse_arguments, CtlError};
 use remapblk::control::commands::Commands;
@@ -16,7 +17,7 @@ use remapblk::events::EventLog;
 use remapblk::fault::{FaultTable, FaultyTarget};
 use remapblk::remap::spare::inspect;
 use remapblk::remap::{self, RemapTarget};
-use remapblk::storage::{Image, OpenOptions};
+use remapblk::storage::{BlockIo, Image, NullTarget, OpenOptions};
 use remapblk::virtio::ID_BYTES;
 
 const DEFAULT_IMAGE_SIZE: u64 = 1 << 30;
@@ -117,6 +118,7 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
     let n = serial_str.len().min(ID_BYTES);
     serial[..n].copy_from_slice(&serial_str.as_bytes()[..n]);
 
+    let engine = pick_engine(a.engine)?;
     let cfg = DeviceConfig {
         image: a.image.clone(),
         capacity,
@@ -126,6 +128,8 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
         num_queues: a.num_queues,
         queue_size: a.queue_size,
         drain_timeout: Duration::from_millis(a.drain_timeout_ms),
+        uring: engine == EngineArg::IoUring,
+        engine: engine_name(engine),
     };
     let control_path = a.control.clone().unwrap_or_else(|| {
         let mut p = a.socket.clone().into_os_string();
@@ -153,14 +157,15 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
         capacity,
         a.spare_blocks,
     )?);
-    print_banner(&a, capacity, &serial_str, &control_path);
+    print_banner(&a, capacity, &serial_str, &control_path, engine);
     // Guest I/O goes remap -> faults -> image: faults apply to the main image only, so a
     // remapped block is healthy again.
-    let faulty = Arc::new(FaultyTarget::new(
-        Arc::new(image),
-        faults.clone(),
-        a.block_size,
-    ));
+    let base: Arc<dyn BlockIo> = if engine == EngineArg::Null {
+        Arc::new(NullTarget)
+    } else {
+        Arc::new(image)
+    };
+    let faulty = Arc::new(FaultyTarget::new(base, faults.clone(), a.block_size));
     let target = Arc::new(RemapTarget::new(
         faulty,
         remap.clone(),
@@ -179,7 +184,32 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
     serve(dev, live, &a.socket).map_err(|e| e.to_string())
 }
 
-fn print_banner(a: &ServeArgs, capacity: u64, serial: &str, control: &Path) {
+fn engine_name(e: EngineArg) -> &'static str {
+    match e {
+        EngineArg::IoUring => "io_uring",
+        EngineArg::Sync => "sync",
+        EngineArg::Null => "null",
+    }
+}
+
+/// The engine to run: the one asked for, or io_uring when the kernel allows it.
+fn pick_engine(asked: Option<EngineArg>) -> Result<EngineArg, String> {
+    match asked {
+        Some(EngineArg::IoUring) => uring::probe().map(|()| EngineArg::IoUring).map_err(|e| {
+            format!("--engine io_uring: this kernel does not let us use io_uring ({e}); use --engine sync")
+        }),
+        Some(e) => Ok(e),
+        None => Ok(match uring::probe() {
+            Ok(()) => EngineArg::IoUring,
+            Err(e) => {
+                warn!("io_uring is not available ({e}); using the sync engine");
+                EngineArg::Sync
+            }
+        }),
+    }
+}
+
+fn print_banner(a: &ServeArgs, capacity: u64, serial: &str, control: &Path, engine: EngineArg) {
     let sock = absolute(&a.socket);
     println!(
         "remapblk: serving {} ({} bytes = {} MiB, {}-byte blocks{}, serial {serial}) on {}",
@@ -189,6 +219,15 @@ fn print_banner(a: &ServeArgs, capacity: u64, serial: &str, control: &Path) {
         a.block_size,
         if a.readonly { ", read-only" } else { "" },
         sock
+    );
+    println!(
+        "engine: {}{}",
+        engine_name(engine),
+        if engine == EngineArg::Null {
+            " (reads return zeros, writes are dropped)"
+        } else {
+            ""
+        }
     );
     println!("attach QEMU (guest RAM must be shared memory for vhost-user):");
     println!(

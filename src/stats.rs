@@ -22,6 +22,11 @@ pub struct QueueStats {
     pub unsupported: AtomicU64,
     /// Requests a drain gave up on and completed with IOERR.
     pub abandoned: AtomicU64,
+    /// Reads and writes carried out by the io_uring engine.
+    pub ring_io: AtomicU64,
+    /// Of those, the ones done again on the synchronous path (ring I/O failed or came up
+    /// short, or a remap moved the data meanwhile).
+    pub ring_redone: AtomicU64,
     /// Time from pop to completion.
     pub latency: Histogram,
 }

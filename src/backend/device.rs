@@ -35,6 +35,10 @@ pub struct DeviceConfig {
     pub num_queues: u16,
     pub queue_size: u16,
     pub drain_timeout: Duration,
+    /// Plain reads and writes go through a per-queue io_uring.
+    pub uring: bool,
+    /// The engine's name, for status reports: "io_uring", "sync" or "null".
+    pub engine: &'static str,
 }
 
 pub struct Device {

@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -76,6 +77,8 @@ pub struct QueueCtl {
     /// The worker's vring, recorded on its first event, so that a drain past its deadline can
     /// complete stuck requests itself.
     vring: OnceLock<Vring>,
+    /// A drain gave up on a request of this queue: its worker may still be inside it.
+    gave_up: AtomicBool,
 }
 
 impl QueueCtl {
@@ -88,6 +91,7 @@ impl QueueCtl {
             }),
             drained: Condvar::new(),
             vring: OnceLock::new(),
+            gave_up: AtomicBool::new(false),
         }
     }
 
@@ -99,6 +103,12 @@ impl QueueCtl {
 
     pub fn phase(&self) -> Phase {
         self.lock().phase
+    }
+
+    /// Whether a drain ever gave up on a request of this queue, so its worker may still be
+    /// stuck in it (and joining the worker could take as long as that request).
+    pub fn gave_up(&self) -> bool {
+        self.gave_up.load(Ordering::Acquire)
     }
 
     pub fn inflight(&self) -> usize {
@@ -156,6 +166,11 @@ impl QueueCtl {
         let (item, req) = accept(chain);
         inner.inflight.insert(req.head, req);
         Pop::Popped(item)
+    }
+
+    /// Whether request `head` is still in flight (a drain may have completed it already).
+    pub fn holds(&self, head: u16) -> bool {
+        self.lock().inflight.contains_key(&head)
     }
 
     /// Completes a request: status byte, used entry, signal, then it leaves the table. Returns
@@ -228,6 +243,9 @@ impl QueueCtl {
             return self.lock().inflight.drain().map(|(_, r)| r).collect();
         };
         let mem = mem.memory();
+        // Before the guest hears of it: its next move (disconnecting) starts a teardown that
+        // must know not to join this queue's worker.
+        self.gave_up.store(true, Ordering::Release);
         let mut state = vring.get_mut();
         let stuck: Vec<InflightReq> = self.lock().inflight.drain().map(|(_, r)| r).collect();
         for r in &stuck {

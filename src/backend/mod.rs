@@ -7,6 +7,7 @@ pub mod inflight;
 pub mod live;
 pub mod relay;
 pub mod server;
+pub mod uring;
 pub mod vhu_blk;
 
 pub use device::{Device, DeviceConfig};

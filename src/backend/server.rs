@@ -15,6 +15,7 @@ use thiserror::Error;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 
 use super::device::Device;
 use super::inflight::Phase;
@@ -261,6 +262,14 @@ fn run_sessions(
         let backend = BlkBackend::new(dev.clone(), mem.clone());
         let mut daemon = VhostUserDaemon::new("remapblk".to_string(), backend.clone(), mem)
             .map_err(daemon_err)?;
+        let handlers = daemon.get_epoll_handlers();
+        for (q, fd, token) in backend.engine_fds() {
+            if let Some(h) = handlers.get(q) {
+                h.register_listener(fd, EventSet::IN, token).map_err(|e| {
+                    ServeError::Daemon(format!("queue {q}: cannot watch io_uring completions: {e}"))
+                })?;
+            }
+        }
         let session = UnixStream::connect(&internal.path).map_err(ServeError::Poll)?;
         daemon
             .start(&mut internal.listener.lock().unwrap_or_else(|p| p.into_inner()))

@@ -132,6 +132,8 @@ fn rig(readonly: bool, drain_timeout: Duration) -> Rig {
             num_queues: 1,
             queue_size: QSIZE,
             drain_timeout,
+            uring: false,
+            engine: "sync",
         },
         target.clone(),
     ));

@@ -3,11 +3,12 @@
 //! its own [`QueueCtl`], so the I/O path shares no lock between queues.
 
 use std::io;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_CONFIG_WCE;
@@ -19,8 +20,9 @@ use vmm_sys_util::event::{
 };
 
 use super::device::Device;
-use super::exec::{execute, ExecCtx};
+use super::exec::{execute, ExecCtx, ExecError};
 use super::inflight::{DrainReport, Gm, InflightReq, Phase, Pop, QueueCtl, Vring};
+use super::uring::{Done, Engine};
 use crate::stats::QueueStats;
 use crate::virtio::config::WRITEBACK_OFFSET;
 use crate::virtio::request::{self, GuestMem, Rejected, Request, RequestError, RequestType};
@@ -35,8 +37,15 @@ struct Conn {
     /// writeback, as a fresh device would.
     writeback: AtomicBool,
     wce_acked: AtomicBool,
-    /// A drain of this connection gave up on a request: its worker may still be stuck in it.
-    abandoned_any: AtomicBool,
+    /// The io_uring engine of each queue, when the device uses one. Only the queue's worker
+    /// takes the lock, except a drain that cancels what it gave up on.
+    engines: Vec<Option<Mutex<Engine>>>,
+}
+
+/// The epoll token of a queue's io_uring eventfd in its worker's loop (the crate reserves
+/// `0..=num_queues`; with one queue per worker the same token serves every worker).
+fn engine_token(num_queues: usize) -> u64 {
+    num_queues as u64 + 1
 }
 
 #[derive(Clone)]
@@ -46,8 +55,20 @@ pub struct BlkBackend {
 
 impl BlkBackend {
     pub fn new(dev: Arc<Device>, mem: Gm) -> BlkBackend {
-        let queues = (0..dev.cfg.num_queues as usize)
-            .map(QueueCtl::new)
+        let n = dev.cfg.num_queues as usize;
+        let queues = (0..n).map(QueueCtl::new).collect();
+        let engines = (0..n)
+            .map(|q| {
+                if !dev.cfg.uring {
+                    return None;
+                }
+                Engine::new(q, dev.cfg.queue_size)
+                    .inspect_err(|e| {
+                        warn!("queue {q}: cannot set up io_uring ({e}); using synchronous I/O")
+                    })
+                    .ok()
+                    .map(Mutex::new)
+            })
             .collect();
         BlkBackend {
             conn: Arc::new(Conn {
@@ -57,9 +78,25 @@ impl BlkBackend {
                 event_idx: AtomicBool::new(false),
                 writeback: AtomicBool::new(true),
                 wce_acked: AtomicBool::new(false),
-                abandoned_any: AtomicBool::new(false),
+                engines,
             }),
         }
+    }
+
+    /// The eventfds the workers must watch for io_uring completions, by queue, with the epoll
+    /// token `handle_event` knows them by.
+    pub fn engine_fds(&self) -> Vec<(usize, RawFd, u64)> {
+        let token = engine_token(self.conn.queues.len());
+        self.conn
+            .engines
+            .iter()
+            .enumerate()
+            .filter_map(|(q, e)| e.as_ref().map(|e| (q, lock(e).event_fd(), token)))
+            .collect()
+    }
+
+    fn engine(&self, q: usize) -> Option<MutexGuard<'_, Engine>> {
+        self.conn.engines.get(q)?.as_ref().map(lock)
     }
 
     pub fn memory(&self) -> Gm {
@@ -125,14 +162,17 @@ impl BlkBackend {
         QueueStats::add(&stats.abandoned, n);
         QueueStats::add(&stats.errors, n);
         if n > 0 {
-            self.conn.abandoned_any.store(true, Ordering::Release);
+            // What the ring still holds for them is of no use to anyone now.
+            if let Some(mut e) = self.engine(q) {
+                e.cancel_all();
+            }
         }
     }
 
     /// Whether any drain of this connection gave up on a request (so a worker may still be
     /// inside it, and joining the workers could wait as long as that request takes).
     pub fn abandoned_any(&self) -> bool {
-        self.conn.abandoned_any.load(Ordering::Acquire)
+        self.conn.queues.iter().any(QueueCtl::gave_up)
     }
 
     fn process_queue(&self, q: usize, vring: &Vring) {
@@ -143,21 +183,48 @@ impl BlkBackend {
             return;
         }
         let mem = conn.mem.memory();
+        self.pop_all(q, ctl, vring, &mem);
+        // One system call for the whole kick's batch; completions that the kernel finished
+        // inline (page-cache hits) are reaped right away rather than on the next wakeup.
+        self.reap(q, vring, true);
+    }
+
+    fn pop_all(
+        &self,
+        q: usize,
+        ctl: &QueueCtl,
+        vring: &Vring,
+        mem: &GuestMemoryLoadGuard<GuestMem>,
+    ) {
+        let conn = &*self.conn;
         let event_idx = conn.event_idx.load(Ordering::Relaxed);
         loop {
             if event_idx {
                 let _ = vring.disable_notification();
             }
             loop {
-                match self.pop(ctl, vring, &mem) {
+                match self.pop(ctl, vring, mem) {
                     Pop::Popped((head, parsed, popped)) => {
-                        self.run(q, ctl, vring, &mem, head, parsed);
-                        self.conn
-                            .dev
-                            .stats
-                            .queue(q)
-                            .latency
-                            .record(popped.elapsed());
+                        let parsed = match (self.engine(q), parsed) {
+                            (Some(mut e), Ok(req)) => {
+                                match e.try_queue(conn.dev.target.as_ref(), head, req, mem, popped)
+                                {
+                                    Ok(()) => {
+                                        QueueStats::inc(&conn.dev.stats.queue(q).ring_io);
+                                        continue;
+                                    }
+                                    Err(req) => {
+                                        // About to block on synchronous I/O: let the kernel
+                                        // start on what is queued first.
+                                        self.submit(q, &mut e);
+                                        Ok(req)
+                                    }
+                                }
+                            }
+                            (_, parsed) => parsed,
+                        };
+                        self.run(q, ctl, vring, mem, head, parsed);
+                        conn.dev.stats.queue(q).latency.record(popped.elapsed());
                     }
                     Pop::Empty => break,
                     // Stopping: leave the rest in the avail ring for whoever starts it again.
@@ -176,6 +243,62 @@ impl BlkBackend {
                     break;
                 }
             }
+        }
+    }
+
+    fn submit(&self, q: usize, e: &mut Engine) {
+        if let Err(err) = e.submit() {
+            // The requests stay queued in the ring; the next kick or completion retries.
+            error!("queue {q}: io_uring submission failed: {err}");
+        }
+    }
+
+    /// Submits what is queued on queue `q`'s ring (when `submit`) and completes every request
+    /// whose ring I/O is over.
+    fn reap(&self, q: usize, vring: &Vring, submit: bool) {
+        let mut done = Vec::new();
+        {
+            let Some(mut e) = self.engine(q) else {
+                return;
+            };
+            if submit {
+                self.submit(q, &mut e);
+            }
+            e.reap(&mut done);
+        }
+        for d in done {
+            self.finish_ring_io(q, vring, d);
+        }
+    }
+
+    fn finish_ring_io(&self, q: usize, vring: &Vring, d: Done) {
+        let dev = &*self.conn.dev;
+        let ctl = &self.conn.queues[q];
+        if !ctl.holds(d.head) {
+            // A drain gave up on it and completed it already.
+            return;
+        }
+        let target = dev.target.as_ref();
+        let ctx = self.exec_ctx();
+        let result = if d.failed || !target.route_valid(d.ticket) {
+            // The synchronous path owns retries and the error policy (remaps, pending).
+            QueueStats::inc(&dev.stats.queue(q).ring_redone);
+            execute(&d.req, &d.mem, target, &ctx)
+        } else if d.req.kind == RequestType::In {
+            Ok(d.req.data_len as u32)
+        } else if ctx.writeback {
+            Ok(0)
+        } else {
+            target.flush().map(|()| 0).map_err(ExecError::from)
+        };
+        self.finish(q, ctl, vring, &d.mem, d.head, &d.req, result);
+        dev.stats.queue(q).latency.record(d.since.elapsed());
+    }
+
+    fn exec_ctx(&self) -> ExecCtx<'_> {
+        ExecCtx {
+            writeback: self.conn.writeback.load(Ordering::Relaxed),
+            serial: &self.conn.dev.cfg.serial,
         }
     }
 
@@ -249,28 +372,45 @@ impl BlkBackend {
                 (status, u32::from(status.is_some()))
             }
             Ok(req) => {
-                let ctx = ExecCtx {
-                    writeback: self.conn.writeback.load(Ordering::Relaxed),
-                    serial: &dev.cfg.serial,
-                };
-                let result = execute(&req, mem, dev.target.as_ref(), &ctx);
-                count(stats, &req, result.is_ok());
-                match result {
-                    Ok(n) => (Some((req.status_addr, Status::Ok)), n + 1),
-                    Err(e) => {
-                        warn!(
-                            "queue {q}: {} at sector {} ({} bytes) failed: {e}",
-                            req.kind.name(),
-                            req.sector,
-                            req.data_len
-                        );
-                        (Some((req.status_addr, Status::IoErr)), 1)
-                    }
-                }
+                let result = execute(&req, mem, dev.target.as_ref(), &self.exec_ctx());
+                return self.finish(q, ctl, vring, mem, head, &req, result);
             }
         };
         ctl.complete(vring, mem, head, status, used_len);
     }
+
+    /// Counts a request's outcome and completes it.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        q: usize,
+        ctl: &QueueCtl,
+        vring: &Vring,
+        mem: &GuestMem,
+        head: u16,
+        req: &Request,
+        result: Result<u32, ExecError>,
+    ) {
+        count(self.conn.dev.stats.queue(q), req, result.is_ok());
+        let (status, used_len) = match result {
+            Ok(n) => (Status::Ok, n + 1),
+            Err(e) => {
+                warn!(
+                    "queue {q}: {} at sector {} ({} bytes) failed: {e}",
+                    req.kind.name(),
+                    req.sector,
+                    req.data_len
+                );
+                (Status::IoErr, 1)
+            }
+        };
+        ctl.complete(vring, mem, head, Some((req.status_addr, status)), used_len);
+    }
+}
+
+fn lock(e: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
+    // A worker that panicked left the engine as consistent as any reap leaves it.
+    e.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn op_counter(stats: &QueueStats, kind: RequestType) -> &std::sync::atomic::AtomicU64 {
@@ -428,7 +568,11 @@ impl VhostUserBackend for BlkBackend {
         // One queue per thread: the event is that thread's only vring, and the thread index
         // is the queue index. Never return an error for a guest's mistake: it would end the
         // worker thread.
-        if let Some(vring) = vrings.get(device_event as usize) {
+        if u64::from(device_event) == engine_token(self.conn.queues.len()) {
+            if let Some(vring) = vrings.first() {
+                self.reap(thread_id, vring, false);
+            }
+        } else if let Some(vring) = vrings.get(device_event as usize) {
             self.process_queue(thread_id, vring);
         }
         Ok(())

@@ -153,6 +153,7 @@ impl Commands {
             "connected": self.live.current().is_some(),
             "inflight": self.inflight(),
             "readonly": cfg.readonly,
+            "engine": cfg.engine,
             "remaps": self.remap.table().entries().len(),
             "spare_total": self.remap.table().spare_total(),
             "spare_free": self.remap.table().spare_free(),
@@ -245,6 +246,8 @@ fn counters(get: impl Fn(&dyn Fn(&QueueStats) -> &std::sync::atomic::AtomicU64) 
         "malformed": get(&|q| &q.malformed),
         "unsupported": get(&|q| &q.unsupported),
         "abandoned": get(&|q| &q.abandoned),
+        "ring_io": get(&|q| &q.ring_io),
+        "ring_redone": get(&|q| &q.ring_redone),
     })
 }
 

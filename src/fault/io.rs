@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::spec::FaultOp;
 use super::table::{FaultTable, Verdict};
-use crate::storage::BlockIo;
+use crate::storage::{BlockIo, Dir, Route};
 
 /// The error an injected fault produces: which blocks of the request are bad, so the layer
 /// above (remap) need not probe them one by one.
@@ -82,5 +82,20 @@ impl BlockIo for FaultyTarget {
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
         self.gate(FaultOp::Write, offset, len)?;
         self.inner.write_zeroes(offset, len, unmap)
+    }
+
+    fn route(&self, dir: Dir, offset: u64, len: u64, at: u64, route: &mut Route) -> bool {
+        let op = match dir {
+            Dir::Read => FaultOp::Read,
+            Dir::Write => FaultOp::Write,
+        };
+        let first = offset / self.block_size;
+        let last = (offset + len.max(1) - 1) / self.block_size;
+        // A fault that could fire must see the request: only readv/writev consult it.
+        !self.table.may_apply(op, first, last) && self.inner.route(dir, offset, len, at, route)
+    }
+
+    fn route_valid(&self, ticket: u64) -> bool {
+        self.inner.route_valid(ticket)
     }
 }

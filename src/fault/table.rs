@@ -154,6 +154,16 @@ impl FaultTable {
             .collect()
     }
 
+    /// Whether some fault could decide the fate of a request of kind `op` on blocks
+    /// `[first, last]` (without drawing or counting anything): such a request must go through
+    /// [`check`](Self::check).
+    pub fn may_apply(&self, op: FaultOp, first: u64, last: u64) -> bool {
+        let faults = self.faults.load();
+        faults
+            .iter()
+            .any(|f| f.spec.applies_to(op) && f.spec.overlaps(first, last) && !f.expired())
+    }
+
     /// Decides the fate of a request of kind `op` on blocks `[first, last]`. The first
     /// matching fault that fires decides; delays of several faults do not add up.
     pub fn check(&self, op: FaultOp, first: u64, last: u64) -> Verdict {

@@ -3,6 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -10,6 +11,7 @@ use std::sync::Mutex;
 use thiserror::Error;
 
 use super::metadata::{Entry, Header, MetaError, Slot, HEADER_LEN};
+use crate::storage::Piece;
 
 #[derive(Debug, Error)]
 pub enum SpareError {
@@ -180,6 +182,18 @@ impl Spare {
 
     fn block_offset(&self, block: u64) -> u64 {
         self.header.data_offset() + block * u64::from(self.header.block_size)
+    }
+
+    /// Where `len` bytes from byte `skip` of spare block `block` live, as a piece of a request
+    /// at its byte `at`.
+    pub fn piece(&self, block: u64, skip: u64, len: u64, at: u64) -> Piece {
+        Piece {
+            fd: self.file.as_raw_fd(),
+            file_offset: self.block_offset(block) + skip,
+            at,
+            len,
+            align: 1,
+        }
     }
 
     pub fn read_block(&self, block: u64, buf: &mut [u8]) -> io::Result<()> {

@@ -88,6 +88,12 @@ impl RemapTable {
         self.snap.load_full()
     }
 
+    /// The current snapshot for one request: cheaper than [`snapshot`](Self::snapshot) (no
+    /// reference count shared by every queue is touched), to be dropped soon.
+    pub fn view(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.snap.load()
+    }
+
     pub fn spare(&self) -> &Spare {
         &self.spare
     }

@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use super::metadata::{Cause, Entry};
 use super::table::RemapTable;
 use crate::fault::MediaError;
-use crate::storage::BlockIo;
+use crate::storage::{BlockIo, Dir, Route};
 
 pub struct RemapTarget {
     main: Arc<dyn BlockIo>,
@@ -315,6 +315,65 @@ impl BlockIo for RemapTarget {
             }
             self.zero_split(first, last, unmap)
         })
+    }
+
+    /// Reads are split into runs of the main image and of the spare file. Writes go straight
+    /// only where no block is remapped or pending: a write to a remapped block would land in a
+    /// spare block that a concurrent remap-remove may hand to another block before the write
+    /// runs. Either way the ticket is the move generation, checked again at the end
+    /// ([`MoveGuard::write`]'s rule, for I/O that someone else carries out).
+    fn route(&self, dir: Dir, offset: u64, len: u64, at: u64, route: &mut Route) -> bool {
+        let gen = self.moves.gen.load(Ordering::SeqCst);
+        if !gen.is_multiple_of(2) {
+            return false;
+        }
+        route.ticket = gen;
+        let (first, last) = self.blocks(offset, len);
+        let snap = self.table.view();
+        if dir == Dir::Write {
+            return !snap.touches(first, last) && self.main.route(dir, offset, len, at, route);
+        }
+        let end = offset + len;
+        let mut pos = offset;
+        for (&b, e) in snap.map.range(first..=last) {
+            let start = (b * self.bs).max(offset);
+            if pos < start
+                && !self
+                    .main
+                    .route(dir, pos, start - pos, at + pos - offset, route)
+            {
+                return false;
+            }
+            let stop = ((b + 1) * self.bs).min(end);
+            let piece = self.table.spare().piece(
+                e.spare_block,
+                start - b * self.bs,
+                stop - start,
+                at + start - offset,
+            );
+            match route.pieces.last_mut() {
+                // Neighbouring blocks often sit in neighbouring spare blocks: one run.
+                Some(prev)
+                    if prev.fd == piece.fd
+                        && prev.file_offset + prev.len == piece.file_offset
+                        && prev.at + prev.len == piece.at =>
+                {
+                    prev.len += piece.len
+                }
+                _ => route.pieces.push(piece),
+            }
+            pos = stop;
+        }
+        pos == end
+            || self
+                .main
+                .route(dir, pos, end - pos, at + pos - offset, route)
+    }
+
+    fn route_valid(&self, ticket: u64) -> bool {
+        // Pairs with the mover's increment before it copies, as in MoveGuard::write.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.moves.gen.load(Ordering::SeqCst) == ticket
     }
 }
 

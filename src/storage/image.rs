@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use log::info;
 use thiserror::Error;
 
-use super::BlockIo;
+use super::{BlockIo, Dir, Piece, Route};
 
 /// `BLKGETSIZE64`, `_IOR(0x12, 114, size_t)`.
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -299,6 +299,17 @@ impl BlockIo for Image {
         transfer(self.fd(), offset, iov, Dir::Write)
     }
 
+    fn route(&self, _dir: Dir, offset: u64, len: u64, at: u64, route: &mut Route) -> bool {
+        route.pieces.push(Piece {
+            fd: self.fd(),
+            file_offset: offset,
+            at,
+            len,
+            align: if self.direct { DIRECT_ALIGN as u64 } else { 1 },
+        });
+        true
+    }
+
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
     }
@@ -378,12 +389,6 @@ fn block_device_size(file: &File) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(size)
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Dir {
-    Read,
-    Write,
 }
 
 /// Moves all of `iov` at `offset`, retrying short transfers and EINTR.

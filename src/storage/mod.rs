@@ -1,10 +1,41 @@
 //! The image underneath everything: opening it, and the I/O engines behind one trait.
 
 pub mod image;
+pub mod null;
 
 use std::io;
+use std::os::fd::RawFd;
 
 pub use image::{Image, ImageError, ImageKind, OpenOptions};
+pub use null::NullTarget;
+
+/// Which way data moves, for [`BlockIo::route`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    Read,
+    Write,
+}
+
+/// A run of a request that can go straight to a file: `len` bytes at byte `at` of the
+/// request's data live at `file_offset` in `fd`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    pub fd: RawFd,
+    pub file_offset: u64,
+    pub at: u64,
+    pub len: u64,
+    /// O_DIRECT files need buffers, offsets and lengths aligned to this; 1 for none.
+    pub align: u64,
+}
+
+/// Where a request's data lives, as found by [`BlockIo::route`]. Reused between requests so
+/// routing allocates nothing.
+#[derive(Debug, Default)]
+pub struct Route {
+    pub pieces: Vec<Piece>,
+    /// Handed back to [`BlockIo::route_valid`] once the pieces are done.
+    pub ticket: u64,
+}
 
 /// A place guest data lives. Offsets and lengths are in bytes; callers have validated them
 /// against the capacity. Implementations complete the whole transfer or fail: a short read or
@@ -32,4 +63,20 @@ pub trait BlockIo: Send + Sync {
 
     /// Zeroes a range, deallocating it when `unmap` allows.
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
+
+    /// For an engine that does the I/O itself (io_uring): the file runs a plain read or write
+    /// of `len` bytes at `offset` would touch, appended to `route.pieces` with request
+    /// positions starting at `at`. False when this layer must see the request itself (an
+    /// injected fault, a block being repaired...): then [`readv`](Self::readv) /
+    /// [`writev`](Self::writev) must be used.
+    fn route(&self, _dir: Dir, _offset: u64, _len: u64, _at: u64, _route: &mut Route) -> bool {
+        false
+    }
+
+    /// Whether pieces found by [`route`](Self::route) with `ticket` are still where the data
+    /// lives now that the I/O is done (a remap may have moved it meanwhile). When false the
+    /// request must be done again through `readv` / `writev`.
+    fn route_valid(&self, _ticket: u64) -> bool {
+        true
+    }
 }
