@@ -12,8 +12,11 @@ cargo fmt --check
 step "cargo clippy"
 cargo clippy --all-targets -- -D warnings
 
-step "cargo test"
-cargo test --all-targets 2>&1
+step "cargo test (io_uring engine)"
+REMAPBLK_ENGINE=io_uring cargo test --all-targets 2>&1
+
+step "integration tests again on the sync engine"
+REMAPBLK_ENGINE=sync cargo test --tests 2>&1
 
 step "guest end-to-end scenarios (QEMU, TCG)"
 qemu-scripts/ensure-packages.sh
