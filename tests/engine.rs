@@ -35,7 +35,10 @@ fn io_uring_reads_span_image_and_spare_and_return_the_right_bytes() {
     // Remap scattered single blocks and runs, then spoil those blocks in the image file: a
     // read that still went to the image would see the junk.
     for (lba, count) in [(3, 1), (9, 2), (40, 1), (41, 1), (300, 5), (1000, 1)] {
-        s.ctl_ok("remap-add", &[&format!("lba={lba}"), &format!("count={count}")]);
+        s.ctl_ok(
+            "remap-add",
+            &[&format!("lba={lba}"), &format!("count={count}")],
+        );
     }
     let img = std::fs::OpenOptions::new()
         .write(true)
@@ -57,7 +60,10 @@ fn io_uring_reads_span_image_and_spare_and_return_the_right_bytes() {
             );
         }
     }
-    assert!(stat(&s, "ring_io") > before, "the reads went through the ring");
+    assert!(
+        stat(&s, "ring_io") > before,
+        "the reads went through the ring"
+    );
     assert_eq!(stat(&s, "ring_redone"), 0);
 
     // Writes to remapped blocks take the synchronous path and land in the spare.
@@ -74,9 +80,16 @@ fn io_uring_leaves_faulty_blocks_to_the_fault_layer() {
     fill(&mut c, 3, 0, 64 << 10, 4096, 16);
     s.ctl_ok("fault-add", &["op=read", "lba=16", "count=1"]);
     s.ctl_ok("fault-add", &["op=write", "lba=64", "count=1"]);
-    assert!(c.read(0, 12 * 512, 4096).is_err(), "read over the fault fails");
+    assert!(
+        c.read(0, 12 * 512, 4096).is_err(),
+        "read over the fault fails"
+    );
     assert_eq!(c.read(0, 0, 4096).unwrap(), pattern(3, 0, 4096));
-    assert_ne!(c.write(0, 64 * 512, &[1; 512]), 0, "write over the fault fails");
+    assert_ne!(
+        c.write(0, 64 * 512, &[1; 512]),
+        0,
+        "write over the fault fails"
+    );
     assert_eq!(c.write(0, 72 * 512, &[1; 512]), 0);
 }
 

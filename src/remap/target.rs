@@ -237,7 +237,7 @@ impl RemapTarget {
 
     /// The slow path for a write touching remapped or pending blocks, one block at a time.
     fn write_split(&self, first: u64, data: &[u8]) -> io::Result<()> {
-        let snap = self.table.snapshot();
+        let snap = self.table.pin();
         for (i, chunk) in data.chunks(self.bs as usize).enumerate() {
             let b = first + i as u64;
             if let Some(e) = snap.map.get(&b) {
@@ -253,7 +253,7 @@ impl RemapTarget {
     }
 
     fn read_split(&self, first: u64, out: &mut [u8]) -> io::Result<()> {
-        let snap = self.table.snapshot();
+        let snap = self.table.pin();
         for (i, chunk) in out.chunks_mut(self.bs as usize).enumerate() {
             let b = first + i as u64;
             match snap.map.get(&b) {
