@@ -135,8 +135,8 @@ fn damaged_metadata_is_repaired_or_refused() {
     let path = spare.to_str().unwrap();
     assert_eq!(metadata(&["check", path]).0, 0);
 
-    // Corrupt slot A (it holds the newest table here): start-up falls back to slot B, the
-    // newest valid one, and rewrites A from it. `metadata check` names the bad slot first.
+    // Corrupt slot A: start-up uses slot B, which holds the same newest table (every commit
+    // writes both), and rewrites A from it. `metadata check` names the bad slot first.
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(&spare)
@@ -149,6 +149,8 @@ fn damaged_metadata_is_repaired_or_refused() {
     s.spawn();
     assert!(s.log().contains("was bad and has been rewritten"));
     assert_eq!(metadata(&["check", path]).0, 0);
+    assert_eq!(s.ctl_ok("query-status", &[])["remaps"], 1, "no remap lost");
+    assert_eq!(s.client(1).read(0, 10 * 512, 512).unwrap(), vec![7u8; 512]);
     s.signal(libc::SIGTERM);
     s.wait_exit(Duration::from_secs(5));
 

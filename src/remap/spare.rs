@@ -36,7 +36,8 @@ pub enum SpareError {
 }
 
 struct CommitState {
-    /// Slot the next commit goes to (0 = A, 1 = B).
+    /// Slot a commit writes first (0 = A, 1 = B): the one that did not hold the table found
+    /// at start-up, so a crash in the first write never touches the only good copy.
     next: usize,
     seq: u64,
 }
@@ -89,9 +90,9 @@ impl Spare {
             header,
             commit: Mutex::new(CommitState { next: 0, seq: 0 }),
         };
-        // Both slots valid from the start, so a crash during the first commit leaves one.
-        spare.commit(&[]).map_err(io_err(path, "write slot A"))?;
-        spare.commit(&[]).map_err(io_err(path, "write slot B"))?;
+        spare
+            .commit(&[])
+            .map_err(io_err(path, "write its metadata slots"))?;
         Ok(spare)
     }
 
@@ -140,14 +141,16 @@ impl Spare {
             }),
         };
         let other = 1 - best;
-        let repaired = if slots[other].is_err() {
-            // Rewrite the bad slot now, so the next torn write still leaves a good one.
-            spare
-                .commit(&entries)
-                .map_err(io_err(path, "repair its bad metadata slot"))?;
-            Some(slot_name(other))
-        } else {
-            None
+        let repaired = match &slots[other] {
+            Ok(s) if s.seq == slot.seq => None,
+            twin => {
+                // A bad slot, or one a crash left a commit behind: give the table its second
+                // copy again before anything else changes it.
+                spare
+                    .commit(&entries)
+                    .map_err(io_err(path, "repair its metadata slot"))?;
+                twin.is_err().then(|| slot_name(other))
+            }
         };
         Ok(Opened {
             spare,
@@ -164,19 +167,24 @@ impl Spare {
         &self.path
     }
 
-    /// Makes `entries` the durable table: the older slot is overwritten with the next
-    /// sequence number, then fdatasync.
+    /// Makes `entries` the durable table. Both slots get it under the next sequence number,
+    /// one after the other, each made durable before the other is touched: a torn write
+    /// leaves the other slot whole (holding the old table or the new one), and once both are
+    /// written a slot that rots later has an intact twin, so no acknowledged change lives in
+    /// one copy only.
     pub fn commit(&self, entries: &[Entry]) -> io::Result<()> {
         let mut st = self.commit.lock().unwrap_or_else(|p| p.into_inner());
         let slot = Slot {
             seq: st.seq + 1,
             entries: entries.to_vec(),
         };
-        let at = HEADER_LEN + st.next as u64 * self.header.slot_size();
-        self.file.write_all_at(&slot.encode(), at)?;
-        self.file.sync_data()?;
+        let bytes = slot.encode();
+        for i in [st.next, 1 - st.next] {
+            let at = HEADER_LEN + i as u64 * self.header.slot_size();
+            self.file.write_all_at(&bytes, at)?;
+            self.file.sync_data()?;
+        }
         st.seq += 1;
-        st.next = 1 - st.next;
         Ok(())
     }
 
@@ -354,7 +362,7 @@ mod tests {
     }
 
     #[test]
-    fn commits_alternate_and_the_newest_wins() {
+    fn commits_go_to_both_slots_and_the_newest_wins() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s");
         let s = Spare::create(&p, header()).unwrap();
@@ -371,14 +379,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s");
         let s = Spare::create(&p, header()).unwrap();
-        s.commit(&[entry(7, 3)]).unwrap(); // seq 3, slot A
+        s.commit(&[entry(7, 3)]).unwrap();
         drop(s);
         let f = OpenOptions::new().write(true).open(&p).unwrap();
         f.write_all_at(&[0xff; 8], HEADER_LEN + 20).unwrap(); // corrupt A
         drop(f);
         let o = Spare::open(&p, 512, 1 << 20).unwrap();
         assert_eq!(o.repaired, Some('A'));
-        assert_eq!(o.entries, vec![], "B (seq 2) held the empty table");
+        assert_eq!(
+            o.entries,
+            vec![entry(7, 3)],
+            "B holds the same, newest table"
+        );
         drop(o);
         let i = inspect(&p).unwrap();
         assert!(i.slots[0].is_ok() && i.slots[1].is_ok());
@@ -390,6 +402,37 @@ mod tests {
         drop(f);
         let e = Spare::open(&p, 512, 1 << 20).err().unwrap();
         assert!(matches!(e, SpareError::BothSlots { .. }), "{e}");
+    }
+
+    /// A crash between the two writes of a commit: one slot has the new table, the other the
+    /// old one. The new one wins, and start-up brings the other level with it.
+    #[test]
+    fn interrupted_commit_is_completed_at_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let s = Spare::create(&p, header()).unwrap();
+        s.commit(&[entry(1, 0)]).unwrap();
+        let old_b = {
+            let mut b = vec![0u8; header().slot_size() as usize];
+            s.file
+                .read_exact_at(&mut b, HEADER_LEN + header().slot_size())
+                .unwrap();
+            b
+        };
+        s.commit(&[entry(1, 0), entry(2, 1)]).unwrap();
+        // Put B back as it was before the last commit's second write.
+        s.file
+            .write_all_at(&old_b, HEADER_LEN + header().slot_size())
+            .unwrap();
+        drop(s);
+        let before = inspect(&p).unwrap();
+        assert!(matches!(&before.slots[1], Ok(b) if b.entries == vec![entry(1, 0)]));
+        let o = Spare::open(&p, 512, 1 << 20).unwrap();
+        assert_eq!(o.entries, vec![entry(1, 0), entry(2, 1)]);
+        assert_eq!(o.repaired, None, "a stale slot is not a bad one");
+        drop(o);
+        let after = inspect(&p).unwrap();
+        assert!(matches!(&after.slots[1], Ok(b) if b.entries == vec![entry(1, 0), entry(2, 1)]));
     }
 
     #[test]
