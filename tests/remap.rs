@@ -231,6 +231,12 @@ fn remap_add_and_remove_move_data_both_ways() {
         (vec!["count=2"], "lba"),
         (vec!["lba=8192"], "lba"),
         (vec!["lba=8190", "count=4"], "count"),
+        (vec!["lba=0", "count=3", "stride=4096"], "count"),
+        (vec!["lba=0", "stride=0"], "stride"),
+        (
+            vec!["lba=0", "count=65", "stride=2"],
+            "the spare file has 64 free blocks",
+        ),
     ] {
         let (code, _, err) = s.ctl("remap-add", &args);
         assert_eq!(code, 1);
@@ -239,6 +245,41 @@ fn remap_add_and_remove_move_data_both_ways() {
             "{args:?}: {err}"
         );
     }
+}
+
+/// `stride` scatters one command's remaps; they take one table change and read back right.
+#[test]
+fn remap_add_with_stride_scatters_blocks() {
+    let s = Server::start(4 * MIB, &["--spare-blocks", "1024"]);
+    let mut c = s.client(1);
+    fill(&mut c, 4, 0, 4 * MIB, 64 << 10, 16);
+    let added = s.ctl_ok("remap-add", &["lba=5", "count=1000", "stride=7"]);
+    let lbas: Vec<u64> = added
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["lba"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lbas, (0..1000).map(|i| 5 + 7 * i).collect::<Vec<_>>());
+    assert!(s.log().contains("1000 blocks remapped in one table change"));
+    assert_eq!(s.ctl_ok("query-status", &[])["spare_free"], 24);
+    // Spoil the main image under the remapped blocks: reads must come from the spare.
+    let img = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&s.image)
+        .unwrap();
+    for i in 0..1000u64 {
+        img.write_all_at(&[0xee; 512], (5 + 7 * i) * 512).unwrap();
+    }
+    verify(&mut c, 4, 0, 4 * MIB, 64 << 10, 16);
+    assert_eq!(
+        s.ctl_ok("remap-remove", &["lba=5", "count=1000", "stride=7"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1000
+    );
+    verify(&mut c, 4, 0, 4 * MIB, 64 << 10, 16);
 }
 
 /// Remaps move blocks back and forth while four queues write to them; at the end every chunk

@@ -23,6 +23,9 @@ use crate::virtio::request::{GuestMem, Request, RequestType};
 
 /// user_data of cancellation requests; never a slot index.
 const CANCEL: u64 = u64::MAX;
+/// A request split into more runs than this (a read across many scattered remaps) takes the
+/// synchronous path rather than flood the ring.
+const MAX_PIECES: usize = 64;
 /// How long dropping an engine waits for I/O the kernel still holds.
 const DROP_WAIT: Duration = Duration::from_secs(5);
 
@@ -91,6 +94,9 @@ pub struct Engine {
     unsubmitted: usize,
     /// Submissions the kernel has and has not completed.
     in_kernel: usize,
+    /// At most this many submissions in flight: the completion ring (twice the size) can
+    /// never overflow, so the kernel never refuses a submission with EBUSY.
+    limit: usize,
     queue: usize,
 }
 
@@ -117,6 +123,7 @@ impl Engine {
             iov: Vec::new(),
             unsubmitted: 0,
             in_kernel: 0,
+            limit: entries as usize,
             queue,
         })
     }
@@ -150,7 +157,10 @@ impl Engine {
             return Err(req);
         }
         self.route.pieces.clear();
-        if !target.route(dir, req.offset(), req.data_len, 0, &mut self.route) {
+        if !target.route(dir, req.offset(), req.data_len, 0, &mut self.route)
+            || self.route.pieces.len() > MAX_PIECES
+            || self.in_kernel + self.unsubmitted + self.route.pieces.len() > self.limit
+        {
             return Err(req);
         }
         self.iov.clear();
@@ -255,10 +265,6 @@ impl Engine {
                     self.in_kernel += n;
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                // Out of kernel resources: wait for some completions and try again.
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    self.ring.submit_and_wait(1)?;
-                }
                 Err(e) => return Err(e),
             }
         }
@@ -306,7 +312,16 @@ impl Engine {
             }
             drop(cq);
             if !any {
-                return;
+                break;
+            }
+        }
+        if self.unsubmitted > 0 {
+            // An earlier submission failed; completions made room, so try again.
+            if let Err(e) = self.submit() {
+                warn!(
+                    "queue {}: io_uring submission failed again: {e}",
+                    self.queue
+                );
             }
         }
     }

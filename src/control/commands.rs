@@ -50,15 +50,15 @@ impl Commands {
             "fault-clear" => no_args(args).map(|_| json!({ "removed": self.faults.clear() })),
             "remap-list" => no_args(args).map(|_| entries_json(&self.remap.table().entries())),
             "pending-list" => no_args(args).map(|_| json!(self.remap.table().pending())),
-            "remap-add" => self.block_range(args).and_then(|(lba, count)| {
+            "remap-add" => self.block_range(args).and_then(|blocks| {
                 self.remap
-                    .remap_add(lba, count)
+                    .remap_add(blocks)
                     .map(|e| entries_json(&e))
                     .map_err(|e| CommandError::generic(e.to_string()))
             }),
-            "remap-remove" => self.block_range(args).and_then(|(lba, count)| {
+            "remap-remove" => self.block_range(args).and_then(|blocks| {
                 self.remap
-                    .remap_remove(lba, count)
+                    .remap_remove(blocks)
                     .map(|e| entries_json(&e))
                     .map_err(|e| CommandError::generic(e.to_string()))
             }),
@@ -105,10 +105,17 @@ impl Commands {
     }
 
     /// `lba=N [count=M]` of remap-add and remap-remove, checked against the capacity.
-    fn block_range(&self, args: &Map<String, Value>) -> Result<(u64, u64), CommandError> {
-        if let Some(k) = args.keys().find(|k| *k != "lba" && *k != "count") {
+    /// The blocks `lba`, `lba + stride`, ... (`count` of them; stride 1 by default: a run).
+    fn block_range(
+        &self,
+        args: &Map<String, Value>,
+    ) -> Result<std::iter::StepBy<std::ops::Range<u64>>, CommandError> {
+        if let Some(k) = args
+            .keys()
+            .find(|k| !["lba", "count", "stride"].contains(&k.as_str()))
+        {
             return Err(CommandError::generic(format!(
-                "{k}: unknown argument; this command takes lba and count"
+                "{k}: unknown argument; this command takes lba, count and stride"
             )));
         }
         let num = |field: &str| -> Result<Option<u64>, CommandError> {
@@ -130,12 +137,23 @@ impl Commands {
             )));
         }
         let count = num("count")?.unwrap_or(1);
-        if count == 0 || lba.checked_add(count).is_none_or(|end| end > blocks) {
+        let stride = num("stride")?.unwrap_or(1);
+        if stride == 0 {
+            return Err(CommandError::generic(
+                "stride: must be at least 1 (1 = consecutive blocks)",
+            ));
+        }
+        let end = count
+            .saturating_sub(1)
+            .checked_mul(stride)
+            .and_then(|span| span.checked_add(lba));
+        if count == 0 || end.is_none_or(|last| last >= blocks) {
             return Err(CommandError::generic(format!(
-                "count: {count} blocks from lba {lba} do not fit the disk ({blocks} blocks)"
+                "count: {count} blocks from lba {lba} every {stride} do not fit the disk ({blocks} blocks)"
             )));
         }
-        Ok((lba, count))
+        let last = end.unwrap_or(lba);
+        Ok((lba..last + 1).step_by(stride as usize))
     }
 
     fn inflight(&self) -> usize {

@@ -209,6 +209,66 @@ impl RemapTable {
         self.remap_locked(&mut inner, lba, data, cause)
     }
 
+    /// Gives every block of `blocks` (a block and its data) a spare block, with one table
+    /// commit for all of them: the data is made durable first (one fdatasync), then the
+    /// table. Refuses up front, changing nothing, when the spare has too few free blocks.
+    /// Blocks already remapped are skipped. Returns the new entries.
+    pub fn remap_batch(&self, blocks: &[(u64, Vec<u8>)], cause: Cause) -> io::Result<Vec<Entry>> {
+        let mut inner = self.lock();
+        let todo: Vec<&(u64, Vec<u8>)> = blocks
+            .iter()
+            .filter(|(lba, _)| !inner.map.contains_key(lba))
+            .collect();
+        if todo.len() > inner.free.len() {
+            return Err(io::Error::other(format!(
+                "the spare file has {} free blocks, {} are needed; nothing was remapped",
+                inner.free.len(),
+                todo.len()
+            )));
+        }
+        let since = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut new = Vec::with_capacity(todo.len());
+        let mut taken = Vec::with_capacity(todo.len());
+        let written = todo.iter().try_for_each(|(lba, data)| {
+            let block = inner
+                .free
+                .pop_first()
+                .ok_or_else(|| io::Error::other("spare file exhausted"))?;
+            taken.push(block);
+            new.push(Entry {
+                lba: *lba,
+                spare_block: block,
+                cause,
+                since,
+            });
+            self.spare.write_block(block, data)
+        });
+        let durable = written.and_then(|()| self.spare.sync()).and_then(|()| {
+            let mut all = inner.map.clone();
+            all.extend(new.iter().map(|e| (e.lba, *e)));
+            self.spare
+                .commit(&all.values().copied().collect::<Vec<_>>())
+        });
+        if let Err(e) = durable {
+            inner.free.extend(taken);
+            return Err(e);
+        }
+        for e in &new {
+            inner.map.insert(e.lba, *e);
+            inner.pending.remove(&e.lba);
+        }
+        self.publish(&inner);
+        info!(
+            "{} blocks remapped in one table change ({})",
+            new.len(),
+            cause.name()
+        );
+        Ok(new)
+    }
+
     /// Drops the entry of `lba` after `copy_back` has put the block's data where it belongs;
     /// the spare block is free once the smaller table is durable and no request that found
     /// it in an older snapshot is still running.

@@ -126,34 +126,41 @@ impl RemapTarget {
         &self.table
     }
 
-    /// `remap-add`: copies blocks `[lba, lba + count)` to new spare blocks and switches the
-    /// table, safely against concurrent guest writes. Blocks already remapped are left alone.
-    pub fn remap_add(&self, lba: u64, count: u64) -> io::Result<Vec<Entry>> {
+    /// `remap-add`: copies `blocks` to new spare blocks and switches the table, safely
+    /// against concurrent guest writes, one table change per batch of blocks. Blocks already
+    /// remapped are left alone. Returns the entries of all of `blocks`.
+    pub fn remap_add(&self, blocks: impl Iterator<Item = u64>) -> io::Result<Vec<Entry>> {
+        const BATCH: usize = 4096;
+        let blocks: Vec<u64> = blocks.collect();
         self.moves.run(|| {
-            let mut out = Vec::new();
-            for b in lba..lba + count {
-                if let Some(e) = self.table.snapshot().map.get(&b) {
-                    out.push(*e);
-                    continue;
+            for chunk in blocks.chunks(BATCH) {
+                let snap = self.table.snapshot();
+                let mut copies = Vec::with_capacity(chunk.len());
+                for &b in chunk.iter().filter(|b| !snap.map.contains_key(b)) {
+                    let data = self.main_read_block(b).map_err(|e| {
+                        io::Error::new(
+                            e.kind(),
+                            format!("cannot copy block {b} to the spare: reading it failed: {e}"),
+                        )
+                    })?;
+                    copies.push((b, data));
                 }
-                let data = self.main_read_block(b).map_err(|e| {
-                    io::Error::new(
-                        e.kind(),
-                        format!("cannot copy block {b} to the spare: reading it failed: {e}"),
-                    )
-                })?;
-                out.push(self.table.remap_with_data(b, &data, Cause::Manual)?);
+                self.table.remap_batch(&copies, Cause::Manual)?;
             }
-            Ok(out)
+            let snap = self.table.snapshot();
+            Ok(blocks
+                .iter()
+                .filter_map(|b| snap.map.get(b).copied())
+                .collect())
         })
     }
 
-    /// `remap-remove`: copies remapped blocks of `[lba, lba + count)` back to the main image
-    /// and frees their spare blocks. Returns the entries removed.
-    pub fn remap_remove(&self, lba: u64, count: u64) -> io::Result<Vec<Entry>> {
+    /// `remap-remove`: copies the remapped ones of `blocks` back to the main image and frees
+    /// their spare blocks. Returns the entries removed.
+    pub fn remap_remove(&self, blocks: impl Iterator<Item = u64>) -> io::Result<Vec<Entry>> {
         self.moves.run(|| {
             let mut out = Vec::new();
-            for b in lba..lba + count {
+            for b in blocks {
                 let removed = self.table.unmap(b, |e| {
                     let mut buf = vec![0u8; self.bs as usize];
                     self.table.spare().read_block(e.spare_block, &mut buf)?;
