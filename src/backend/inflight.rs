@@ -64,6 +64,14 @@ struct Inner {
     inflight: HashMap<u16, InflightReq>,
 }
 
+/// One request's completion, for [`QueueCtl::complete_many`].
+#[derive(Debug, Clone, Copy)]
+pub struct Completion {
+    pub head: u16,
+    pub status: Option<(GuestAddress, Status)>,
+    pub used_len: u32,
+}
+
 pub enum Pop<T> {
     Popped(T),
     Empty,
@@ -183,26 +191,51 @@ impl QueueCtl {
         status: Option<(GuestAddress, Status)>,
         used_len: u32,
     ) -> bool {
+        let one = Completion {
+            head,
+            status,
+            used_len,
+        };
+        self.complete_many(vring, mem, std::slice::from_ref(&one)) == 1
+    }
+
+    /// Completes a batch of requests with one signal to the guest: each status byte and used
+    /// entry is written, then the guest is signalled, and only then (the table's lock held
+    /// throughout, so no drain looks in between) do they leave the table. Requests a drain
+    /// already completed are skipped. Returns how many were completed.
+    pub fn complete_many(&self, vring: &Vring, mem: &GuestMem, done: &[Completion]) -> usize {
+        if done.is_empty() {
+            return 0;
+        }
         let mut state = vring.get_mut();
-        if !self.lock().inflight.contains_key(&head) {
-            return false;
-        }
-        if let Some((addr, st)) = status {
-            if let Err(e) = mem.write_obj(st as u8, addr) {
-                // Checked at parse time; only a memory table change could get here.
-                warn!("queue {}: cannot write status byte: {e}", self.index);
+        let mut inner = self.lock();
+        let mut n = 0;
+        for c in done {
+            if !inner.inflight.contains_key(&c.head) {
+                continue;
             }
+            if let Some((addr, st)) = c.status {
+                if let Err(e) = mem.write_obj(st as u8, addr) {
+                    // Checked at parse time; only a memory table change could get here.
+                    warn!("queue {}: cannot write status byte: {e}", self.index);
+                }
+            }
+            if let Err(e) = state.add_used(c.head, c.used_len) {
+                error!("queue {}: cannot add used entry: {e}", self.index);
+            }
+            n += 1;
         }
-        if let Err(e) = state.add_used(head, used_len) {
-            error!("queue {}: cannot add used entry: {e}", self.index);
+        if n == 0 {
+            return 0;
         }
         signal(&mut state, self.index);
-        let mut inner = self.lock();
-        inner.inflight.remove(&head);
+        for c in done {
+            inner.inflight.remove(&c.head);
+        }
         if inner.inflight.is_empty() && inner.phase != Phase::Running {
             self.drained.notify_all();
         }
-        true
+        n
     }
 
     /// Stops taking descriptors and waits until every accepted request is complete, at most

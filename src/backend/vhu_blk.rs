@@ -21,7 +21,7 @@ use vmm_sys_util::event::{
 
 use super::device::Device;
 use super::exec::{execute, ExecCtx, ExecError};
-use super::inflight::{DrainReport, Gm, InflightReq, Phase, Pop, QueueCtl, Vring};
+use super::inflight::{Completion, DrainReport, Gm, InflightReq, Phase, Pop, QueueCtl, Vring};
 use super::uring::{Done, Engine};
 use crate::stats::QueueStats;
 use crate::virtio::config::WRITEBACK_OFFSET;
@@ -266,17 +266,29 @@ impl BlkBackend {
             }
             e.reap(&mut done);
         }
-        for d in done {
-            self.finish_ring_io(q, vring, d);
+        if done.is_empty() {
+            return;
+        }
+        let ctl = &self.conn.queues[q];
+        let completions: Vec<Completion> = done
+            .iter()
+            .filter_map(|d| self.finish_ring_io(q, d))
+            .collect();
+        // One used-ring update and one interrupt for the whole batch.
+        let mem = self.conn.mem.memory();
+        ctl.complete_many(vring, &mem, &completions);
+        let stats = self.conn.dev.stats.queue(q);
+        for d in &done {
+            stats.latency.record(d.since.elapsed());
         }
     }
 
-    fn finish_ring_io(&self, q: usize, vring: &Vring, d: Done) {
+    /// The outcome of a request whose ring I/O is over (done again synchronously if need be).
+    fn finish_ring_io(&self, q: usize, d: &Done) -> Option<Completion> {
         let dev = &*self.conn.dev;
-        let ctl = &self.conn.queues[q];
-        if !ctl.holds(d.head) {
+        if !self.conn.queues[q].holds(d.head) {
             // A drain gave up on it and completed it already.
-            return;
+            return None;
         }
         let target = dev.target.as_ref();
         let ctx = self.exec_ctx();
@@ -291,8 +303,7 @@ impl BlkBackend {
         } else {
             target.flush().map(|()| 0).map_err(ExecError::from)
         };
-        self.finish(q, ctl, vring, &d.mem, d.head, &d.req, result);
-        dev.stats.queue(q).latency.record(d.since.elapsed());
+        Some(self.outcome(q, d.head, &d.req, result))
     }
 
     fn exec_ctx(&self) -> ExecCtx<'_> {
@@ -391,6 +402,18 @@ impl BlkBackend {
         req: &Request,
         result: Result<u32, ExecError>,
     ) {
+        let c = self.outcome(q, head, req, result);
+        ctl.complete(vring, mem, c.head, c.status, c.used_len);
+    }
+
+    /// Counts (and logs, when it failed) a request's outcome.
+    fn outcome(
+        &self,
+        q: usize,
+        head: u16,
+        req: &Request,
+        result: Result<u32, ExecError>,
+    ) -> Completion {
         count(self.conn.dev.stats.queue(q), req, result.is_ok());
         let (status, used_len) = match result {
             Ok(n) => (Status::Ok, n + 1),
@@ -404,7 +427,11 @@ impl BlkBackend {
                 (Status::IoErr, 1)
             }
         };
-        ctl.complete(vring, mem, head, Some((req.status_addr, status)), used_len);
+        Completion {
+            head,
+            status: Some((req.status_addr, status)),
+            used_len,
+        }
     }
 }
 
