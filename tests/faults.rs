@@ -278,10 +278,13 @@ fn faults_file_and_event_log() {
         s.ctl_ok("quiesce", &[]);
         s.ctl_ok("resume", &[]);
     }
+    // Not just the text "disconnect": the drain event before it has reason "disconnect".
     wait_until("the disconnect event", Duration::from_secs(10), || {
         std::fs::read_to_string(&events)
             .unwrap_or_default()
-            .contains("\"disconnect\"")
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|v| v["event"] == "disconnect")
     });
     let log = std::fs::read_to_string(&events).unwrap();
     let names: Vec<String> = log
