@@ -121,6 +121,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ENGINE", value_enum, env = "REMAPBLK_ENGINE")]
     pub engine: Option<EngineArg>,
 
+    /// After a burst of requests, keep polling the ring (guest notifications off) and the
+    /// engine's completions for this many microseconds of idleness before sleeping again.
+    /// Saves a wakeup and a guest kick per batch at the cost of CPU time; 0 = off.
+    #[arg(long, value_name = "US", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub poll_us: u64,
+
     /// How long a ring stop, reset, disconnect or exit waits for in-flight requests before
     /// completing them with IOERR.
     #[arg(long, value_name = "MS", default_value_t = 10_000)]

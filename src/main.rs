@@ -130,6 +130,7 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
         drain_timeout: Duration::from_millis(a.drain_timeout_ms),
         uring: engine == EngineArg::IoUring,
         engine: engine_name(engine),
+        poll: Duration::from_micros(a.poll_us),
     };
     let control_path = a.control.clone().unwrap_or_else(|| {
         let mut p = a.socket.clone().into_os_string();

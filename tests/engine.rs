@@ -5,6 +5,7 @@
 mod common;
 
 use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -126,4 +127,40 @@ fn unknown_engine_is_bad_usage() {
     );
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("io_uring"), "{err}");
+}
+
+/// A worker that keeps polling its ring still lets every way of stopping it through: the
+/// client leaves, the next one is served, and SIGTERM ends the process in time.
+#[test]
+fn polling_workers_serve_and_stop_cleanly() {
+    for engine in ["io_uring", "sync"] {
+        let mut s = Server::start(
+            4 * MIB,
+            &[
+                "--engine",
+                engine,
+                "--poll-us",
+                "100000",
+                "--num-queues",
+                "2",
+            ],
+        );
+        let mut c = s.client(2);
+        fill(&mut c, 11, 0, MIB, 16 << 10, 32);
+        verify(&mut c, 11, 0, MIB, 16 << 10, 64);
+        drop(c);
+        wait_until("the client to be gone", Duration::from_secs(10), || {
+            s.ctl_ok("query-status", &[])["connected"] == false
+        });
+        let mut c = s.client(2);
+        verify(&mut c, 11, 0, MIB, 16 << 10, 16);
+        let t0 = Instant::now();
+        s.signal(libc::SIGTERM);
+        assert_eq!(s.wait_exit(Duration::from_secs(5)).code(), Some(0));
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "{engine}: exit took {:?}",
+            t0.elapsed()
+        );
+    }
 }

@@ -39,6 +39,8 @@ pub struct DeviceConfig {
     pub uring: bool,
     /// The engine's name, for status reports: "io_uring", "sync" or "null".
     pub engine: &'static str,
+    /// `--poll-us`: how long a worker keeps polling its ring after the last work; zero: off.
+    pub poll: Duration,
 }
 
 pub struct Device {

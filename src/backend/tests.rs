@@ -134,6 +134,7 @@ fn rig(readonly: bool, drain_timeout: Duration) -> Rig {
             drain_timeout,
             uring: false,
             engine: "sync",
+            poll: Duration::ZERO,
         },
         target.clone(),
     ));

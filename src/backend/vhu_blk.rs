@@ -3,6 +3,7 @@
 //! its own [`QueueCtl`], so the I/O path shares no lock between queues.
 
 use std::io;
+use std::num::Wrapping;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -182,66 +183,100 @@ impl BlkBackend {
         if !ctl.start_if_ready(vring, ready) {
             return;
         }
-        let mem = conn.mem.memory();
-        self.pop_all(q, ctl, vring, &mem);
+        if !self.pop_all(q, ctl, vring) {
+            self.reap(q, vring, true);
+            return;
+        }
         // One system call for the whole kick's batch; completions that the kernel finished
         // inline (page-cache hits) are reaped right away rather than on the next wakeup.
         self.reap(q, vring, true);
+        let poll = conn.dev.cfg.poll;
+        if !poll.is_zero() {
+            self.poll(q, ctl, vring, poll);
+        }
     }
 
-    fn pop_all(
-        &self,
-        q: usize,
-        ctl: &QueueCtl,
-        vring: &Vring,
-        mem: &GuestMemoryLoadGuard<GuestMem>,
-    ) {
-        let conn = &*self.conn;
-        let event_idx = conn.event_idx.load(Ordering::Relaxed);
+    /// `--poll-us`: keeps watching the ring (guest notifications off, so it need not kick)
+    /// and the engine's completions until nothing has happened for `poll`, then goes back
+    /// to sleeping on the kick eventfd. Trades CPU time for the wakeups it saves.
+    fn poll(&self, q: usize, ctl: &QueueCtl, vring: &Vring, poll: std::time::Duration) {
+        let _ = vring.disable_notification();
+        let mut last_work = Instant::now();
         loop {
-            if event_idx {
-                let _ = vring.disable_notification();
-            }
-            loop {
-                match self.pop(ctl, vring, mem) {
-                    Pop::Popped((head, parsed, popped)) => {
-                        let parsed = match (self.engine(q), parsed) {
-                            (Some(mut e), Ok(req)) => {
-                                match e.try_queue(conn.dev.target.as_ref(), head, req, mem, popped)
-                                {
-                                    Ok(()) => {
-                                        QueueStats::inc(&conn.dev.stats.queue(q).ring_io);
-                                        continue;
-                                    }
-                                    Err(req) => {
-                                        // About to block on synchronous I/O: let the kernel
-                                        // start on what is queued first.
-                                        self.submit(q, &mut e);
-                                        Ok(req)
-                                    }
-                                }
-                            }
-                            (_, parsed) => parsed,
-                        };
-                        self.run(q, ctl, vring, mem, head, parsed);
-                        conn.dev.stats.queue(q).latency.record(popped.elapsed());
-                    }
-                    Pop::Empty => break,
-                    // Stopping: leave the rest in the avail ring for whoever starts it again.
-                    Pop::NotRunning => return,
-                }
-            }
-            if !event_idx {
+            let (popped, running) = self.pop_available(q, ctl, vring);
+            let reaped = self.reap(q, vring, popped > 0);
+            // The frontend may take the ring away, or a quiesce begin, while we spin.
+            let ready = vring.get_ref().get_queue().ready() && !self.conn.dev.is_quiesced();
+            if !running || !ready {
                 break;
+            }
+            if popped + reaped > 0 {
+                last_work = Instant::now();
+            } else if last_work.elapsed() >= poll {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        // Notifications back on, and whatever slipped in before they were is taken now.
+        if self.pop_all(q, ctl, vring) {
+            self.reap(q, vring, true);
+        }
+    }
+
+    /// Takes every available descriptor chain, with guest notifications off while it does;
+    /// returns false when the queue stopped running meanwhile.
+    fn pop_all(&self, q: usize, ctl: &QueueCtl, vring: &Vring) -> bool {
+        loop {
+            // The guest need not kick for what it adds while we are taking chains anyway.
+            let _ = vring.disable_notification();
+            if !self.pop_available(q, ctl, vring).1 {
+                return false;
             }
             // Re-enabling notification tells us whether the guest added more meanwhile.
             match vring.enable_notification() {
                 Ok(true) => continue,
-                Ok(false) => break,
+                Ok(false) => return true,
                 Err(e) => {
                     warn!("queue {q}: cannot re-enable notifications: {e}");
-                    break;
+                    return true;
                 }
+            }
+        }
+    }
+
+    /// Pops and starts (or runs) every chain in the avail ring. Returns how many, and false
+    /// when the queue is not running (stopping: the rest stays in the ring for whoever
+    /// starts it again).
+    fn pop_available(&self, q: usize, ctl: &QueueCtl, vring: &Vring) -> (usize, bool) {
+        let conn = &*self.conn;
+        let mut n = 0;
+        loop {
+            match self.pop(ctl, vring) {
+                Pop::Popped((head, parsed, popped, mem)) => {
+                    let mem = &mem;
+                    n += 1;
+                    let parsed = match (self.engine(q), parsed) {
+                        (Some(mut e), Ok(req)) => {
+                            match e.try_queue(conn.dev.target.as_ref(), head, req, mem, popped) {
+                                Ok(()) => {
+                                    QueueStats::inc(&conn.dev.stats.queue(q).ring_io);
+                                    continue;
+                                }
+                                Err(req) => {
+                                    // About to block on synchronous I/O: let the kernel start
+                                    // on what is queued first.
+                                    self.submit(q, &mut e);
+                                    Ok(req)
+                                }
+                            }
+                        }
+                        (_, parsed) => parsed,
+                    };
+                    self.run(q, ctl, vring, mem, head, parsed);
+                    conn.dev.stats.queue(q).latency.record(popped.elapsed());
+                }
+                Pop::Empty => return (n, true),
+                Pop::NotRunning => return (n, false),
             }
         }
     }
@@ -254,12 +289,12 @@ impl BlkBackend {
     }
 
     /// Submits what is queued on queue `q`'s ring (when `submit`) and completes every request
-    /// whose ring I/O is over.
-    fn reap(&self, q: usize, vring: &Vring, submit: bool) {
+    /// whose ring I/O is over. Returns how many were.
+    fn reap(&self, q: usize, vring: &Vring, submit: bool) -> usize {
         let mut done = Vec::new();
         {
             let Some(mut e) = self.engine(q) else {
-                return;
+                return 0;
             };
             if submit {
                 self.submit(q, &mut e);
@@ -267,7 +302,7 @@ impl BlkBackend {
             e.reap(&mut done);
         }
         if done.is_empty() {
-            return;
+            return 0;
         }
         let ctl = &self.conn.queues[q];
         let completions: Vec<Completion> = done
@@ -281,6 +316,7 @@ impl BlkBackend {
         for d in &done {
             stats.latency.record(d.since.elapsed());
         }
+        done.len()
     }
 
     /// The outcome of a request whose ring I/O is over (done again synchronously if need be).
@@ -313,26 +349,32 @@ impl BlkBackend {
         }
     }
 
-    fn pop(
-        &self,
-        ctl: &QueueCtl,
-        vring: &Vring,
-        mem: &GuestMemoryLoadGuard<GuestMem>,
-    ) -> Pop<(u16, Result<Request, Rejected>, Instant)> {
+    /// Pops one chain, with a view of guest memory loaded after the chain was seen available
+    /// (so it holds every region the frontend added before); the request keeps that view.
+    fn pop(&self, ctl: &QueueCtl, vring: &Vring) -> Pop<Popped> {
         let limits = self.conn.dev.limits();
         ctl.pop(
             vring,
             |state| {
-                state
-                    .get_queue_mut()
-                    .iter(mem.clone())
-                    .ok()
-                    .and_then(|mut it| it.next())
+                let queue = state.get_queue_mut();
+                // See an entry first, then load the memory table. A load that began before
+                // the frontend added a region may linearise before that change even if it
+                // returns after it (ArcSwap); a load that begins after we saw an entry the
+                // frontend made available once the region was acknowledged cannot miss it.
+                let avail = queue
+                    .avail_idx(&*self.conn.mem.memory(), Ordering::Acquire)
+                    .ok()?;
+                if avail == Wrapping(queue.next_avail()) {
+                    return None;
+                }
+                let mem = self.conn.mem.memory();
+                let chain = queue.iter(mem.clone()).ok().and_then(|mut it| it.next())?;
+                Some((chain, mem))
             },
-            |chain| {
+            |(chain, mem)| {
                 let now = Instant::now();
                 let head = chain.head_index();
-                let parsed = request::parse(chain, mem, &limits);
+                let parsed = request::parse(chain, &mem, &limits);
                 let entry = match &parsed {
                     Ok(r) => InflightReq {
                         head,
@@ -351,7 +393,7 @@ impl BlkBackend {
                         status_addr: rej.status_addr,
                     },
                 };
-                ((head, parsed, now), entry)
+                ((head, parsed, now, mem), entry)
             },
         )
     }
@@ -434,6 +476,15 @@ impl BlkBackend {
         }
     }
 }
+
+/// A popped chain: its head, the parsed request, when it was popped, and the guest memory
+/// view it was parsed against.
+type Popped = (
+    u16,
+    Result<Request, Rejected>,
+    Instant,
+    GuestMemoryLoadGuard<GuestMem>,
+);
 
 fn lock(e: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
     // A worker that panicked left the engine as consistent as any reap leaves it.
