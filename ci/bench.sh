@@ -196,6 +196,12 @@ peak_rss_kb() {
     awk '/^VmHWM:/ {print $2}' "/proc/$SERVER_PID/status"
 }
 
+# Busy CPU time of the whole machine (user, nice, system, irq, softirq) and of the server, in
+# clock ticks: with the load generator's own CPU time they tell how much other processes ran.
+machine_busy_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
+server_ticks() { awk '{print $14 + $15}' "/proc/$SERVER_PID/stat"; }
+CLK_TCK=$(getconf CLK_TCK)
+
 # run_one LOAD SIDE RUN: one measured run; appends a JSON line to $RAW.
 run_one() {
     local load=$1 side=$2 run=$3 name rw bs qd queues a b kind
@@ -203,12 +209,14 @@ run_one() {
     kind=$a
     [[ $side == B ]] && kind=$b
     start_server "$kind" "$queues"
-    local out rss
+    local out rss busy0 busy1 srv0 srv1 t0 t1
+    busy0=$(machine_busy_ticks) srv0=$(server_ticks) t0=$(date +%s.%N)
     if ! out=$(taskset -c 0 "$BENCH" --socket "$SOCK" --rw "$rw" --bs "$bs" --iodepth "$qd" \
         --queues "$queues" --runtime "$RUNTIME" --ramp "$RAMP" --seed "$run" --json); then
         tail -n 30 "$RUN_DIR/server.log" >&2 || true
         die "load generator failed: $name on $kind (run $run)"
     fi
+    busy1=$(machine_busy_ticks) srv1=$(server_ticks) t1=$(date +%s.%N)
     rss=$(peak_rss_kb)
     stop_server
     rm -rf "$RUN_DIR"
@@ -216,11 +224,18 @@ run_one() {
 r = json.loads(sys.argv[1])
 r.update(load=sys.argv[2], side=sys.argv[3], backend=sys.argv[4], run=int(sys.argv[5]),
          peak_rss_kb=int(sys.argv[6]))
+busy, srv, wall, tck = (float(sys.argv[7]), float(sys.argv[8]), float(sys.argv[9]),
+                        float(sys.argv[10]))
+r["server_cpu_s"] = round(srv / tck, 3)
+# What neither the server nor the load generator used while the load ran, in % of one core.
+r["others_cpu_pct"] = round(max(0.0, busy / tck - srv / tck - r["cpu_s"]) / wall * 100, 1)
 print(json.dumps(r))
-print("%s run %s %s %s: %.0f IOPS, %.1f MB/s, p50 %s us, p99 %s us, VmHWM %s kB"
+print("%s run %s %s %s: %.0f IOPS, %.1f MB/s, p50 %s us, p99 %s us, VmHWM %s kB, others %s%%"
       % (r["load"], r["run"], r["side"], r["backend"], r["iops"], r["mb_per_s"],
-         r["lat_us"]["p50"], r["lat_us"]["p99"], r["peak_rss_kb"]), file=sys.stderr)
-' "$out" "$name" "$side" "$kind" "$run" "$rss" >>"$RAW"
+         r["lat_us"]["p50"], r["lat_us"]["p99"], r["peak_rss_kb"], r["others_cpu_pct"]),
+      file=sys.stderr)
+' "$out" "$name" "$side" "$kind" "$run" "$rss" "$((busy1 - busy0))" "$((srv1 - srv0))" \
+        "$(python3 -c "print($t1 - $t0)")" "$CLK_TCK" >>"$RAW"
 }
 
 # --- inputs -------------------------------------------------------------------------------
@@ -338,5 +353,9 @@ if skipped:
 if meta["remap_create_s"]:
     print(f"\nCreating {meta['remaps']} remaps (remapblk ctl remap-add, one per process): "
           f"{meta['remap_create_s']} s.")
+others = sorted(r["others_cpu_pct"] for r in runs)
+print(f"\nCPU busy outside the server and the load generator (other processes, kernel work such"
+      f" as writeback) per run: median {statistics.median(others):g}% of a core, max"
+      f" {others[-1]:g}% (others_cpu_pct in the JSON; a high value marks a disturbed run).")
 print(f"\nTotal time {meta['elapsed_s']} s; raw runs in {out_path}.")
 EOF
