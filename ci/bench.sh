@@ -1,0 +1,361 @@
+#!/usr/bin/env bash
+# Benchmark: remapblk against qemu-storage-daemon (QSD), the same libblkio load generator
+# (target/release/remapblk-bench) driving both, on fresh copies of the same 1 GiB image.
+#
+# Usage: ci/bench.sh [--runs N] [--runtime S] [--ramp S] [--quick] [--only REGEX]
+#                    [--engine E] [--self-check] [--help]
+#
+#   --runs N       measured runs per backend and load (default 5); the table shows medians
+#   --runtime S    seconds measured per run (default 5), after --ramp S seconds (default 1)
+#   --quick        smoke run: 1 run of 2 s after a 0.5 s ramp (overrides the three above)
+#   --only REGEX   only the loads whose name matches (bash regex), e.g. --only 'randread-4k'
+#   --engine E     pass `--engine E` to every remapblk serve except the null rows (which always
+#                  use `--engine null`); also $REMAPBLK_ENGINE. Default: pass nothing
+#   --self-check   remapblk against remapblk on a few loads: the ratios should read about 1.0x
+#
+# Loads (name: what):
+#   randread-4k-qd{1,32,128}, randwrite-4k-qd{1,32,128}   4 KiB random, 1 queue
+#   randread-4k-qd32-2q                                    4 KiB random read, 2 queues x QD 32
+#   read-1M-qd8, write-1M-qd8                              1 MiB sequential, QD 8 (MB/s)
+#   null-randread-4k-qd32, null-randwrite-4k-qd32          remapblk --engine null vs QSD null-co
+#                                                          (read-zeroes=off: neither touches data)
+#                                                          (skipped when serve has no --engine)
+#   remap10k-randread-4k-qd32                              remapblk with 10,000 scattered remaps
+#                                                          vs remapblk with an empty table
+#
+# Every run gets fresh `cp` copies of one cached seed image (target/bench/seed.img, random
+# data) for either backend; the server runs on core 1 (taskset -c 1), the load generator on
+# core 0, servers are stopped with SIGTERM between runs, and the order of the two backends
+# alternates (A B, B A, ...). Output: a markdown table on stdout (medians, ratio A/B, remapblk's
+# peak RSS = VmHWM just before it is stopped), every raw run in target/bench/results.json,
+# progress on stderr. The machine is noisy: trust medians of several runs, not one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+die() { echo "ci/bench.sh: $*" >&2; exit 1; }
+bad_usage() { echo "ci/bench.sh: $*" >&2; echo "try ci/bench.sh --help" >&2; exit 2; }
+log() { echo "[bench $(date +%T)] $*" >&2; }
+
+RUNS=5 RUNTIME=5 RAMP=1 ONLY="" ENGINE="${REMAPBLK_ENGINE:-}" SELF_CHECK=0
+while (($#)); do
+    case "$1" in
+        --runs) RUNS="${2:?--runs needs N}"; shift 2 ;;
+        --runtime) RUNTIME="${2:?--runtime needs seconds}"; shift 2 ;;
+        --ramp) RAMP="${2:?--ramp needs seconds}"; shift 2 ;;
+        --quick) RUNS=1 RUNTIME=2 RAMP=0.5; shift ;;
+        --only) ONLY="${2:?--only needs a pattern}"; shift 2 ;;
+        --engine) ENGINE="${2:?--engine needs a name}"; shift 2 ;;
+        --self-check) SELF_CHECK=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) bad_usage "unknown argument '$1'" ;;
+    esac
+done
+[[ "$RUNS" =~ ^[1-9][0-9]*$ ]] || bad_usage "--runs must be a positive integer, got '$RUNS'"
+
+OUT=target/bench
+RUN_DIR=$OUT/run
+SEED=$OUT/seed.img
+SEED_SIZE=$((1 << 30))
+REMAPS=10000
+REMAPBLK=target/release/remapblk
+BENCH=target/release/remapblk-bench
+RAW=$OUT/runs.jsonl
+SERVER_PID=""
+
+log "building release binaries"
+cargo build --release >&2
+mkdir -p "$OUT"
+rm -rf "$RUN_DIR"
+: >"$RAW"
+
+HAVE_ENGINE=0
+"$REMAPBLK" serve --help | grep -q -- '--engine' && HAVE_ENGINE=1
+if [[ -n "$ENGINE" && $HAVE_ENGINE == 0 ]]; then
+    bad_usage "--engine $ENGINE given, but 'remapblk serve --help' has no --engine option"
+fi
+
+# name | rw | bs | iodepth | queues | A backend | B backend
+if ((SELF_CHECK)); then
+    LOADS=(
+        "selfcheck-randread-4k-qd1|randread|4k|1|1|remapblk|remapblk"
+        "selfcheck-randread-4k-qd32|randread|4k|32|1|remapblk|remapblk"
+        "selfcheck-randwrite-4k-qd32|randwrite|4k|32|1|remapblk|remapblk"
+        "selfcheck-read-1M-qd8|read|1M|8|1|remapblk|remapblk"
+    )
+else
+    LOADS=(
+        "randread-4k-qd1|randread|4k|1|1|remapblk|qsd"
+        "randread-4k-qd32|randread|4k|32|1|remapblk|qsd"
+        "randread-4k-qd128|randread|4k|128|1|remapblk|qsd"
+        "randwrite-4k-qd1|randwrite|4k|1|1|remapblk|qsd"
+        "randwrite-4k-qd32|randwrite|4k|32|1|remapblk|qsd"
+        "randwrite-4k-qd128|randwrite|4k|128|1|remapblk|qsd"
+        "randread-4k-qd32-2q|randread|4k|32|2|remapblk|qsd"
+        "read-1M-qd8|read|1M|8|1|remapblk|qsd"
+        "write-1M-qd8|write|1M|8|1|remapblk|qsd"
+        "null-randread-4k-qd32|randread|4k|32|1|remapblk-null|qsd-null"
+        "null-randwrite-4k-qd32|randwrite|4k|32|1|remapblk-null|qsd-null"
+        "remap10k-randread-4k-qd32|randread|4k|32|1|remapblk-remap|remapblk-empty"
+    )
+fi
+SELECTED=()
+SKIPPED=()
+for l in "${LOADS[@]}"; do
+    name=${l%%|*}
+    [[ -z "$ONLY" || "$name" =~ $ONLY ]] || continue
+    if [[ "$l" == *remapblk-null* && $HAVE_ENGINE == 0 ]]; then
+        SKIPPED+=("$name: skipped, 'remapblk serve --help' has no --engine (null engine not built in)")
+        continue
+    fi
+    SELECTED+=("$l")
+done
+for s in ${SKIPPED[@]+"${SKIPPED[@]}"}; do log "$s"; done
+((${#SELECTED[@]})) || die "no load left to run (--only '$ONLY')"
+
+# --- servers ------------------------------------------------------------------------------
+
+stop_server() {
+    [[ -n "$SERVER_PID" ]] || return 0
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    local rc=0
+    wait "$SERVER_PID" || rc=$?
+    SERVER_PID=""
+    ((rc == 0)) || log "warning: server exited with status $rc (log: $RUN_DIR/server.log)"
+}
+
+cleanup() {
+    stop_server
+    rm -rf "$RUN_DIR"
+}
+trap cleanup EXIT
+
+# wait_for PATH: polls until PATH is a socket, the server dies, or 30 s pass.
+wait_for() {
+    local path=$1 deadline=$((SECONDS + 30))
+    until [[ -S "$path" ]]; do
+        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+            tail -n 30 "$RUN_DIR/server.log" >&2 || true
+            die "server exited before $path appeared"
+        fi
+        ((SECONDS < deadline)) || die "timed out waiting for $path"
+        sleep 0.02
+    done
+}
+
+# fresh_copy SRC DST: a new copy of SRC, written back to disk so the copy's writeback does not
+# run during the measurement.
+fresh_copy() {
+    cp "$1" "$2"
+    sync "$2"
+}
+
+# start_server KIND QUEUES: starts one backend on core 1 in a fresh $RUN_DIR; sets SERVER_PID
+# and SOCK.
+start_server() {
+    local kind=$1 queues=$2
+    rm -rf "$RUN_DIR"
+    mkdir -p "$RUN_DIR"
+    SOCK=$RUN_DIR/disk.sock
+    local img=$RUN_DIR/disk.img
+    local cmd engine=()
+    [[ -n "$ENGINE" ]] && engine=(--engine "$ENGINE")
+    case "$kind" in
+        remapblk|remapblk-remap|remapblk-empty|remapblk-null)
+            cmd=(taskset -c 1 "$REMAPBLK" serve --image "$img" --socket "$SOCK"
+                 --num-queues "$queues" --queue-size 1024)
+            case "$kind" in
+                remapblk) fresh_copy "$SEED" "$img" ;;
+                remapblk-remap|remapblk-empty)
+                    fresh_copy "$SEED" "$img"
+                    fresh_copy "$OUT/${kind#remapblk-}.spare" "$RUN_DIR/disk.spare"
+                    cmd+=(--spare "$RUN_DIR/disk.spare") ;;
+                remapblk-null)
+                    truncate -s "$SEED_SIZE" "$img"
+                    engine=(--engine null) ;;
+            esac
+            cmd+=(${engine[@]+"${engine[@]}"}) ;;
+        qsd|qsd-null)
+            local node
+            if [[ $kind == qsd ]]; then
+                fresh_copy "$SEED" "$img"
+                node="driver=file,node-name=disk,filename=$img,cache.direct=off"
+            else
+                node="driver=null-co,node-name=disk,size=$SEED_SIZE,read-zeroes=off"
+            fi
+            cmd=(taskset -c 1 qemu-storage-daemon --blockdev "$node"
+                 --export "type=vhost-user-blk,id=exp0,node-name=disk,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=$queues") ;;
+        *) die "unknown backend $kind" ;;
+    esac
+    "${cmd[@]}" >"$RUN_DIR/server.log" 2>&1 &
+    SERVER_PID=$!
+    wait_for "$SOCK"
+}
+
+peak_rss_kb() {
+    awk '/^VmHWM:/ {print $2}' "/proc/$SERVER_PID/status"
+}
+
+# Busy CPU time of the whole machine (user, nice, system, irq, softirq) and of the server, in
+# clock ticks: with the load generator's own CPU time they tell how much other processes ran.
+machine_busy_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
+server_ticks() { awk '{print $14 + $15}' "/proc/$SERVER_PID/stat"; }
+CLK_TCK=$(getconf CLK_TCK)
+
+# run_one LOAD SIDE RUN: one measured run; appends a JSON line to $RAW.
+run_one() {
+    local load=$1 side=$2 run=$3 name rw bs qd queues a b kind
+    IFS='|' read -r name rw bs qd queues a b <<<"$load"
+    kind=$a
+    [[ $side == B ]] && kind=$b
+    start_server "$kind" "$queues"
+    local out rss busy0 busy1 srv0 srv1 t0 t1
+    busy0=$(machine_busy_ticks) srv0=$(server_ticks) t0=$(date +%s.%N)
+    if ! out=$(taskset -c 0 "$BENCH" --socket "$SOCK" --rw "$rw" --bs "$bs" --iodepth "$qd" \
+        --queues "$queues" --runtime "$RUNTIME" --ramp "$RAMP" --seed "$run" --json); then
+        tail -n 30 "$RUN_DIR/server.log" >&2 || true
+        die "load generator failed: $name on $kind (run $run)"
+    fi
+    busy1=$(machine_busy_ticks) srv1=$(server_ticks) t1=$(date +%s.%N)
+    rss=$(peak_rss_kb)
+    stop_server
+    rm -rf "$RUN_DIR"
+    python3 -c 'import json, sys
+r = json.loads(sys.argv[1])
+r.update(load=sys.argv[2], side=sys.argv[3], backend=sys.argv[4], run=int(sys.argv[5]),
+         peak_rss_kb=int(sys.argv[6]))
+busy, srv, wall, tck = (float(sys.argv[7]), float(sys.argv[8]), float(sys.argv[9]),
+                        float(sys.argv[10]))
+r["server_cpu_s"] = round(srv / tck, 3)
+# What neither the server nor the load generator used while the load ran, in % of one core.
+r["others_cpu_pct"] = round(max(0.0, busy / tck - srv / tck - r["cpu_s"]) / wall * 100, 1)
+print(json.dumps(r))
+print("%s run %s %s %s: %.0f IOPS, %.1f MB/s, p50 %s us, p99 %s us, VmHWM %s kB, others %s%%"
+      % (r["load"], r["run"], r["side"], r["backend"], r["iops"], r["mb_per_s"],
+         r["lat_us"]["p50"], r["lat_us"]["p99"], r["peak_rss_kb"], r["others_cpu_pct"]),
+      file=sys.stderr)
+' "$out" "$name" "$side" "$kind" "$run" "$rss" "$((busy1 - busy0))" "$((srv1 - srv0))" \
+        "$(python3 -c "print($t1 - $t0)")" "$CLK_TCK" >>"$RAW"
+}
+
+# --- inputs -------------------------------------------------------------------------------
+
+START=$SECONDS
+if [[ ! -f "$SEED" || $(stat -c %s "$SEED") != "$SEED_SIZE" ]]; then
+    log "making the seed image $SEED (1 GiB of random data, cached for later runs)"
+    head -c "$SEED_SIZE" /dev/urandom >"$SEED.tmp"
+    mv "$SEED.tmp" "$SEED"
+fi
+
+REMAP_SECONDS=""
+if printf '%s\n' "${SELECTED[@]}" | grep -q 'remapblk-remap'; then
+    # One spare file with an empty table and one with $REMAPS remaps, made once per invocation
+    # and copied for every run. The remaps are spread evenly over the disk.
+    log "making the spare files: $REMAPS remaps through 'remapblk ctl remap-add'"
+    rm -rf "$RUN_DIR" && mkdir -p "$RUN_DIR"
+    rm -f "$OUT/empty.spare" "$OUT/remap.spare"
+    fresh_copy "$SEED" "$RUN_DIR/disk.img"
+    SOCK=$RUN_DIR/disk.sock
+    "$REMAPBLK" serve --image "$RUN_DIR/disk.img" --socket "$SOCK" \
+        --spare "$RUN_DIR/disk.spare" >"$RUN_DIR/server.log" 2>&1 &
+    SERVER_PID=$!
+    wait_for "$SOCK.ctl"
+    cp "$RUN_DIR/disk.spare" "$OUT/empty.spare"
+    blocks=$((SEED_SIZE / 512))
+    t0=$(date +%s.%N)
+    for ((i = 0; i < REMAPS; i++)); do
+        "$REMAPBLK" ctl --control "$SOCK.ctl" remap-add lba=$((i * (blocks / REMAPS) + 7)) >/dev/null ||
+            die "remap-add $i failed"
+    done
+    t1=$(date +%s.%N)
+    REMAP_SECONDS=$(python3 -c "print(round($t1 - $t0, 2))")
+    n=$("$REMAPBLK" ctl --control "$SOCK.ctl" query-status | python3 -c 'import json,sys; print(json.load(sys.stdin)["remaps"])')
+    [[ $n == "$REMAPS" ]] || die "expected $REMAPS remaps, the server reports $n"
+    stop_server
+    cp "$RUN_DIR/disk.spare" "$OUT/remap.spare"
+    rm -rf "$RUN_DIR"
+    log "created $REMAPS remaps in $REMAP_SECONDS s ($(python3 -c "print(round($REMAP_SECONDS * 1000 / $REMAPS, 2))") ms each)"
+fi
+
+# --- runs ---------------------------------------------------------------------------------
+
+for load in "${SELECTED[@]}"; do
+    for ((run = 1; run <= RUNS; run++)); do
+        # Alternate which backend goes first, so a drift of the machine hits both alike.
+        if ((run % 2)); then order=(A B); else order=(B A); fi
+        for side in "${order[@]}"; do
+            run_one "$load" "$side" "$run"
+        done
+    done
+done
+ELAPSED=$((SECONDS - START))
+
+# --- summary ------------------------------------------------------------------------------
+
+META=$(python3 -c 'import json,sys; print(json.dumps(dict(zip(sys.argv[1::2], sys.argv[2::2]))))' \
+    runs "$RUNS" runtime_s "$RUNTIME" ramp_s "$RAMP" engine "${ENGINE:-default}" \
+    self_check "$SELF_CHECK" remaps "$REMAPS" remap_create_s "$REMAP_SECONDS" \
+    elapsed_s "$ELAPSED" commit "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+    kernel "$(uname -r)" qsd "$(qemu-storage-daemon --version | head -n1)" \
+    date "$(date -Is)")
+SKIPPED_JSON=$(python3 -c 'import json,sys; print(json.dumps(sys.argv[1:]))' ${SKIPPED[@]+"${SKIPPED[@]}"})
+LOAD_ORDER=$(printf '%s\n' "${SELECTED[@]}" | cut -d'|' -f1 | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read().split()))')
+
+python3 - "$RAW" "$OUT/results.json" "$META" "$SKIPPED_JSON" "$LOAD_ORDER" <<'EOF'
+import json, statistics, sys
+
+raw_path, out_path, meta, skipped, order = sys.argv[1:]
+runs = [json.loads(l) for l in open(raw_path) if l.strip()]
+meta, skipped, order = json.loads(meta), json.loads(skipped), json.loads(order)
+label = {"remapblk": "remapblk", "qsd": "qsd", "remapblk-null": "remapblk null",
+         "qsd-null": "qsd null-co", "remapblk-remap": "remapblk 10k remaps",
+         "remapblk-empty": "remapblk empty table"}
+
+summary = []
+for load in order:
+    rs = [r for r in runs if r["load"] == load]
+    a = [r for r in rs if r["side"] == "A"]
+    b = [r for r in rs if r["side"] == "B"]
+    # Large sequential requests are about bandwidth, the rest about requests per second.
+    metric = "mb_per_s" if a[0]["bs"] >= (1 << 20) else "iops"
+    med = lambda side, key: statistics.median(r[key] for r in side)
+    ma, mb = med(a, metric), med(b, metric)
+    summary.append({
+        "load": load, "metric": metric,
+        "a": a[0]["backend"], "b": b[0]["backend"],
+        "a_median": ma, "b_median": mb, "ratio": ma / mb if mb else None,
+        "a_p99_us_median": statistics.median(r["lat_us"]["p99"] for r in a),
+        "b_p99_us_median": statistics.median(r["lat_us"]["p99"] for r in b),
+        "a_peak_rss_kb_max": max(r["peak_rss_kb"] for r in a),
+        "b_peak_rss_kb_max": max(r["peak_rss_kb"] for r in b),
+        "a_runs": [r[metric] for r in a], "b_runs": [r[metric] for r in b],
+    })
+
+json.dump({"meta": meta, "skipped": skipped, "summary": summary, "runs": runs},
+          open(out_path, "w"), indent=1)
+
+fmt = lambda s, v: f"{v:,.0f} IOPS" if s["metric"] == "iops" else f"{v:,.1f} MB/s"
+print(f"Medians of {meta['runs']} run(s) of {meta['runtime_s']} s each; A = remapblk"
+      f" (engine: {meta['engine']}), ratio = A / B; p99 latency in us.\n")
+print("| load | remapblk (A) | B | B median | A/B | p99 A / B | remapblk peak RSS |")
+print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
+for s in summary:
+    ratio = f"{s['ratio']:.2f}x" if s["ratio"] is not None else "n/a"
+    print(f"| {s['load']} | {fmt(s, s['a_median'])} | {label.get(s['b'], s['b'])} | "
+          f"{fmt(s, s['b_median'])} | {ratio} | {s['a_p99_us_median']:g} / {s['b_p99_us_median']:g} | "
+          f"{s['a_peak_rss_kb_max'] / 1024:.1f} MiB |")
+for s in skipped:
+    print(f"| {s.split(':')[0]} | skipped | | | | | |")
+if skipped:
+    print()
+    for s in skipped:
+        print(f"- {s}")
+if meta["remap_create_s"]:
+    print(f"\nCreating {meta['remaps']} remaps (remapblk ctl remap-add, one per process): "
+          f"{meta['remap_create_s']} s.")
+others = sorted(r["others_cpu_pct"] for r in runs)
+print(f"\nCPU busy outside the server and the load generator (other processes, kernel work such"
+      f" as writeback) per run: median {statistics.median(others):g}% of a core, max"
+      f" {others[-1]:g}% (others_cpu_pct in the JSON; a high value marks a disturbed run).")
+print(f"\nTotal time {meta['elapsed_s']} s; raw runs in {out_path}.")
+EOF
