@@ -11,12 +11,16 @@
 #   --only REGEX   only the loads whose name matches (bash regex), e.g. --only 'randread-4k'
 #   --engine E     pass `--engine E` to every remapblk serve except the null rows (which always
 #                  use `--engine null`); also $REMAPBLK_ENGINE. Default: pass nothing
+#   --poll-us N    the busy-poll time of the poll-* rows (default 50)
 #   --self-check   remapblk against remapblk on a few loads: the ratios should read about 1.0x
 #
 # Loads (name: what):
 #   randread-4k-qd{1,32,128}, randwrite-4k-qd{1,32,128}   4 KiB random, 1 queue
 #   randread-4k-qd32-2q                                    4 KiB random read, 2 queues x QD 32
 #   read-1M-qd8, write-1M-qd8                              1 MiB sequential, QD 8 (MB/s)
+#   poll-randread-4k-qd{1,32}, poll-randwrite-4k-qd32,     remapblk --poll-us N (busy polling
+#   poll-randread-4k-qd32-2q                               after each burst) vs QSD; the table's
+#                                                          server CPU column shows its cost
 #   null-randread-4k-qd32, null-randwrite-4k-qd32          remapblk --engine null vs QSD null-co
 #                                                          (read-zeroes=off: neither touches data)
 #                                                          (skipped when serve has no --engine)
@@ -37,7 +41,7 @@ die() { echo "ci/bench.sh: $*" >&2; exit 1; }
 bad_usage() { echo "ci/bench.sh: $*" >&2; echo "try ci/bench.sh --help" >&2; exit 2; }
 log() { echo "[bench $(date +%T)] $*" >&2; }
 
-RUNS=5 RUNTIME=5 RAMP=1 ONLY="" ENGINE="${REMAPBLK_ENGINE:-}" SELF_CHECK=0
+RUNS=5 RUNTIME=5 RAMP=1 ONLY="" ENGINE="${REMAPBLK_ENGINE:-}" SELF_CHECK=0 POLL_US=50
 while (($#)); do
     case "$1" in
         --runs) RUNS="${2:?--runs needs N}"; shift 2 ;;
@@ -47,11 +51,13 @@ while (($#)); do
         --only) ONLY="${2:?--only needs a pattern}"; shift 2 ;;
         --engine) ENGINE="${2:?--engine needs a name}"; shift 2 ;;
         --self-check) SELF_CHECK=1; shift ;;
+        --poll-us) POLL_US="${2:?--poll-us needs microseconds}"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) bad_usage "unknown argument '$1'" ;;
     esac
 done
 [[ "$RUNS" =~ ^[1-9][0-9]*$ ]] || bad_usage "--runs must be a positive integer, got '$RUNS'"
+[[ "$POLL_US" =~ ^[0-9]+$ ]] || bad_usage "--poll-us must be a number of microseconds, got '$POLL_US'"
 
 OUT=target/bench
 RUN_DIR=$OUT/run
@@ -94,6 +100,10 @@ else
         "randread-4k-qd32-2q|randread|4k|32|2|remapblk|qsd"
         "read-1M-qd8|read|1M|8|1|remapblk|qsd"
         "write-1M-qd8|write|1M|8|1|remapblk|qsd"
+        "poll-randread-4k-qd1|randread|4k|1|1|remapblk-poll|qsd"
+        "poll-randread-4k-qd32|randread|4k|32|1|remapblk-poll|qsd"
+        "poll-randwrite-4k-qd32|randwrite|4k|32|1|remapblk-poll|qsd"
+        "poll-randread-4k-qd32-2q|randread|4k|32|2|remapblk-poll|qsd"
         "null-randread-4k-qd32|randread|4k|32|1|remapblk-null|qsd-null"
         "null-randwrite-4k-qd32|randwrite|4k|32|1|remapblk-null|qsd-null"
         "remap10k-randread-4k-qd32|randread|4k|32|1|remapblk-remap|remapblk-empty"
@@ -161,11 +171,14 @@ start_server() {
     local cmd engine=()
     [[ -n "$ENGINE" ]] && engine=(--engine "$ENGINE")
     case "$kind" in
-        remapblk|remapblk-remap|remapblk-empty|remapblk-null)
+        remapblk|remapblk-poll|remapblk-remap|remapblk-empty|remapblk-null)
             cmd=(taskset -c 1 "$REMAPBLK" serve --image "$img" --socket "$SOCK"
                  --num-queues "$queues" --queue-size 1024)
             case "$kind" in
                 remapblk) fresh_copy "$SEED" "$img" ;;
+                remapblk-poll)
+                    fresh_copy "$SEED" "$img"
+                    cmd+=(--poll-us "$POLL_US") ;;
                 remapblk-remap|remapblk-empty)
                     fresh_copy "$SEED" "$img"
                     fresh_copy "$OUT/${kind#remapblk-}.spare" "$RUN_DIR/disk.spare"
@@ -251,7 +264,7 @@ REMAP_SECONDS=""
 if printf '%s\n' "${SELECTED[@]}" | grep -q 'remapblk-remap'; then
     # One spare file with an empty table and one with $REMAPS remaps, made once per invocation
     # and copied for every run. The remaps are spread evenly over the disk.
-    log "making the spare files: $REMAPS remaps through 'remapblk ctl remap-add'"
+    log "making the spare files: $REMAPS remaps through one 'remapblk ctl remap-add ... stride=N'"
     rm -rf "$RUN_DIR" && mkdir -p "$RUN_DIR"
     rm -f "$OUT/empty.spare" "$OUT/remap.spare"
     fresh_copy "$SEED" "$RUN_DIR/disk.img"
@@ -263,10 +276,8 @@ if printf '%s\n' "${SELECTED[@]}" | grep -q 'remapblk-remap'; then
     cp "$RUN_DIR/disk.spare" "$OUT/empty.spare"
     blocks=$((SEED_SIZE / 512))
     t0=$(date +%s.%N)
-    for ((i = 0; i < REMAPS; i++)); do
-        "$REMAPBLK" ctl --control "$SOCK.ctl" remap-add lba=$((i * (blocks / REMAPS) + 7)) >/dev/null ||
-            die "remap-add $i failed"
-    done
+    "$REMAPBLK" ctl --control "$SOCK.ctl" remap-add lba=7 count="$REMAPS" \
+        stride=$((blocks / REMAPS)) >/dev/null || die "remap-add of $REMAPS blocks failed"
     t1=$(date +%s.%N)
     REMAP_SECONDS=$(python3 -c "print(round($t1 - $t0, 2))")
     n=$("$REMAPBLK" ctl --control "$SOCK.ctl" query-status | python3 -c 'import json,sys; print(json.load(sys.stdin)["remaps"])')
@@ -274,7 +285,7 @@ if printf '%s\n' "${SELECTED[@]}" | grep -q 'remapblk-remap'; then
     stop_server
     cp "$RUN_DIR/disk.spare" "$OUT/remap.spare"
     rm -rf "$RUN_DIR"
-    log "created $REMAPS remaps in $REMAP_SECONDS s ($(python3 -c "print(round($REMAP_SECONDS * 1000 / $REMAPS, 2))") ms each)"
+    log "created $REMAPS remaps in $REMAP_SECONDS s"
 fi
 
 # --- runs ---------------------------------------------------------------------------------
@@ -309,8 +320,9 @@ runs = [json.loads(l) for l in open(raw_path) if l.strip()]
 meta, skipped, order = json.loads(meta), json.loads(skipped), json.loads(order)
 label = {"remapblk": "remapblk", "qsd": "qsd", "remapblk-null": "remapblk null",
          "qsd-null": "qsd null-co", "remapblk-remap": "remapblk 10k remaps",
-         "remapblk-empty": "remapblk empty table"}
+         "remapblk-empty": "remapblk empty table", "remapblk-poll": "remapblk --poll-us"}
 
+meta_runtime, meta_ramp = float(meta["runtime_s"]), float(meta["ramp_s"])
 summary = []
 for load in order:
     rs = [r for r in runs if r["load"] == load]
@@ -327,6 +339,11 @@ for load in order:
         "a_p99_us_median": statistics.median(r["lat_us"]["p99"] for r in a),
         "b_p99_us_median": statistics.median(r["lat_us"]["p99"] for r in b),
         "a_peak_rss_kb_max": max(r["peak_rss_kb"] for r in a),
+        # Server CPU time per measured second, in % of one core (ramp included in both).
+        "a_server_cpu_pct": statistics.median(r["server_cpu_s"] for r in a)
+                            / (meta_runtime + meta_ramp) * 100,
+        "b_server_cpu_pct": statistics.median(r["server_cpu_s"] for r in b)
+                            / (meta_runtime + meta_ramp) * 100,
         "b_peak_rss_kb_max": max(r["peak_rss_kb"] for r in b),
         "a_runs": [r[metric] for r in a], "b_runs": [r[metric] for r in b],
     })
@@ -337,21 +354,22 @@ json.dump({"meta": meta, "skipped": skipped, "summary": summary, "runs": runs},
 fmt = lambda s, v: f"{v:,.0f} IOPS" if s["metric"] == "iops" else f"{v:,.1f} MB/s"
 print(f"Medians of {meta['runs']} run(s) of {meta['runtime_s']} s each; A = remapblk"
       f" (engine: {meta['engine']}), ratio = A / B; p99 latency in us.\n")
-print("| load | remapblk (A) | B | B median | A/B | p99 A / B | remapblk peak RSS |")
-print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
+print("| load | remapblk (A) | B | B median | A/B | p99 A / B | server CPU A / B | remapblk peak RSS |")
+print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
 for s in summary:
     ratio = f"{s['ratio']:.2f}x" if s["ratio"] is not None else "n/a"
     print(f"| {s['load']} | {fmt(s, s['a_median'])} | {label.get(s['b'], s['b'])} | "
           f"{fmt(s, s['b_median'])} | {ratio} | {s['a_p99_us_median']:g} / {s['b_p99_us_median']:g} | "
+          f"{s['a_server_cpu_pct']:.0f}% / {s['b_server_cpu_pct']:.0f}% | "
           f"{s['a_peak_rss_kb_max'] / 1024:.1f} MiB |")
 for s in skipped:
-    print(f"| {s.split(':')[0]} | skipped | | | | | |")
+    print(f"| {s.split(':')[0]} | skipped | | | | | | |")
 if skipped:
     print()
     for s in skipped:
         print(f"- {s}")
 if meta["remap_create_s"]:
-    print(f"\nCreating {meta['remaps']} remaps (remapblk ctl remap-add, one per process): "
+    print(f"\nCreating {meta['remaps']} remaps (one remapblk ctl remap-add with stride): "
           f"{meta['remap_create_s']} s.")
 others = sorted(r["others_cpu_pct"] for r in runs)
 print(f"\nCPU busy outside the server and the load generator (other processes, kernel work such"
