@@ -90,8 +90,9 @@ pub struct Engine {
     free: Vec<u32>,
     route: Route,
     iov: Vec<libc::iovec>,
-    /// Submissions pushed but not yet handed to the kernel.
+    /// Submissions pushed but not yet handed to the kernel, and the bytes they move.
     unsubmitted: usize,
+    unsubmitted_bytes: u64,
     /// Submissions the kernel has and has not completed.
     in_kernel: usize,
     /// At most this many submissions in flight: the completion ring (twice the size) can
@@ -122,6 +123,7 @@ impl Engine {
             route: Route::default(),
             iov: Vec::new(),
             unsubmitted: 0,
+            unsubmitted_bytes: 0,
             in_kernel: 0,
             limit: entries as usize,
             queue,
@@ -131,6 +133,11 @@ impl Engine {
     /// The eventfd to watch for completions.
     pub fn event_fd(&self) -> RawFd {
         self.events.as_raw_fd()
+    }
+
+    /// Bytes the queued, not yet submitted requests move.
+    pub fn unsubmitted_bytes(&self) -> u64 {
+        self.unsubmitted_bytes
     }
 
     /// Requests whose I/O the engine still holds.
@@ -227,6 +234,7 @@ impl Engine {
             self.push(entry.user_data(user_data));
         }
         self.route.pieces = pieces;
+        self.unsubmitted_bytes += s.req.data_len;
         self.slots[slot as usize] = Some(s);
         Ok(())
     }
@@ -258,6 +266,7 @@ impl Engine {
 
     /// Hands every queued submission to the kernel.
     pub fn submit(&mut self) -> io::Result<()> {
+        self.unsubmitted_bytes = 0;
         while self.unsubmitted > 0 {
             match self.ring.submit() {
                 Ok(n) => {

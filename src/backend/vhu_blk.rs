@@ -43,6 +43,9 @@ struct Conn {
     engines: Vec<Option<Mutex<Engine>>>,
 }
 
+/// Queued ring I/O of this many bytes is submitted at once instead of with the batch.
+const EARLY_SUBMIT_BYTES: u64 = 256 << 10;
+
 /// The epoll token of a queue's io_uring eventfd in its worker's loop (the crate reserves
 /// `0..=num_queues`; with one queue per worker the same token serves every worker).
 fn engine_token(num_queues: usize) -> u64 {
@@ -260,6 +263,14 @@ impl BlkBackend {
                             match e.try_queue(conn.dev.target.as_ref(), head, req, mem, popped) {
                                 Ok(()) => {
                                     QueueStats::inc(&conn.dev.stats.queue(q).ring_io);
+                                    // Large transfers: start them (and complete those the
+                                    // kernel finishes inline) now rather than after the whole
+                                    // batch, so the guest gets its first buffers back while
+                                    // we copy the rest.
+                                    if e.unsubmitted_bytes() >= EARLY_SUBMIT_BYTES {
+                                        drop(e);
+                                        self.reap(q, vring, true);
+                                    }
                                     continue;
                                 }
                                 Err(req) => {
