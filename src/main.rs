@@ -128,7 +128,9 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
         num_queues: a.num_queues,
         queue_size: a.queue_size,
         drain_timeout: Duration::from_millis(a.drain_timeout_ms),
-        uring: engine == EngineArg::IoUring,
+        // The null engine completes through the ring's batching too (with no kernel I/O).
+        uring: engine == EngineArg::IoUring
+            || (engine == EngineArg::Null && uring::probe().is_ok()),
         engine: engine_name(engine),
         poll: Duration::from_micros(a.poll_us),
     };

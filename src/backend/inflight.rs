@@ -10,7 +10,6 @@
 //! under the vring lock; a worker that later finishes such a request finds its entry gone and
 //! does not complete it a second time.
 
-use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
@@ -61,7 +60,55 @@ pub struct DrainReport {
 
 struct Inner {
     phase: Phase,
-    inflight: HashMap<u16, InflightReq>,
+    inflight: Table,
+}
+
+/// In-flight requests by head descriptor index: a slot per index (heads are below the queue
+/// size), so the I/O path neither hashes nor allocates once the queue has been used.
+#[derive(Default)]
+struct Table {
+    slots: Vec<Option<InflightReq>>,
+    len: usize,
+}
+
+impl Table {
+    fn insert(&mut self, head: u16, req: InflightReq) {
+        let i = usize::from(head);
+        if i >= self.slots.len() {
+            self.slots.resize(i + 1, None);
+        }
+        if self.slots[i].replace(req).is_none() {
+            self.len += 1;
+        }
+    }
+
+    fn contains_key(&self, head: &u16) -> bool {
+        matches!(self.slots.get(usize::from(*head)), Some(Some(_)))
+    }
+
+    fn remove(&mut self, head: &u16) -> Option<InflightReq> {
+        let r = self.slots.get_mut(usize::from(*head))?.take();
+        if r.is_some() {
+            self.len -= 1;
+        }
+        r
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = (u16, InflightReq)> + '_ {
+        self.len = 0;
+        self.slots
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, s)| s.take().map(|r| (i as u16, r)))
+    }
 }
 
 /// One request's completion, for [`QueueCtl::complete_many`].
@@ -95,7 +142,7 @@ impl QueueCtl {
             index,
             inner: Mutex::new(Inner {
                 phase: Phase::Stopped,
-                inflight: HashMap::new(),
+                inflight: Table::default(),
             }),
             drained: Condvar::new(),
             vring: OnceLock::new(),

@@ -18,7 +18,7 @@ use log::{error, warn};
 use vm_memory::{GuestMemoryBackend, GuestMemoryLoadGuard};
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag};
 
-use crate::storage::{BlockIo, Dir, Route};
+use crate::storage::{BlockIo, Dir, Route, NO_FILE};
 use crate::virtio::request::{GuestMem, Request, RequestType};
 
 /// user_data of cancellation requests; never a slot index.
@@ -88,6 +88,8 @@ pub struct Engine {
     events: EventConsumer,
     slots: Vec<Option<Slot>>,
     free: Vec<u32>,
+    /// Requests that needed no kernel I/O (null engine), for the next reap.
+    ready: Vec<Done>,
     route: Route,
     iov: Vec<libc::iovec>,
     /// Submissions pushed but not yet handed to the kernel, and the bytes they move.
@@ -120,6 +122,7 @@ impl Engine {
             events,
             slots: Vec::new(),
             free: Vec::new(),
+            ready: Vec::new(),
             route: Route::default(),
             iov: Vec::new(),
             unsubmitted: 0,
@@ -128,6 +131,11 @@ impl Engine {
             limit: entries as usize,
             queue,
         })
+    }
+
+    /// Resets the completion eventfd after it fired (reaping follows).
+    pub fn clear_event(&self) {
+        let _ = self.events.consume();
     }
 
     /// The eventfd to watch for completions.
@@ -199,6 +207,29 @@ impl Engine {
             iovs.push(v);
         }
         let pieces = std::mem::take(&mut self.route.pieces);
+        let mut left = 0;
+        for (p, v) in pieces.iter().zip(&iovs) {
+            if p.fd != NO_FILE {
+                left += 1;
+            } else if dir == Dir::Read {
+                for v in v {
+                    // SAFETY: guest memory held mapped by `mem`, checked by the parser.
+                    unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
+                }
+            }
+        }
+        if left == 0 {
+            self.route.pieces = pieces;
+            self.ready.push(Done {
+                head,
+                req,
+                mem: mem.clone(),
+                since,
+                failed: false,
+                ticket: self.route.ticket,
+            });
+            return Ok(());
+        }
         let slot = self.alloc();
         let s = Slot {
             head,
@@ -208,10 +239,13 @@ impl Engine {
             ticket: self.route.ticket,
             iovs,
             want,
-            left: pieces.len(),
+            left,
             failed: false,
         };
         for (i, p) in pieces.iter().enumerate() {
+            if p.fd == NO_FILE {
+                continue;
+            }
             let v = &s.iovs[i];
             let fd = types::Fd(p.fd);
             let entry = match (dir, v.len()) {
@@ -282,7 +316,7 @@ impl Engine {
 
     /// Collects requests whose every piece is complete into `out`.
     pub fn reap(&mut self, out: &mut Vec<Done>) {
-        let _ = self.events.consume();
+        out.append(&mut self.ready);
         loop {
             let mut any = false;
             let mut cq = self.ring.completion();

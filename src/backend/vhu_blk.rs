@@ -658,6 +658,9 @@ impl VhostUserBackend for BlkBackend {
         // is the queue index. Never return an error for a guest's mistake: it would end the
         // worker thread.
         if u64::from(device_event) == engine_token(self.conn.queues.len()) {
+            if let Some(e) = self.engine(thread_id) {
+                e.clear_event();
+            }
             if let Some(vring) = vrings.first() {
                 self.reap(thread_id, vring, false);
             }

@@ -16,6 +16,10 @@ pub enum Dir {
     Write,
 }
 
+/// The `fd` of a [`Piece`] that moves no data (the null engine): reads of it return zeros,
+/// writes to it are dropped, and it never waits for anything.
+pub const NO_FILE: RawFd = -1;
+
 /// A run of a request that can go straight to a file: `len` bytes at byte `at` of the
 /// request's data live at `file_offset` in `fd`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 
 use std::io;
 
-use super::BlockIo;
+use super::{BlockIo, Dir, Piece, Route, NO_FILE};
 
 pub struct NullTarget;
 
@@ -30,6 +30,17 @@ impl BlockIo for NullTarget {
 
     fn write_zeroes(&self, _offset: u64, _len: u64, _unmap: bool) -> io::Result<()> {
         Ok(())
+    }
+
+    fn route(&self, _dir: Dir, offset: u64, len: u64, at: u64, route: &mut Route) -> bool {
+        route.pieces.push(Piece {
+            fd: NO_FILE,
+            file_offset: offset,
+            at,
+            len,
+            align: 1,
+        });
+        true
     }
 }
 
