@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod load;
+
 use std::fs::File;
 use std::io::Read;
 use std::mem::MaybeUninit;
