@@ -269,8 +269,44 @@ struct ChurnOp {
     acked: bool,
 }
 
+/// remap-add / remap-remove of random runs in `[first, end)` until `stop` or the server goes
+/// away; returns every command and whether it was acknowledged.
+fn churn(
+    control: &std::path::Path,
+    seed: u64,
+    first: u64,
+    end: u64,
+    stop: Arc<AtomicBool>,
+    churned: Arc<AtomicUsize>,
+) -> std::thread::JoinHandle<Vec<ChurnOp>> {
+    let mut ctl = Ctl::connect(control);
+    let mut rng = Rng::new(seed);
+    std::thread::spawn(move || {
+        let mut log = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let count = rng.range(1, 17);
+            let lba = rng.range(first, end - count);
+            let add = rng.next() % 2 == 0;
+            let name = if add { "remap-add" } else { "remap-remove" };
+            let acked = ctl.call(name, json!({"lba": lba, "count": count})).is_ok();
+            log.push(ChurnOp {
+                add,
+                lba,
+                count,
+                acked,
+            });
+            churned.fetch_add(1, Ordering::Relaxed);
+            if !acked {
+                break;
+            }
+        }
+        log
+    })
+}
+
 #[test]
 fn sigterm_with_everything_busy_exits_in_time_and_loses_nothing() {
+    const ROUNDS: u64 = 10;
     const DRAIN_MS: u64 = 2000;
     // Blocks [0, 8192) carry the write fault, [8192, 16384) the remap churn: a block's remap
     // state then follows from one of the two alone.
@@ -281,134 +317,135 @@ fn sigterm_with_everything_busy_exits_in_time_and_loses_nothing() {
     let events = tempfile::NamedTempFile::new().unwrap();
     let mut s = storm_server(DRAIN_MS, &["--event-log", events.path().to_str().unwrap()]);
     let mut ctl = Ctl::connect(&s.control());
-    let initial = scatter_remaps(&mut ctl, &mut rng, 0, REGION_BLOCKS, REMAPS);
-    let fault = rng.range(0, CHURN_FIRST - 256);
-    ctl.ok(
-        "fault-add",
-        json!({"op": "write", "lba": fault, "count": 256}),
-    );
-    let fault_blocks = fault..fault + 256;
+    let mut remapped = scatter_remaps(&mut ctl, &mut rng, 0, REGION_BLOCKS, REMAPS);
+    let mut t = Tracker::default();
+    let mut slowest = Duration::ZERO;
+    for round in 1..=ROUNDS {
+        // Faults live in the process: a new one every round.
+        let fault = rng.range(0, CHURN_FIRST - 256);
+        ctl.ok(
+            "fault-add",
+            json!({"op": "write", "lba": fault, "count": 256}),
+        );
+        let fault_blocks = fault..fault + 256;
+        let stop = Arc::new(AtomicBool::new(false));
+        let churned = Arc::new(AtomicUsize::new(0));
+        let churn = churn(
+            &s.control(),
+            seed ^ round,
+            CHURN_FIRST,
+            REGION_BLOCKS,
+            stop.clone(),
+            churned.clone(),
+        );
+        let mut touched = BTreeSet::new();
+        let (mut child, lines) = storm_client(&s, seed ^ round, round * 10_000_000);
+        let want = rng.range(QUEUES as u64 * DEPTH as u64, 4 * (QUEUES * DEPTH) as u64);
+        let acked_before = t.acked_writes;
+        follow(&lines, &mut t, &mut touched, |l, t| {
+            assert!(
+                !l.starts_with("CONNECT-FAILED") && !l.starts_with("GAVE-UP"),
+                "round {round}: {l}"
+            );
+            t.acked_writes - acked_before >= want
+        });
+        wait_until("remap churn", Duration::from_secs(30), || {
+            churned.load(Ordering::Relaxed) >= 10
+        });
+        // SIGTERM the moment requests are in flight on several queues.
+        let mut busy = json!(null);
+        wait_until("requests in flight", Duration::from_secs(30), || {
+            busy = ctl.ok("query-status", json!({}));
+            busy["inflight"].as_u64().unwrap() >= 2
+        });
+        let t0 = Instant::now();
+        s.signal(libc::SIGTERM);
+        let status = s.wait_exit(Duration::from_millis(DRAIN_MS + 5000));
+        let took = t0.elapsed();
+        slowest = slowest.max(took);
+        assert_eq!(status.code(), Some(0), "round {round}");
+        assert!(
+            took < Duration::from_millis(DRAIN_MS + 1000),
+            "round {round}: exit took {took:?}"
+        );
+        // The exit drain waited for what was in flight and gave up on nothing.
+        let drain: serde_json::Value = std::fs::read_to_string(events.path())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["event"] == "drain" && v["reason"] == "exit")
+            .nth(round as usize - 1)
+            .expect("a drain event for the exit");
+        assert!(
+            drain["waited_for"].as_u64().unwrap() >= 1,
+            "round {round}: {drain}"
+        );
+        assert_eq!(drain["abandoned"], 0, "round {round}: {drain}");
+        child.kill();
+        drain_lines(&lines, &mut t, &mut touched);
+        stop.store(true, Ordering::Relaxed);
+        let log = churn.join().unwrap();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let churned = Arc::new(AtomicUsize::new(0));
-    let churn = {
-        let (stop, churned) = (stop.clone(), churned.clone());
-        let mut ctl = Ctl::connect(&s.control());
-        let mut rng = Rng::new(seed ^ 0xc4u64);
-        std::thread::spawn(move || {
-            let mut log = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let count = rng.range(1, 17);
-                let lba = rng.range(CHURN_FIRST, REGION_BLOCKS - count);
-                let add = rng.next() % 2 == 0;
-                let name = if add { "remap-add" } else { "remap-remove" };
-                let acked = ctl.call(name, json!({"lba": lba, "count": count})).is_ok();
-                log.push(ChurnOp {
-                    add,
-                    lba,
-                    count,
-                    acked,
-                });
-                churned.fetch_add(1, Ordering::Relaxed);
-                if !acked {
-                    break;
+        // Which blocks must be remapped now, and which may be either way.
+        let mut may: BTreeSet<u64> = BTreeSet::new();
+        for op in &log {
+            let blocks = op.lba..op.lba + op.count;
+            if !op.acked {
+                may.extend(blocks);
+            } else if op.add {
+                remapped.extend(blocks);
+            } else {
+                for b in blocks {
+                    remapped.remove(&b);
                 }
             }
-            log
-        })
-    };
-
-    let mut t = Tracker::default();
-    let mut touched = BTreeSet::new();
-    let (mut child, lines) = storm_client(&s, seed, 1);
-    let want = rng.range(QUEUES as u64 * DEPTH as u64, 4 * (QUEUES * DEPTH) as u64);
-    follow(&lines, &mut t, &mut touched, |l, t| {
-        assert!(
-            !l.starts_with("CONNECT-FAILED") && !l.starts_with("GAVE-UP"),
-            "{l}"
-        );
-        t.acked_writes >= want
-    });
-    wait_until("remap churn", Duration::from_secs(30), || {
-        churned.load(Ordering::Relaxed) >= 10
-    });
-    // SIGTERM the moment requests are in flight on several queues.
-    let mut busy = json!(null);
-    wait_until("requests in flight", Duration::from_secs(30), || {
-        busy = ctl.ok("query-status", json!({}));
-        busy["inflight"].as_u64().unwrap() >= 2
-    });
-    let t0 = Instant::now();
-    s.signal(libc::SIGTERM);
-    let status = s.wait_exit(Duration::from_millis(DRAIN_MS + 5000));
-    let took = t0.elapsed();
-    assert_eq!(status.code(), Some(0), "{}", s.log());
-    assert!(
-        took < Duration::from_millis(DRAIN_MS + 1000),
-        "exit took {took:?}"
-    );
-    // The exit drain waited for what was in flight and gave up on nothing.
-    let drain: serde_json::Value = std::fs::read_to_string(events.path())
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .find(|v| v["event"] == "drain" && v["reason"] == "exit")
-        .expect("a drain event for the exit");
-    assert!(drain["waited_for"].as_u64().unwrap() >= 1, "{drain}");
-    assert_eq!(drain["abandoned"], 0, "{drain}");
-    child.kill();
-    drain_lines(&lines, &mut t, &mut touched);
-    stop.store(true, Ordering::Relaxed);
-    let log = churn.join().unwrap();
-    eprintln!(
-        "SIGTERM at {busy}: exit in {took:?}; {} writes acknowledged, {} churn commands",
-        t.acked_writes,
-        log.len()
-    );
-
-    // Which blocks must be remapped, which must not, which may be either.
-    let mut must: BTreeSet<u64> = initial.clone();
-    let mut unknown: BTreeSet<u64> = BTreeSet::new();
-    for op in &log {
-        let blocks = op.lba..op.lba + op.count;
-        if !op.acked {
-            unknown.extend(blocks);
-        } else if op.add {
-            must.extend(blocks);
-        } else {
-            for b in blocks {
-                must.remove(&b);
+        }
+        // A write acknowledged over the fault got there by remapping its blocks; one that was
+        // not acknowledged may have remapped some.
+        for (&b, st) in &t.blocks {
+            if fault_blocks.contains(&b) && st.acked != 0 {
+                remapped.insert(b);
             }
         }
-    }
-    // A write acknowledged over the fault got there by remapping its blocks.
-    for (&b, st) in &t.blocks {
-        if fault_blocks.contains(&b) && st.acked != 0 {
-            must.insert(b);
-        }
-    }
-    // Writes over the fault that were not acknowledged may have remapped their blocks too.
-    let mut may = unknown.clone();
-    may.extend(fault_blocks.clone());
+        may.extend(fault_blocks);
 
-    s.spawn();
-    let mut ctl = Ctl::connect(&s.control());
-    let remapped = ctl.remapped();
-    let missing: Vec<_> = must
-        .difference(&remapped)
-        .filter(|b| !unknown.contains(b))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "acknowledged remaps missing: {missing:?}"
-    );
-    let extra: Vec<_> = remapped
-        .difference(&must)
-        .filter(|b| !may.contains(b))
-        .collect();
-    assert!(extra.is_empty(), "removed remaps came back: {extra:?}");
-    check_spare_accounting(&mut ctl);
+        s.spawn();
+        ctl = Ctl::connect(&s.control());
+        let now = ctl.remapped();
+        let missing: Vec<_> = remapped
+            .difference(&now)
+            .filter(|b| !may.contains(b))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "round {round}: acknowledged remaps missing after the restart: {missing:?}"
+        );
+        let extra: Vec<_> = now
+            .difference(&remapped)
+            .filter(|b| !may.contains(b))
+            .collect();
+        assert!(
+            extra.is_empty(),
+            "round {round}: removed remaps came back after the restart: {extra:?}"
+        );
+        check_spare_accounting(&mut ctl);
+        let mut c = s.client(QUEUES);
+        t.verify(&mut c, &touched, DEPTH)
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        drop(c);
+        ctl.wait_idle(Duration::from_millis(DRAIN_MS + 1000));
+        remapped = now;
+        eprintln!(
+            "round {round}: SIGTERM with {} in flight, exit in {took:?}; {} churn commands",
+            busy["inflight"],
+            log.len()
+        );
+    }
     let mut c = s.client(QUEUES);
     let all = t.chunks();
     t.verify(&mut c, &all, DEPTH).unwrap();
+    eprintln!(
+        "{ROUNDS} rounds: {} writes acknowledged, slowest exit {slowest:?}",
+        t.acked_writes
+    );
 }
