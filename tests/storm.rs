@@ -286,7 +286,7 @@ fn churn(
         while !stop.load(Ordering::Relaxed) {
             let count = rng.range(1, 17);
             let lba = rng.range(first, end - count);
-            let add = rng.next() % 2 == 0;
+            let add = rng.next().is_multiple_of(2);
             let name = if add { "remap-add" } else { "remap-remove" };
             let acked = ctl.call(name, json!({"lba": lba, "count": count})).is_ok();
             log.push(ChurnOp {
