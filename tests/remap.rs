@@ -340,3 +340,97 @@ fn remap_churn_under_writes_loses_no_write() {
     );
     eprintln!("{GENS} rounds of writes, {rounds} churn rounds");
 }
+
+/// A guest write that took its view of the table before a remap-remove freed a spare block
+/// must not write into that block once a remap-add has given it to another block. Block 11
+/// lives in spare block 0; a write of blocks 10..12 is held (delay fault on block 10) after
+/// it has looked the mapping up; meanwhile block 11 is moved back and block 100 is remapped
+/// into the freed spare block 0. Block 100 must keep its data.
+#[test]
+fn write_racing_remap_remove_does_not_land_in_a_reused_spare_block() {
+    let s = Server::start(4 * MIB, &["--spare-blocks", "64"]);
+    let mut c = s.client(1);
+    let other = pattern(1, 100 * 512, 512);
+    assert_eq!(c.write(0, 100 * 512, &other), 0);
+    let e = s.ctl_ok("remap-add", &["lba=11"]);
+    assert_eq!(e[0]["spare_block"], 0);
+    s.ctl_ok(
+        "fault-add",
+        &[
+            "op=write",
+            "lba=10",
+            "mode=delay",
+            "delay_ms=300",
+            "times=1",
+        ],
+    );
+    let data = pattern(2, 10 * 512, 1024);
+    c.slot_mut(0, 1024).copy_from_slice(&data);
+    let buf = c.slot(0);
+    c.queues[0].write(10 * 512, buf, 1024, 0, blkio::ReqFlags::empty());
+    let mut comps = [std::mem::MaybeUninit::<blkio::Completion>::uninit()];
+    c.queues[0].do_io(&mut comps, 0, None, None).unwrap();
+    wait_until("the write to be held", Duration::from_secs(10), || {
+        s.ctl_ok("fault-list", &[])[0]["fired"] == 1
+    });
+    s.ctl_ok("remap-remove", &["lba=11"]);
+    let e = s.ctl_ok("remap-add", &["lba=100"]);
+    assert_eq!(
+        e[0]["spare_block"], 0,
+        "the scenario needs the freed block reused"
+    );
+    let mut left = Duration::from_secs(10);
+    assert_eq!(
+        c.queues[0]
+            .do_io(&mut comps, 1, Some(&mut left), None)
+            .unwrap(),
+        1
+    );
+    assert_eq!(unsafe { comps[0].assume_init_ref() }.ret, 0);
+    assert_eq!(c.read(0, 10 * 512, 1024).unwrap(), data);
+    assert!(
+        c.read(0, 100 * 512, 512).unwrap() == other,
+        "block 100 got another block's write"
+    );
+}
+
+/// The read side of the same race: a read that looked up block 11 in spare block 0 before a
+/// remap-remove and a remap-add gave that block to block 100 must return block 11's data.
+#[test]
+fn read_racing_remap_remove_does_not_return_another_blocks_data() {
+    let s = Server::start(4 * MIB, &["--spare-blocks", "64"]);
+    let mut c = s.client(1);
+    let mine = pattern(3, 10 * 512, 1024);
+    assert_eq!(c.write(0, 10 * 512, &mine), 0);
+    assert_eq!(c.write(0, 100 * 512, &pattern(4, 100 * 512, 512)), 0);
+    s.ctl_ok("remap-add", &["lba=11"]);
+    s.ctl_ok(
+        "fault-add",
+        &["op=read", "lba=10", "mode=delay", "delay_ms=300", "times=1"],
+    );
+    let buf = c.slot(0);
+    c.queues[0].read(10 * 512, buf, 1024, 0, blkio::ReqFlags::empty());
+    let mut comps = [std::mem::MaybeUninit::<blkio::Completion>::uninit()];
+    c.queues[0].do_io(&mut comps, 0, None, None).unwrap();
+    wait_until("the read to be held", Duration::from_secs(10), || {
+        s.ctl_ok("fault-list", &[])[0]["fired"] == 1
+    });
+    s.ctl_ok("remap-remove", &["lba=11"]);
+    let e = s.ctl_ok("remap-add", &["lba=100"]);
+    assert_eq!(
+        e[0]["spare_block"], 0,
+        "the scenario needs the freed block reused"
+    );
+    let mut left = Duration::from_secs(10);
+    assert_eq!(
+        c.queues[0]
+            .do_io(&mut comps, 1, Some(&mut left), None)
+            .unwrap(),
+        1
+    );
+    assert_eq!(unsafe { comps[0].assume_init_ref() }.ret, 0);
+    assert!(
+        c.slot_mut(0, 1024).to_vec() == mine,
+        "the read returned another block's data"
+    );
+}

@@ -207,6 +207,40 @@ impl RemapTable {
         Ok(entry)
     }
 
+    /// Writes `data` to spare block `spare_block` only while it still holds `lba`: a writer
+    /// that looked the mapping up before a remap-remove freed the block must not write into it
+    /// once another block has been given it. Under the table lock, so the block cannot change
+    /// hands during the write. False when the mapping changed (the caller's view is stale).
+    pub fn write_spare_if_mapped(
+        &self,
+        lba: u64,
+        spare_block: u64,
+        data: &[u8],
+    ) -> io::Result<bool> {
+        let inner = self.lock();
+        if inner.map.get(&lba).map(|e| e.spare_block) != Some(spare_block) {
+            return Ok(false);
+        }
+        self.spare.write_block(spare_block, data)?;
+        Ok(true)
+    }
+
+    /// Reads spare block `spare_block` only while it still holds `lba` (see
+    /// [`RemapTable::write_spare_if_mapped`]). False when the mapping changed.
+    pub fn read_spare_if_mapped(
+        &self,
+        lba: u64,
+        spare_block: u64,
+        out: &mut [u8],
+    ) -> io::Result<bool> {
+        let inner = self.lock();
+        if inner.map.get(&lba).map(|e| e.spare_block) != Some(spare_block) {
+            return Ok(false);
+        }
+        self.spare.read_block(spare_block, out)?;
+        Ok(true)
+    }
+
     pub fn entries(&self) -> Vec<Entry> {
         self.snapshot().map.values().copied().collect()
     }

@@ -241,7 +241,10 @@ impl RemapTarget {
         for (i, chunk) in data.chunks(self.bs as usize).enumerate() {
             let b = first + i as u64;
             if let Some(e) = snap.map.get(&b) {
-                self.table.spare().write_block(e.spare_block, chunk)?;
+                // A false return means a remap-remove moved the block since `snap` was taken;
+                // the move changed the generation, so `MoveGuard::write` runs this write again
+                // against the new mapping.
+                self.table.write_spare_if_mapped(b, e.spare_block, chunk)?;
             } else if self.auto_remap && snap.pending.contains(&b) {
                 // Like drive firmware with a pending sector: the next write remaps it.
                 self.table.remap_with_data(b, chunk, Cause::WriteError)?;
@@ -253,18 +256,26 @@ impl RemapTarget {
     }
 
     fn read_split(&self, first: u64, out: &mut [u8]) -> io::Result<()> {
-        let snap = self.table.snapshot();
+        let mut snap = self.table.snapshot();
         for (i, chunk) in out.chunks_mut(self.bs as usize).enumerate() {
             let b = first + i as u64;
-            match snap.map.get(&b) {
-                Some(e) => self.table.spare().read_block(e.spare_block, chunk)?,
-                None => match self.main_read_block(b) {
-                    Ok(buf) => chunk.copy_from_slice(&buf),
-                    Err(e) => {
-                        self.table.add_pending([b]);
-                        return Err(e);
-                    }
-                },
+            // A block moved since `snap` was taken is read again from where it is now: its old
+            // spare block may already hold another block.
+            while let Some(e) = snap.map.get(&b) {
+                if self.table.read_spare_if_mapped(b, e.spare_block, chunk)? {
+                    break;
+                }
+                snap = self.table.snapshot();
+            }
+            if snap.map.contains_key(&b) {
+                continue;
+            }
+            match self.main_read_block(b) {
+                Ok(buf) => chunk.copy_from_slice(&buf),
+                Err(e) => {
+                    self.table.add_pending([b]);
+                    return Err(e);
+                }
             }
         }
         Ok(())
