@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use log::{error, warn};
 use vhost_user_backend::{VringRwLock, VringState, VringT};
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
 use crate::virtio::request::GuestMem;
@@ -126,12 +127,19 @@ impl QueueCtl {
     }
 
     /// Called by the worker on each kick. A stopped queue whose ring the frontend has made
-    /// ready again starts running (unless the device is quiesced: `ring_ready` is false then);
-    /// a stopping or closed one stays as it is.
-    pub fn start_if_ready(&self, vring: &Vring, ring_ready: bool) -> bool {
+    /// ready again starts running (unless `may_run` says no: the device is quiesced); a
+    /// stopping or closed one stays as it is.
+    ///
+    /// Both conditions are read inside the critical section, not before it: a stop
+    /// (GET_VRING_BASE makes the ring not ready, then drains; quiesce sets its flag, then
+    /// drains) that completed between a worker's look at them and this call would otherwise
+    /// be undone, and the worker would pop descriptors after the stop had returned.
+    pub fn start_if_ready(&self, vring: &Vring, may_run: impl FnOnce() -> bool) -> bool {
         let _ = self.vring.set(vring.clone());
+        // Lock order: vring, then table. Holding the vring lock keeps the ready flag as read.
+        let state = vring.get_ref();
         let mut inner = self.lock();
-        if inner.phase == Phase::Stopped && ring_ready {
+        if inner.phase == Phase::Stopped && state.get_queue().ready() && may_run() {
             inner.phase = Phase::Running;
         }
         inner.phase == Phase::Running

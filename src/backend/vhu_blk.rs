@@ -11,7 +11,7 @@ use log::{debug, info, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_CONFIG_WCE;
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::QueueOwnedT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -138,8 +138,7 @@ impl BlkBackend {
     fn process_queue(&self, q: usize, vring: &Vring) {
         let conn = &*self.conn;
         let ctl = &conn.queues[q];
-        let ready = vring.get_ref().get_queue().ready() && !conn.dev.is_quiesced();
-        if !ctl.start_if_ready(vring, ready) {
+        if !ctl.start_if_ready(vring, || !conn.dev.is_quiesced()) {
             return;
         }
         let mem = conn.mem.memory();
