@@ -141,13 +141,16 @@ impl BlkBackend {
         if !ctl.start_if_ready(vring, || !conn.dev.is_quiesced()) {
             return;
         }
-        let mem = conn.mem.memory();
         let event_idx = conn.event_idx.load(Ordering::Relaxed);
         loop {
             if event_idx {
                 let _ = vring.disable_notification();
             }
             loop {
+                // The memory table can change while this loop runs (a frontend adds a region,
+                // then puts requests with buffers in it on the ring): every request is parsed
+                // and run against the table current when it is popped.
+                let mem = conn.mem.memory();
                 match self.pop(ctl, vring, &mem) {
                     Pop::Popped((head, parsed, popped)) => {
                         self.run(q, ctl, vring, &mem, head, parsed);
