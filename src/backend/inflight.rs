@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -77,6 +78,10 @@ pub struct QueueCtl {
     /// The worker's vring, recorded on its first event, so that a drain past its deadline can
     /// complete stuck requests itself.
     vring: OnceLock<Vring>,
+    /// A drain gave up on a request of this queue: its worker may still be stuck in it. Set
+    /// before the stuck requests are completed, so whoever sees their completion (the frontend,
+    /// then the teardown it triggers) also sees this.
+    gave_up: AtomicBool,
 }
 
 impl QueueCtl {
@@ -89,6 +94,7 @@ impl QueueCtl {
             }),
             drained: Condvar::new(),
             vring: OnceLock::new(),
+            gave_up: AtomicBool::new(false),
         }
     }
 
@@ -104,6 +110,11 @@ impl QueueCtl {
 
     pub fn inflight(&self) -> usize {
         self.lock().inflight.len()
+    }
+
+    /// Whether a drain ever gave up on a request of this queue.
+    pub fn gave_up(&self) -> bool {
+        self.gave_up.load(Ordering::Acquire)
     }
 
     /// Wakes the worker by signalling the ring's kick eventfd, as the guest would.
@@ -230,6 +241,7 @@ impl QueueCtl {
     }
 
     fn abandon(&self, mem: &Gm) -> Vec<InflightReq> {
+        self.gave_up.store(true, Ordering::Release);
         let Some(vring) = self.vring.get() else {
             // Nothing can be in flight on a queue whose worker never ran; clear the table so
             // the state stays coherent.

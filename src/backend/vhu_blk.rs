@@ -35,8 +35,6 @@ struct Conn {
     /// writeback, as a fresh device would.
     writeback: AtomicBool,
     wce_acked: AtomicBool,
-    /// A drain of this connection gave up on a request: its worker may still be stuck in it.
-    abandoned_any: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -57,7 +55,6 @@ impl BlkBackend {
                 event_idx: AtomicBool::new(false),
                 writeback: AtomicBool::new(true),
                 wce_acked: AtomicBool::new(false),
-                abandoned_any: AtomicBool::new(false),
             }),
         }
     }
@@ -124,15 +121,12 @@ impl BlkBackend {
         let n = report.abandoned.len() as u64;
         QueueStats::add(&stats.abandoned, n);
         QueueStats::add(&stats.errors, n);
-        if n > 0 {
-            self.conn.abandoned_any.store(true, Ordering::Release);
-        }
     }
 
     /// Whether any drain of this connection gave up on a request (so a worker may still be
     /// inside it, and joining the workers could wait as long as that request takes).
     pub fn abandoned_any(&self) -> bool {
-        self.conn.abandoned_any.load(Ordering::Acquire)
+        self.conn.queues.iter().any(QueueCtl::gave_up)
     }
 
     fn process_queue(&self, q: usize, vring: &Vring) {
