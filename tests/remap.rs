@@ -434,3 +434,50 @@ fn read_racing_remap_remove_does_not_return_another_blocks_data() {
         "the read returned another block's data"
     );
 }
+
+/// A slow write (a 200 ms delay fault) completes while remap-add/remap-remove churn runs on
+/// other blocks: only a move of its own blocks makes a write run again, or every attempt would
+/// overlap some move and it would never finish.
+#[test]
+fn slow_write_completes_under_remap_churn_elsewhere() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let s = Server::start(4 * MIB, &["--spare-blocks", "1024"]);
+    s.ctl_ok(
+        "fault-add",
+        &["op=write", "lba=10", "mode=delay", "delay_ms=200"],
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn = {
+        let stop = stop.clone();
+        let mut ctl = common::load::Ctl::connect(&s.control());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let args = serde_json::json!({"lba": 1000 + n % 64, "count": 8});
+                ctl.ok("remap-add", args.clone());
+                ctl.ok("remap-remove", args);
+                n += 1;
+            }
+            n
+        })
+    };
+    let mut c = s.client(1);
+    let data = pattern(7, 10 * 512, 512);
+    c.slot_mut(0, 512).copy_from_slice(&data);
+    let t0 = std::time::Instant::now();
+    let res = c.try_batch(
+        0,
+        &[Op::Write {
+            offset: 10 * 512,
+            len: 512,
+        }],
+        Duration::from_secs(10),
+    );
+    let took = t0.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let moves = churn.join().unwrap();
+    assert_eq!(res, Some(vec![0]), "the write did not complete in {took:?}");
+    assert!(moves >= 5, "only {moves} churn rounds");
+    assert_eq!(c.read(0, 10 * 512, 512).unwrap(), data);
+}

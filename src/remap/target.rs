@@ -7,6 +7,7 @@
 //! and reaches the guest (its data is not ours to invent); the next write to a pending block
 //! remaps it.
 
+use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -30,13 +31,22 @@ pub struct RemapTarget {
 /// location after the copy, so it waits for the move to end and writes again; a write that
 /// finds a move under way waits for it first. Moves are rare and one at a time; the I/O path
 /// pays one atomic load before and after each write.
+///
+/// Only a move of one of the write's own blocks sends it round again: under a steady stream of
+/// moves elsewhere, a slow write (a failing disk, a delay fault) would otherwise always have
+/// overlapped one in time and never complete. The blocks of the last `RECENT_MOVES` moves are
+/// kept for that check; a write older than all of them runs again, as before.
 #[derive(Default)]
 struct MoveGuard {
     gen: AtomicU64,
     one_at_a_time: Mutex<()>,
     done: Mutex<()>,
     done_cv: Condvar,
+    /// (generation the move made odd, first block, last block), oldest first.
+    recent: Mutex<VecDeque<(u64, u64, u64)>>,
 }
+
+const RECENT_MOVES: usize = 64;
 
 impl MoveGuard {
     fn wait_idle(&self) -> u64 {
@@ -50,8 +60,13 @@ impl MoveGuard {
         }
     }
 
-    /// Runs `write` until no move overlapped it.
-    fn write<T>(&self, mut write: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    /// Runs `write` (of blocks `first..=last`) until no move of those blocks overlapped it.
+    fn write<T>(
+        &self,
+        first: u64,
+        last: u64,
+        mut write: impl FnMut() -> io::Result<T>,
+    ) -> io::Result<T> {
         loop {
             let mut before = self.gen.load(Ordering::SeqCst);
             if !before.is_multiple_of(2) {
@@ -61,14 +76,38 @@ impl MoveGuard {
             // Pairs with the mover's increment before it copies: either this load sees the
             // move, or the move's copy sees this write.
             std::sync::atomic::fence(Ordering::SeqCst);
-            if self.gen.load(Ordering::SeqCst) == before {
+            let now = self.gen.load(Ordering::SeqCst);
+            if now == before || !self.moved_since(before, now, first, last) {
                 return r;
             }
         }
     }
 
-    fn run<T>(&self, body: impl FnOnce() -> T) -> T {
+    /// Whether a move that started after generation `before` (even) and by `now` touched
+    /// blocks `first..=last`; true as well when such a move is no longer on record.
+    fn moved_since(&self, before: u64, now: u64, first: u64, last: u64) -> bool {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = 0;
+        for &(_, a, b) in recent.iter().filter(|m| before < m.0 && m.0 <= now) {
+            seen += 1;
+            if a <= last && first <= b {
+                return true;
+            }
+        }
+        seen < (now - before).div_ceil(2)
+    }
+
+    /// Runs `body`, a move of blocks `first..=last`.
+    fn run<T>(&self, first: u64, last: u64, body: impl FnOnce() -> T) -> T {
         let _one = self.one_at_a_time.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            // On record before the generation changes: a write that sees the change finds it.
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            if recent.len() == RECENT_MOVES {
+                recent.pop_front();
+            }
+            recent.push_back((self.gen.load(Ordering::SeqCst) + 1, first, last));
+        }
         self.gen.fetch_add(1, Ordering::SeqCst);
         let r = body();
         let _g = self.done.lock().unwrap_or_else(|p| p.into_inner());
@@ -129,7 +168,7 @@ impl RemapTarget {
     /// `remap-add`: copies blocks `[lba, lba + count)` to new spare blocks and switches the
     /// table, safely against concurrent guest writes. Blocks already remapped are left alone.
     pub fn remap_add(&self, lba: u64, count: u64) -> io::Result<Vec<Entry>> {
-        self.moves.run(|| {
+        self.moves.run(lba, lba + count.max(1) - 1, || {
             let mut out = Vec::new();
             for b in lba..lba + count {
                 if let Some(e) = self.table.snapshot().map.get(&b) {
@@ -151,7 +190,7 @@ impl RemapTarget {
     /// `remap-remove`: copies remapped blocks of `[lba, lba + count)` back to the main image
     /// and frees their spare blocks. Returns the entries removed.
     pub fn remap_remove(&self, lba: u64, count: u64) -> io::Result<Vec<Entry>> {
-        self.moves.run(|| {
+        self.moves.run(lba, lba + count.max(1) - 1, || {
             let mut out = Vec::new();
             for b in lba..lba + count {
                 let removed = self.table.unmap(b, |e| {
@@ -300,7 +339,10 @@ impl BlockIo for RemapTarget {
     }
 
     unsafe fn writev(&self, offset: u64, iov: &[libc::iovec]) -> io::Result<()> {
-        self.moves.write(|| self.write_once(offset, iov))
+        let len: usize = iov.iter().map(|v| v.iov_len).sum();
+        let (first, last) = self.blocks(offset, len as u64);
+        self.moves
+            .write(first, last, || self.write_once(offset, iov))
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -309,8 +351,8 @@ impl BlockIo for RemapTarget {
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.moves.write(|| {
-            let (first, last) = self.blocks(offset, len);
+        let (first, last) = self.blocks(offset, len);
+        self.moves.write(first, last, || {
             if !self.table.snapshot().touches(first, last) {
                 return self.main.discard(offset, len);
             }
@@ -319,8 +361,8 @@ impl BlockIo for RemapTarget {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
-        self.moves.write(|| {
-            let (first, last) = self.blocks(offset, len);
+        let (first, last) = self.blocks(offset, len);
+        self.moves.write(first, last, || {
             if !self.table.snapshot().touches(first, last) {
                 return self.main.write_zeroes(offset, len, unmap);
             }
