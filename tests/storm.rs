@@ -321,13 +321,28 @@ fn sigterm_with_everything_busy_exits_in_time_and_loses_nothing() {
     let mut t = Tracker::default();
     let mut slowest = Duration::ZERO;
     for round in 1..=ROUNDS {
-        // Faults live in the process: a new one every round.
-        let fault = rng.range(0, CHURN_FIRST - 256);
+        // Faults live in the process: new ones every round. A write fault that remaps, and a
+        // slow area (300 ms per write, well inside the drain timeout) so that requests are
+        // surely in flight when the signal comes.
+        let fault = rng.range(0, CHURN_FIRST / 2 - 256);
         ctl.ok(
             "fault-add",
             json!({"op": "write", "lba": fault, "count": 256}),
         );
         let fault_blocks = fault..fault + 256;
+        // Four whole chunks without remapped blocks: a write there takes the fast path and
+        // so one delay, not one per block.
+        let slow = loop {
+            let lba = rng.range(CHURN_FIRST / 16, CHURN_FIRST / 8 - 4) * 8;
+            if remapped.range(lba..lba + 32).next().is_none() {
+                break lba;
+            }
+        };
+        let slow_id = ctl.ok(
+            "fault-add",
+            json!({"op": "write", "lba": slow, "count": 32, "mode": "delay", "delay_ms": 300}),
+        )["id"]
+            .clone();
         let stop = Arc::new(AtomicBool::new(false));
         let churned = Arc::new(AtomicUsize::new(0));
         let churn = churn(
@@ -352,12 +367,20 @@ fn sigterm_with_everything_busy_exits_in_time_and_loses_nothing() {
         wait_until("remap churn", Duration::from_secs(30), || {
             churned.load(Ordering::Relaxed) >= 10
         });
-        // SIGTERM the moment requests are in flight on several queues.
-        let mut busy = json!(null);
-        wait_until("requests in flight", Duration::from_secs(30), || {
-            busy = ctl.ok("query-status", json!({}));
-            busy["inflight"].as_u64().unwrap() >= 2
+        // SIGTERM the moment a write has entered the slow area (it stays in flight 300 ms).
+        let fired = |ctl: &mut Ctl| {
+            ctl.ok("fault-list", json!({}))
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|f| f["id"] == slow_id)
+                .map_or(0, |f| f["fired"].as_u64().unwrap())
+        };
+        let before = fired(&mut ctl);
+        wait_until("a write in the slow area", Duration::from_secs(30), || {
+            fired(&mut ctl) > before
         });
+        let busy = ctl.ok("query-status", json!({}));
         let t0 = Instant::now();
         s.signal(libc::SIGTERM);
         let status = s.wait_exit(Duration::from_millis(DRAIN_MS + 5000));
