@@ -7,7 +7,6 @@
 //! and reaches the guest (its data is not ours to invent); the next write to a pending block
 //! remaps it.
 
-use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -26,35 +25,65 @@ pub struct RemapTarget {
 }
 
 /// Keeps guest writes and online moves (remap-add, remap-remove) from losing data, without a
-/// lock on the I/O path: a move makes `gen` odd while it copies and even when the new mapping
-/// is published. A write that saw `gen` change while it ran may have landed on the old
-/// location after the copy, so it waits for the move to end and writes again; a write that
-/// finds a move under way waits for it first. Moves are rare and one at a time; the I/O path
-/// pays one atomic load before and after each write.
+/// lock on the I/O path. The disk is cut into buckets of `BUCKET_BLOCKS` blocks (hashed onto
+/// `BUCKETS` counters); a move makes the counters of the buckets it touches odd while it
+/// copies and even again when the new mapping is published. A write that saw one of its own
+/// buckets' counters change while it ran may have landed on the old location after the copy,
+/// so it waits for the move to end and writes again; a write that finds a move of its buckets
+/// under way waits for it first. Moves are rare and one at a time; the I/O path pays an atomic
+/// load per bucket it touches (usually one) before and after each write.
 ///
-/// Only a move of one of the write's own blocks sends it round again: under a steady stream of
-/// moves elsewhere, a slow write (a failing disk, a delay fault) would otherwise always have
-/// overlapped one in time and never complete. The blocks of the last `RECENT_MOVES` moves are
-/// kept for that check; a write older than all of them runs again, as before.
-#[derive(Default)]
+/// Per bucket, not one counter for the disk: under a steady stream of moves elsewhere, a slow
+/// write (a failing disk, a delay fault) would otherwise overlap one in time on every attempt
+/// and never complete.
 struct MoveGuard {
-    gen: AtomicU64,
+    gens: Vec<AtomicU64>,
     one_at_a_time: Mutex<()>,
     done: Mutex<()>,
     done_cv: Condvar,
-    /// (generation the move made odd, first block, last block), oldest first.
-    recent: Mutex<VecDeque<(u64, u64, u64)>>,
 }
 
-const RECENT_MOVES: usize = 64;
+const BUCKETS: u64 = 1024;
+const BUCKET_BLOCKS: u64 = 256;
+
+impl Default for MoveGuard {
+    fn default() -> MoveGuard {
+        MoveGuard {
+            gens: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            one_at_a_time: Mutex::new(()),
+            done: Mutex::new(()),
+            done_cv: Condvar::new(),
+        }
+    }
+}
 
 impl MoveGuard {
-    fn wait_idle(&self) -> u64 {
+    /// The counters of blocks `first..=last`, each once.
+    fn buckets(&self, first: u64, last: u64) -> impl Iterator<Item = &AtomicU64> {
+        let (a, b) = (first / BUCKET_BLOCKS, last / BUCKET_BLOCKS);
+        let range = if b - a + 1 >= BUCKETS {
+            0..BUCKETS
+        } else {
+            a..b + 1
+        };
+        range.map(move |x| &self.gens[(x % BUCKETS) as usize])
+    }
+
+    /// (sum of the counters, whether a move of these blocks is under way).
+    fn state(&self, first: u64, last: u64) -> (u64, bool) {
+        self.buckets(first, last)
+            .fold((0, false), |(sum, busy), g| {
+                let v = g.load(Ordering::SeqCst);
+                (sum.wrapping_add(v), busy || !v.is_multiple_of(2))
+            })
+    }
+
+    fn wait_idle(&self, first: u64, last: u64) -> u64 {
         let mut g = self.done.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            let gen = self.gen.load(Ordering::SeqCst);
-            if gen.is_multiple_of(2) {
-                return gen;
+            let (sum, busy) = self.state(first, last);
+            if !busy {
+                return sum;
             }
             g = self.done_cv.wait(g).unwrap_or_else(|p| p.into_inner());
         }
@@ -68,50 +97,32 @@ impl MoveGuard {
         mut write: impl FnMut() -> io::Result<T>,
     ) -> io::Result<T> {
         loop {
-            let mut before = self.gen.load(Ordering::SeqCst);
-            if !before.is_multiple_of(2) {
-                before = self.wait_idle();
+            let (mut before, busy) = self.state(first, last);
+            if busy {
+                before = self.wait_idle(first, last);
             }
             let r = write();
             // Pairs with the mover's increment before it copies: either this load sees the
-            // move, or the move's copy sees this write.
+            // move, or the move's copy sees this write. Counters only grow, so any move of
+            // these buckets changes the sum.
             std::sync::atomic::fence(Ordering::SeqCst);
-            let now = self.gen.load(Ordering::SeqCst);
-            if now == before || !self.moved_since(before, now, first, last) {
+            if self.state(first, last).0 == before {
                 return r;
             }
         }
     }
 
-    /// Whether a move that started after generation `before` (even) and by `now` touched
-    /// blocks `first..=last`; true as well when such a move is no longer on record.
-    fn moved_since(&self, before: u64, now: u64, first: u64, last: u64) -> bool {
-        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        let mut seen = 0;
-        for &(_, a, b) in recent.iter().filter(|m| before < m.0 && m.0 <= now) {
-            seen += 1;
-            if a <= last && first <= b {
-                return true;
-            }
-        }
-        seen < (now - before).div_ceil(2)
-    }
-
     /// Runs `body`, a move of blocks `first..=last`.
     fn run<T>(&self, first: u64, last: u64, body: impl FnOnce() -> T) -> T {
         let _one = self.one_at_a_time.lock().unwrap_or_else(|p| p.into_inner());
-        {
-            // On record before the generation changes: a write that sees the change finds it.
-            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-            if recent.len() == RECENT_MOVES {
-                recent.pop_front();
-            }
-            recent.push_back((self.gen.load(Ordering::SeqCst) + 1, first, last));
+        for g in self.buckets(first, last) {
+            g.fetch_add(1, Ordering::SeqCst);
         }
-        self.gen.fetch_add(1, Ordering::SeqCst);
         let r = body();
         let _g = self.done.lock().unwrap_or_else(|p| p.into_inner());
-        self.gen.fetch_add(1, Ordering::SeqCst);
+        for g in self.buckets(first, last) {
+            g.fetch_add(1, Ordering::SeqCst);
+        }
         self.done_cv.notify_all();
         r
     }
