@@ -11,7 +11,7 @@ use log::{debug, info, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_CONFIG_WCE;
-use virtio_queue::QueueOwnedT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -141,12 +141,8 @@ impl BlkBackend {
                 let _ = vring.disable_notification();
             }
             loop {
-                // The memory table can change while this loop runs (a frontend adds a region,
-                // then puts requests with buffers in it on the ring): every request is parsed
-                // and run against the table current when it is popped.
-                let mem = conn.mem.memory();
-                match self.pop(ctl, vring, &mem) {
-                    Pop::Popped((head, parsed, popped)) => {
+                match self.pop(ctl, vring) {
+                    Pop::Popped((head, parsed, popped, mem)) => {
                         self.run(q, ctl, vring, &mem, head, parsed);
                         self.conn
                             .dev
@@ -175,26 +171,42 @@ impl BlkBackend {
         }
     }
 
+    /// Pops one request: (head, parsed request, when, the memory table it was parsed against).
+    ///
+    /// The memory table can change while a worker runs: a frontend adds a region (it is
+    /// acknowledged once the table holds it), then publishes requests with buffers in it. So
+    /// the table is loaded after the avail index that shows the request has been read, never
+    /// before: a table loaded earlier could predate the region and reject the request.
+    #[allow(clippy::type_complexity)]
     fn pop(
         &self,
         ctl: &QueueCtl,
         vring: &Vring,
-        mem: &GuestMemoryLoadGuard<GuestMem>,
-    ) -> Pop<(u16, Result<Request, Rejected>, Instant)> {
+    ) -> Pop<(
+        u16,
+        Result<Request, Rejected>,
+        Instant,
+        GuestMemoryLoadGuard<GuestMem>,
+    )> {
         let limits = self.conn.dev.limits();
         ctl.pop(
             vring,
             |state| {
-                state
-                    .get_queue_mut()
-                    .iter(mem.clone())
-                    .ok()
-                    .and_then(|mut it| it.next())
+                let queue = state.get_queue_mut();
+                let published = queue
+                    .avail_idx(&*self.conn.mem.memory(), Ordering::Acquire)
+                    .ok()?;
+                if published.0 == queue.next_avail() {
+                    return None;
+                }
+                let mem = self.conn.mem.memory();
+                let chain = queue.iter(mem.clone()).ok()?.next()?;
+                Some((chain, mem))
             },
-            |chain| {
+            |(chain, mem)| {
                 let now = Instant::now();
                 let head = chain.head_index();
-                let parsed = request::parse(chain, mem, &limits);
+                let parsed = request::parse(chain, &mem, &limits);
                 let entry = match &parsed {
                     Ok(r) => InflightReq {
                         head,
@@ -213,7 +225,7 @@ impl BlkBackend {
                         status_addr: rej.status_addr,
                     },
                 };
-                ((head, parsed, now), entry)
+                ((head, parsed, now, mem), entry)
             },
         )
     }
