@@ -585,7 +585,7 @@ fn inflight_accounting_under_concurrent_pops_completions_and_drains() {
             let descs = if write {
                 vec![
                     (hdr, 16, VRING_DESC_F_NEXT as u16, d + 1),
-                    (DATA + slot * 0x1_0000, 512, VRING_DESC_F_NEXT as u16, d + 2),
+                    (DATA + slot * 0x1000, 512, VRING_DESC_F_NEXT as u16, d + 2),
                     (STATUS + slot, 1, VRING_DESC_F_WRITE as u16, 0),
                 ]
             } else {
