@@ -332,6 +332,125 @@ def scenario_hot_unplug(ctx, cycles=10, queues=2):
     ctx.finish_guest()
 
 
+class Ctl:
+    """One connection to remapblk's control socket, reused for many commands."""
+
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(60)
+        self.sock.connect(path)
+        self.file = self.sock.makefile("rwb")
+
+    def call(self, name, **args):
+        self.file.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
+        self.file.flush()
+        line = self.file.readline()
+        if not line:
+            raise ScenarioError(f"control socket closed during {name}")
+        r = json.loads(line)
+        if "error" in r:
+            raise ScenarioError(f"{name} {args} failed: {r['error'].get('desc')}")
+        return r["return"]
+
+    def close(self):
+        self.sock.close()
+
+
+def scenario_hot_unplug_remaps(ctx, cycles=10, queues=2, remaps=1000, seed=None):
+    """hot-unplug-under-io over 1,000 remaps and a write fault, with remap-add/remap-remove
+    churning from the host through every unplug and re-plug."""
+    import random
+    seed = int(os.environ.get("REMAPBLK_SEED", "6005")) if seed is None else seed
+    rng = random.Random(seed)
+    # What the guest writes: its known data at [0, 4) MiB and four writers' 1 MiB at 8, 16,
+    # 24 and 32 MiB. Remaps, the fault and the churn all land there.
+    areas = [(0, 4 * MIB)] + [(k * 8 * MIB, MIB) for k in (1, 2, 3, 4)]
+    blocks = [(off // 512, size // 512) for off, size in areas]
+    fault_lba, fault_count = 2048, 64  # inside the known data, rewritten every cycle
+    ctx.start_server("--num-queues", str(queues), "--spare-blocks", "16384")
+    ctl = Ctl(ctx.socket + ".ctl")
+    done = set()
+    while len(done) < remaps:
+        first, n = rng.choice(blocks)
+        count = min(rng.randint(1, 8), remaps - len(done))
+        lba = rng.randrange(first, first + n - count)
+        if fault_lba - count < lba < fault_lba + fault_count or done & set(range(lba, lba + count)):
+            continue
+        ctl.call("remap-add", lba=lba, count=count)
+        done.update(range(lba, lba + count))
+    ctl.call("fault-add", op="write", lba=fault_lba, count=fault_count)
+
+    stop = threading.Event()
+    churn_err = []
+    churned = [0]
+
+    def churn():
+        c = Ctl(ctx.socket + ".ctl")
+        r = random.Random(seed + 1)
+        try:
+            while not stop.is_set():
+                first, n = r.choice(blocks)
+                count = r.randint(1, 16)
+                lba = r.randrange(first, first + n - count)
+                if lba < fault_lba + fault_count and fault_lba < lba + count:
+                    continue
+                c.call("remap-add", lba=lba, count=count)
+                c.call("remap-remove", lba=lba, count=count)
+                churned[0] += 1
+                if churned[0] % 8 == 0:
+                    # The faulty blocks were remapped by the guest's writes; move them back
+                    # (without the fault: their data must be copied) so the next cycle's
+                    # writes remap them again.
+                    c.call("fault-clear")
+                    c.call("remap-remove", lba=fault_lba, count=fault_count)
+                    c.call("fault-add", op="write", lba=fault_lba, count=fault_count)
+        except Exception as e:  # noqa: BLE001 - reported by the main thread
+            churn_err.append(e)
+        finally:
+            c.close()
+
+    t = threading.Thread(target=churn, daemon=True)
+    g = ctx.boot("hot-unplug-under-io", args=f"cycles={cycles}", num_queues=queues,
+                 qmp=ctx.qmp_path, timeout=600)
+    qmp = Qmp(ctx.qmp_path)
+    t.start()
+    try:
+        for i in range(1, cycles + 1):
+            g.expect(f"IO-RUNNING {i}", 120)
+            qmp.cmd("device_del", id="disk0")
+            qmp.wait_event("DEVICE_DELETED", 60, device="disk0")
+            if not ctx.server.alive():
+                raise ScenarioError(f"remapblk died in cycle {i}")
+            g.expect(f"UNPLUGGED {i}", 60)
+            qmp.cmd("device_add", driver="vhost-user-blk-pci", chardev="c0", id="disk0",
+                    **{"num-queues": queues})
+            g.expect(f"REPLUGGED-OK {i}", 120)
+            if churn_err:
+                raise ScenarioError(f"remap churn failed in cycle {i}: {churn_err[0]}")
+            if not g.alive() or not ctx.server.alive():
+                raise ScenarioError(f"QEMU or remapblk died in cycle {i}")
+        ctx.finish_guest()
+    finally:
+        stop.set()
+        t.join(60)
+    if churn_err:
+        raise ScenarioError(f"remap churn failed: {churn_err[0]}")
+    if churned[0] < cycles:
+        raise ScenarioError(f"only {churned[0]} churn rounds in {cycles} cycles")
+    for _ in deadline_loop("nothing in flight after the guest shut down", 15):
+        st = ctl.call("query-status")
+        if st["inflight"] == 0 and not st["connected"]:
+            break
+    if st["spare_free"] + st["remaps"] != st["spare_total"]:
+        raise ScenarioError(f"spare blocks leaked: {st}")
+    stats = ctl.call("query-stats")
+    if stats["totals"]["abandoned"] != 0:
+        raise ScenarioError(f"a drain gave up on requests: {stats['totals']}")
+    ctl.close()
+    if ctx.server.stop() != 0:
+        raise ScenarioError("remapblk did not exit 0 on SIGTERM")
+
+
 def scenario_reset(ctx):
     ctx.start_server()
     g = ctx.boot("reset", qmp=ctx.qmp_path, allow_reset=True)
@@ -399,6 +518,7 @@ SCENARIOS = [
     ("flush-discard", scenario_flush_discard),
     ("readonly", scenario_readonly),
     ("hot-unplug-under-io", scenario_hot_unplug),
+    ("hot-unplug-remaps", scenario_hot_unplug_remaps),
     ("reset", scenario_reset),
     ("backend-restart", scenario_backend_restart),
     ("read-fault", scenario_read_fault),

@@ -282,73 +282,245 @@ fn remap_add_with_stride_scatters_blocks() {
     verify(&mut c, 4, 0, 4 * MIB, 64 << 10, 16);
 }
 
-/// Remaps move blocks back and forth while four queues write to them; at the end every chunk
-/// holds the last value whose write was acknowledged.
+/// Remaps move blocks back and forth (random runs, seeded: `REMAPBLK_SEED`) while four queues
+/// have writes in flight to the same blocks at once, and a write fault in the middle keeps
+/// auto-remapping blocks the churn moved back; at the end of every round each chunk holds the
+/// last value whose write was acknowledged.
 #[test]
 fn remap_churn_under_writes_loses_no_write() {
-    const CHUNKS: usize = 64; // 4 KiB chunks over the first 256 KiB: blocks 0..512
-    let s = Server::start(4 * MIB, &["--num-queues", "4", "--spare-blocks", "1024"]);
-    let control = s.control();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    use common::load::*;
+    use std::collections::BTreeSet;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    const CHUNKS: u64 = 256; // the first 1 MiB: blocks 0..2048
+    const QUEUES: usize = 4;
+    const DEPTH: usize = 16;
+    const GENS: u64 = 60;
+    let seed = seed(6003);
+    let _guard = SeedGuard(seed);
+    let s = Server::start(4 * MIB, &["--num-queues", "4", "--spare-blocks", "4096"]);
+    let mut ctl = Ctl::connect(&s.control());
+    const FAULT: u64 = 1000;
+    const FAULT_COUNT: u64 = 48;
+    let fault = serde_json::json!({"op": "write", "lba": FAULT, "count": FAULT_COUNT});
+    ctl.ok("fault-add", fault.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicU64::new(0));
     let churn = {
-        let stop = stop.clone();
+        let (stop, rounds) = (stop.clone(), rounds.clone());
+        let mut ctl = Ctl::connect(&s.control());
+        let mut rng = Rng::new(seed ^ 0xc4);
         std::thread::spawn(move || {
-            let mut rounds = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let lba = (rounds * 37) % 448;
-                for cmd in ["remap-add", "remap-remove"] {
-                    let out = Command::new(env!("CARGO_BIN_EXE_remapblk"))
-                        .args(["ctl", "--control"])
-                        .arg(&control)
-                        .args([cmd, &format!("lba={lba}"), "count=64"])
-                        .output()
-                        .unwrap();
-                    assert!(
-                        out.status.success(),
-                        "{cmd}: {}",
-                        String::from_utf8_lossy(&out.stderr)
-                    );
+            while !stop.load(Ordering::Relaxed) {
+                let count = rng.range(1, 65);
+                let lba = rng.range(0, CHUNKS * 8 - count);
+                let args = serde_json::json!({"lba": lba, "count": count});
+                ctl.ok("remap-add", args.clone());
+                // A faulty block cannot be copied back to the main image: lift the fault for
+                // the move, then put it back, so writes remap those blocks again.
+                let faulty = lba < FAULT + FAULT_COUNT && FAULT < lba + count;
+                if faulty {
+                    ctl.ok("fault-clear", serde_json::json!({}));
                 }
-                rounds += 1;
+                ctl.ok("remap-remove", args);
+                if faulty {
+                    ctl.ok("fault-add", fault.clone());
+                }
+                rounds.fetch_add(1, Ordering::Relaxed);
             }
-            rounds
         })
     };
-    let mut c = s.client(4);
-    let mut last = vec![0u64; CHUNKS];
-    for gen in 1..=40u64 {
-        for q in 0..4 {
-            // Each queue writes its own 16 chunks at queue depth 16.
-            let chunks: Vec<usize> = (0..16).map(|i| q * 16 + i).collect();
-            let ops: Vec<Op> = chunks
-                .iter()
-                .enumerate()
-                .map(|(slot, &k)| {
-                    let off = (k * 4096) as u64;
-                    c.slot_mut(slot, 4096)
-                        .copy_from_slice(&pattern(gen, off, 4096));
-                    Op::Write {
-                        offset: off,
-                        len: 4096,
-                    }
-                })
-                .collect();
-            let res = c.batch(q, &ops);
-            assert!(res.iter().all(|&r| r == 0), "{res:?}");
-            for k in chunks {
-                last[k] = gen;
-            }
+    let mut c = s.client(QUEUES);
+    let mut t = Tracker::default();
+    let all: BTreeSet<u64> = (0..CHUNKS).collect();
+    for gen in 1..=GENS {
+        // Each queue writes its own 16 of the 64 chunks of this round; chunks move between
+        // queues from round to round.
+        let first = (gen * 64) % CHUNKS;
+        let ops: Vec<Vec<Op>> = (0..QUEUES)
+            .map(|q| {
+                (0..DEPTH)
+                    .map(|i| {
+                        let k = (first + (q * DEPTH + i) as u64) % CHUNKS;
+                        let off = k * CHUNK as u64;
+                        buf_mut(&mut c, q * DEPTH + i).copy_from_slice(&pattern(gen, off, CHUNK));
+                        t.submitted(k, gen);
+                        Op::Write {
+                            offset: off,
+                            len: CHUNK,
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut acks = Vec::new();
+        assert!(round(
+            &mut c,
+            &ops,
+            DEPTH,
+            Duration::from_secs(30),
+            |q, i, ret| acks.push((q, i, ret)),
+            || {}
+        ));
+        for (q, i, ret) in acks {
+            assert_eq!(ret, 0, "gen {gen}: write failed");
+            t.acked((first + (q * DEPTH + i) as u64) % CHUNKS, gen);
         }
+        t.verify(&mut c, &all, DEPTH)
+            .unwrap_or_else(|e| panic!("gen {gen}: {e}"));
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let rounds = churn.join().unwrap();
-    assert!(rounds >= 1);
-    for (k, gen) in last.iter().enumerate() {
-        let off = (k * 4096) as u64;
-        assert_eq!(
-            c.read(0, off, 4096).unwrap(),
-            pattern(*gen, off, 4096),
-            "chunk {k} lost its last write"
-        );
-    }
+    stop.store(true, Ordering::Relaxed);
+    churn.join().unwrap();
+    let rounds = rounds.load(Ordering::Relaxed);
+    assert!(rounds >= 10, "only {rounds} churn rounds");
+    t.verify(&mut c, &all, DEPTH).unwrap();
+    let st = ctl.ok("query-status", serde_json::json!({}));
+    assert_eq!(
+        st["spare_free"].as_u64().unwrap() + st["remaps"].as_u64().unwrap(),
+        st["spare_total"].as_u64().unwrap(),
+        "{st}"
+    );
+    eprintln!("{GENS} rounds of writes, {rounds} churn rounds");
+}
+
+/// A guest write that took its view of the table before a remap-remove freed a spare block
+/// must not write into that block once a remap-add has given it to another block. Block 11
+/// lives in spare block 0; a write of blocks 10..12 is held (delay fault on block 10) after
+/// it has looked the mapping up; meanwhile block 11 is moved back and block 100 is remapped
+/// into the freed spare block 0. Block 100 must keep its data.
+#[test]
+fn write_racing_remap_remove_does_not_land_in_a_reused_spare_block() {
+    let s = Server::start(4 * MIB, &["--spare-blocks", "64"]);
+    let mut c = s.client(1);
+    let other = pattern(1, 100 * 512, 512);
+    assert_eq!(c.write(0, 100 * 512, &other), 0);
+    let e = s.ctl_ok("remap-add", &["lba=11"]);
+    assert_eq!(e[0]["spare_block"], 0);
+    s.ctl_ok(
+        "fault-add",
+        &[
+            "op=write",
+            "lba=10",
+            "mode=delay",
+            "delay_ms=300",
+            "times=1",
+        ],
+    );
+    let data = pattern(2, 10 * 512, 1024);
+    c.slot_mut(0, 1024).copy_from_slice(&data);
+    let buf = c.slot(0);
+    c.queues[0].write(10 * 512, buf, 1024, 0, blkio::ReqFlags::empty());
+    let mut comps = [std::mem::MaybeUninit::<blkio::Completion>::uninit()];
+    c.queues[0].do_io(&mut comps, 0, None, None).unwrap();
+    wait_until("the write to be held", Duration::from_secs(10), || {
+        s.ctl_ok("fault-list", &[])[0]["fired"] == 1
+    });
+    s.ctl_ok("remap-remove", &["lba=11"]);
+    let e = s.ctl_ok("remap-add", &["lba=100"]);
+    assert_eq!(
+        e[0]["spare_block"], 0,
+        "the scenario needs the freed block reused"
+    );
+    let mut left = Duration::from_secs(10);
+    assert_eq!(
+        c.queues[0]
+            .do_io(&mut comps, 1, Some(&mut left), None)
+            .unwrap(),
+        1
+    );
+    assert_eq!(unsafe { comps[0].assume_init_ref() }.ret, 0);
+    assert_eq!(c.read(0, 10 * 512, 1024).unwrap(), data);
+    assert!(
+        c.read(0, 100 * 512, 512).unwrap() == other,
+        "block 100 got another block's write"
+    );
+}
+
+/// The read side of the same race: a read that looked up block 11 in spare block 0 before a
+/// remap-remove and a remap-add gave that block to block 100 must return block 11's data.
+#[test]
+fn read_racing_remap_remove_does_not_return_another_blocks_data() {
+    let s = Server::start(4 * MIB, &["--spare-blocks", "64"]);
+    let mut c = s.client(1);
+    let mine = pattern(3, 10 * 512, 1024);
+    assert_eq!(c.write(0, 10 * 512, &mine), 0);
+    assert_eq!(c.write(0, 100 * 512, &pattern(4, 100 * 512, 512)), 0);
+    s.ctl_ok("remap-add", &["lba=11"]);
+    s.ctl_ok(
+        "fault-add",
+        &["op=read", "lba=10", "mode=delay", "delay_ms=300", "times=1"],
+    );
+    let buf = c.slot(0);
+    c.queues[0].read(10 * 512, buf, 1024, 0, blkio::ReqFlags::empty());
+    let mut comps = [std::mem::MaybeUninit::<blkio::Completion>::uninit()];
+    c.queues[0].do_io(&mut comps, 0, None, None).unwrap();
+    wait_until("the read to be held", Duration::from_secs(10), || {
+        s.ctl_ok("fault-list", &[])[0]["fired"] == 1
+    });
+    s.ctl_ok("remap-remove", &["lba=11"]);
+    let e = s.ctl_ok("remap-add", &["lba=100"]);
+    assert_eq!(
+        e[0]["spare_block"], 0,
+        "the scenario needs the freed block reused"
+    );
+    let mut left = Duration::from_secs(10);
+    assert_eq!(
+        c.queues[0]
+            .do_io(&mut comps, 1, Some(&mut left), None)
+            .unwrap(),
+        1
+    );
+    assert_eq!(unsafe { comps[0].assume_init_ref() }.ret, 0);
+    assert!(
+        c.slot_mut(0, 1024).to_vec() == mine,
+        "the read returned another block's data"
+    );
+}
+
+/// A slow write (a 500 ms delay fault) completes while remap-add/remap-remove churn runs on
+/// other blocks: only a move of its own blocks makes a write run again, or every attempt would
+/// overlap some move and it would never finish.
+#[test]
+fn slow_write_completes_under_remap_churn_elsewhere() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let s = Server::start(4 * MIB, &["--spare-blocks", "1024"]);
+    s.ctl_ok(
+        "fault-add",
+        &["op=write", "lba=10", "mode=delay", "delay_ms=500"],
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn = {
+        let stop = stop.clone();
+        let mut ctl = common::load::Ctl::connect(&s.control());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let args = serde_json::json!({"lba": 1000 + n % 64});
+                ctl.ok("remap-add", args.clone());
+                ctl.ok("remap-remove", args);
+                n += 1;
+            }
+            n
+        })
+    };
+    let mut c = s.client(1);
+    let data = pattern(7, 10 * 512, 512);
+    c.slot_mut(0, 512).copy_from_slice(&data);
+    let t0 = std::time::Instant::now();
+    let res = c.try_batch(
+        0,
+        &[Op::Write {
+            offset: 10 * 512,
+            len: 512,
+        }],
+        Duration::from_secs(10),
+    );
+    let took = t0.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let moves = churn.join().unwrap();
+    assert_eq!(res, Some(vec![0]), "the write did not complete in {took:?}");
+    assert!(moves >= 1, "no churn round");
+    assert_eq!(c.read(0, 10 * 512, 512).unwrap(), data);
 }

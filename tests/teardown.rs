@@ -91,12 +91,7 @@ fn stuck_request_at_disconnect_is_abandoned_and_the_next_client_is_served() {
         "the stuck request is named in the log"
     );
     assert_eq!(s.ctl_ok("query-stats", &[])["totals"]["abandoned"], 1);
-    let log = std::fs::read_to_string(&events).unwrap();
-    let drain: serde_json::Value = log
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .find(|v| v["event"] == "drain" && v["reason"] == "disconnect")
-        .expect("a drain event");
+    let drain = drain_event(&events, "disconnect");
     assert_eq!(drain["abandoned"], 1);
     assert_eq!(drain["waited_for"], 1);
     assert!(drain["duration_us"].as_u64().unwrap() >= 450_000, "{drain}");
@@ -111,7 +106,8 @@ fn stuck_request_at_disconnect_is_abandoned_and_the_next_client_is_served() {
 #[test]
 fn sigterm_with_a_stuck_request_exits_0_within_the_drain_timeout_plus_1s() {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = server_with_stuck_block(&dir.path().join("events.jsonl"));
+    let events = dir.path().join("events.jsonl");
+    let mut s = server_with_stuck_block(&events);
     let mut client = stuck_client(&s);
     let t0 = Instant::now();
     s.signal(libc::SIGTERM);
@@ -122,4 +118,21 @@ fn sigterm_with_a_stuck_request_exits_0_within_the_drain_timeout_plus_1s() {
     assert_eq!(status.code(), Some(0));
     assert!(took < Duration::from_millis(1500), "exit took {took:?}");
     assert!(!s.socket.exists());
+    // The event log has the exit drain: how long it waited, for how many, how many it gave up.
+    let drain = drain_event(&events, "exit");
+    assert_eq!(drain["waited_for"], 1, "{drain}");
+    assert_eq!(drain["abandoned"], 1, "{drain}");
+    let us = drain["duration_us"].as_u64().unwrap();
+    assert!((450_000..1_500_000).contains(&us), "{drain}");
+    assert!(drain["monotonic_ns"].as_u64().is_some(), "{drain}");
+}
+
+/// The first `drain` event with this reason in an event log.
+fn drain_event(events: &std::path::Path, reason: &str) -> serde_json::Value {
+    std::fs::read_to_string(events)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["event"] == "drain" && v["reason"] == reason)
+        .unwrap_or_else(|| panic!("no drain event for {reason}"))
 }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use log::{error, warn};
 use vhost_user_backend::{VringRwLock, VringState, VringT};
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
 use crate::virtio::request::GuestMem;
@@ -132,7 +133,9 @@ pub struct QueueCtl {
     /// The worker's vring, recorded on its first event, so that a drain past its deadline can
     /// complete stuck requests itself.
     vring: OnceLock<Vring>,
-    /// A drain gave up on a request of this queue: its worker may still be inside it.
+    /// A drain gave up on a request of this queue: its worker may still be stuck in it. Set
+    /// before the stuck requests are completed, so whoever sees their completion (the frontend,
+    /// then the teardown it triggers) also sees this.
     gave_up: AtomicBool,
 }
 
@@ -191,12 +194,19 @@ impl QueueCtl {
     }
 
     /// Called by the worker on each kick. A stopped queue whose ring the frontend has made
-    /// ready again starts running (unless the device is quiesced: `ring_ready` is false then);
-    /// a stopping or closed one stays as it is.
-    pub fn start_if_ready(&self, vring: &Vring, ring_ready: bool) -> bool {
+    /// ready again starts running (unless `may_run` says no: the device is quiesced); a
+    /// stopping or closed one stays as it is.
+    ///
+    /// Both conditions are read inside the critical section, not before it: a stop
+    /// (GET_VRING_BASE makes the ring not ready, then drains; quiesce sets its flag, then
+    /// drains) that completed between a worker's look at them and this call would otherwise
+    /// be undone, and the worker would pop descriptors after the stop had returned.
+    pub fn start_if_ready(&self, vring: &Vring, may_run: impl FnOnce() -> bool) -> bool {
         let _ = self.vring.set(vring.clone());
+        // Lock order: vring, then table. Holding the vring lock keeps the ready flag as read.
+        let state = vring.get_ref();
         let mut inner = self.lock();
-        if inner.phase == Phase::Stopped && ring_ready {
+        if inner.phase == Phase::Stopped && state.get_queue().ready() && may_run() {
             inner.phase = Phase::Running;
         }
         inner.phase == Phase::Running
@@ -317,15 +327,13 @@ impl QueueCtl {
     }
 
     fn abandon(&self, mem: &Gm) -> Vec<InflightReq> {
+        self.gave_up.store(true, Ordering::Release);
         let Some(vring) = self.vring.get() else {
             // Nothing can be in flight on a queue whose worker never ran; clear the table so
             // the state stays coherent.
             return self.lock().inflight.drain().map(|(_, r)| r).collect();
         };
         let mem = mem.memory();
-        // Before the guest hears of it: its next move (disconnecting) starts a teardown that
-        // must know not to join this queue's worker.
-        self.gave_up.store(true, Ordering::Release);
         let mut state = vring.get_mut();
         let stuck: Vec<InflightReq> = self.lock().inflight.drain().map(|(_, r)| r).collect();
         for r in &stuck {

@@ -182,8 +182,7 @@ impl BlkBackend {
     fn process_queue(&self, q: usize, vring: &Vring) {
         let conn = &*self.conn;
         let ctl = &conn.queues[q];
-        let ready = vring.get_ref().get_queue().ready() && !conn.dev.is_quiesced();
-        if !ctl.start_if_ready(vring, ready) {
+        if !ctl.start_if_ready(vring, || !conn.dev.is_quiesced()) {
             return;
         }
         if !self.pop_all(q, ctl, vring) {
@@ -339,7 +338,7 @@ impl BlkBackend {
         }
         let target = dev.target.as_ref();
         let ctx = self.exec_ctx();
-        let result = if d.failed || !target.route_valid(d.ticket) {
+        let result = if d.failed || !target.route_valid(d.ticket, d.req.offset(), d.req.data_len) {
             // The synchronous path owns retries and the error policy (remaps, pending).
             QueueStats::inc(&dev.stats.queue(q).ring_redone);
             execute(&d.req, &d.mem, target, &ctx)

@@ -95,7 +95,7 @@ impl BlockIo for FaultyTarget {
         !self.table.may_apply(op, first, last) && self.inner.route(dir, offset, len, at, route)
     }
 
-    fn route_valid(&self, ticket: u64) -> bool {
-        self.inner.route_valid(ticket)
+    fn route_valid(&self, ticket: u64, offset: u64, len: u64) -> bool {
+        self.inner.route_valid(ticket, offset, len)
     }
 }

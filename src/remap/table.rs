@@ -5,9 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::ops::Deref;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -44,72 +42,6 @@ pub struct RemapTable {
     snap: ArcSwap<Snapshot>,
     inner: Mutex<Inner>,
     spare: Spare,
-    pins: Pins,
-}
-
-/// Who may still use spare blocks named by an older snapshot. A block that remap-remove
-/// takes out of the table is only handed out again once every request that pinned a
-/// snapshot before the removal is done: otherwise a write that found block A in spare block
-/// S could land in S after S was given to block B. Two counters and an epoch, so that a
-/// stream of new requests cannot keep the remover waiting: it waits only for the old epoch.
-#[derive(Default)]
-struct Pins {
-    epoch: AtomicUsize,
-    count: [AtomicU64; 2],
-    quiet: Mutex<()>,
-    quiet_cv: Condvar,
-}
-
-/// A snapshot whose spare blocks stay allocated to the blocks it says until it is dropped.
-pub struct Pinned<'a> {
-    pins: &'a Pins,
-    slot: usize,
-    snap: arc_swap::Guard<Arc<Snapshot>>,
-}
-
-impl Deref for Pinned<'_> {
-    type Target = Snapshot;
-    fn deref(&self) -> &Snapshot {
-        &self.snap
-    }
-}
-
-impl Drop for Pinned<'_> {
-    fn drop(&mut self) {
-        self.pins.leave(self.slot);
-    }
-}
-
-impl Pins {
-    fn leave(&self, slot: usize) {
-        if self.count[slot].fetch_sub(1, Ordering::SeqCst) == 1 {
-            // Under the lock, so a remover between its check and its wait cannot miss it.
-            let _g = self.quiet.lock().unwrap_or_else(|p| p.into_inner());
-            self.quiet_cv.notify_all();
-        }
-    }
-
-    fn enter(&self) -> usize {
-        loop {
-            let e = self.epoch.load(Ordering::SeqCst);
-            let slot = e & 1;
-            self.count[slot].fetch_add(1, Ordering::SeqCst);
-            if self.epoch.load(Ordering::SeqCst) == e {
-                return slot;
-            }
-            // A remover flipped the epoch meanwhile; join the new one.
-            self.leave(slot);
-        }
-    }
-
-    /// Waits until every pin taken before this call is dropped.
-    fn wait_for_older(&self) {
-        let slot = self.epoch.fetch_add(1, Ordering::SeqCst) & 1;
-        let mut g = self.quiet.lock().unwrap_or_else(|p| p.into_inner());
-        while self.count[slot].load(Ordering::SeqCst) != 0 {
-            g = self.quiet_cv.wait(g).unwrap_or_else(|p| p.into_inner());
-        }
-    }
 }
 
 impl RemapTable {
@@ -149,22 +81,11 @@ impl RemapTable {
                 warned_exhausted: false,
             }),
             spare,
-            pins: Pins::default(),
         })
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snap.load_full()
-    }
-
-    /// The current snapshot, for a request that reads or writes the spare blocks it names.
-    pub fn pin(&self) -> Pinned<'_> {
-        let slot = self.pins.enter();
-        Pinned {
-            pins: &self.pins,
-            slot,
-            snap: self.snap.load(),
-        }
     }
 
     /// The current snapshot for one request: cheaper than [`snapshot`](Self::snapshot) (no
@@ -292,9 +213,8 @@ impl RemapTable {
             self.publish(&inner);
             entry
         };
-        // Not under the table lock: a pinned request may need it (to remap a pending block)
-        // before it lets go. A crash meanwhile leaves the block in no entry, so free again.
-        self.pins.wait_for_older();
+        // Requests that looked the block up before this change check the mapping under the
+        // table lock before they touch the spare block (write_spare_if_mapped).
         let mut inner = self.lock();
         inner.free.insert(entry.spare_block);
         inner.warned_exhausted = false;
@@ -360,6 +280,40 @@ impl RemapTable {
         Ok(entry)
     }
 
+    /// Writes `data` to spare block `spare_block` only while it still holds `lba`: a writer
+    /// that looked the mapping up before a remap-remove freed the block must not write into it
+    /// once another block has been given it. Under the table lock, so the block cannot change
+    /// hands during the write. False when the mapping changed (the caller's view is stale).
+    pub fn write_spare_if_mapped(
+        &self,
+        lba: u64,
+        spare_block: u64,
+        data: &[u8],
+    ) -> io::Result<bool> {
+        let inner = self.lock();
+        if inner.map.get(&lba).map(|e| e.spare_block) != Some(spare_block) {
+            return Ok(false);
+        }
+        self.spare.write_block(spare_block, data)?;
+        Ok(true)
+    }
+
+    /// Reads spare block `spare_block` only while it still holds `lba` (see
+    /// [`RemapTable::write_spare_if_mapped`]). False when the mapping changed.
+    pub fn read_spare_if_mapped(
+        &self,
+        lba: u64,
+        spare_block: u64,
+        out: &mut [u8],
+    ) -> io::Result<bool> {
+        let inner = self.lock();
+        if inner.map.get(&lba).map(|e| e.spare_block) != Some(spare_block) {
+            return Ok(false);
+        }
+        self.spare.read_block(spare_block, out)?;
+        Ok(true)
+    }
+
     pub fn entries(&self) -> Vec<Entry> {
         self.snapshot().map.values().copied().collect()
     }
@@ -397,48 +351,6 @@ mod tests {
             (0u64..32).prop_map(Op::Unmap),
             (0u64..32).prop_map(Op::Pending),
         ]
-    }
-
-    /// A spare block taken out of the table is not handed out again while a request that found
-    /// it in an older snapshot still runs; pins taken after the removal do not hold it up.
-    #[test]
-    fn removed_spare_block_waits_for_older_pins() {
-        let dir = tempfile::tempdir().unwrap();
-        let header = Header {
-            block_size: 512,
-            image_size: 1 << 20,
-            spare_blocks: 4,
-        };
-        let t = RemapTable::new(
-            Spare::create(&dir.path().join("s"), header).unwrap(),
-            vec![],
-        )
-        .unwrap();
-        t.remap_with_data(5, &[5; 512], Cause::Manual).unwrap();
-        assert_eq!(t.spare_free(), 3);
-        let old = t.pin();
-        assert!(old.map.contains_key(&5));
-        std::thread::scope(|s| {
-            let remover = s.spawn(|| t.unmap(5, |_| Ok(())).unwrap());
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while t.view().map.contains_key(&5) {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "unmap never published"
-                );
-                std::thread::yield_now();
-            }
-            // Published, but the old pin may still use the block: not free yet, and a new
-            // pin (which cannot see block 5) does not delay anything.
-            let new = t.pin();
-            assert!(!new.map.contains_key(&5));
-            assert_eq!(t.spare_free(), 3);
-            assert!(!remover.is_finished());
-            drop(old);
-            assert!(remover.join().unwrap().is_some());
-            drop(new);
-        });
-        assert_eq!(t.spare_free(), 4);
     }
 
     proptest! {

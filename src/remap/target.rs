@@ -25,54 +25,104 @@ pub struct RemapTarget {
 }
 
 /// Keeps guest writes and online moves (remap-add, remap-remove) from losing data, without a
-/// lock on the I/O path: a move makes `gen` odd while it copies and even when the new mapping
-/// is published. A write that saw `gen` change while it ran may have landed on the old
-/// location after the copy, so it waits for the move to end and writes again; a write that
-/// finds a move under way waits for it first. Moves are rare and one at a time; the I/O path
-/// pays one atomic load before and after each write.
-#[derive(Default)]
+/// lock on the I/O path. The disk is cut into buckets of `BUCKET_BLOCKS` blocks (hashed onto
+/// `BUCKETS` counters); a move makes the counters of the buckets it touches odd while it
+/// copies and even again when the new mapping is published. A write that saw one of its own
+/// buckets' counters change while it ran may have landed on the old location after the copy,
+/// so it waits for the move to end and writes again; a write that finds a move of its buckets
+/// under way waits for it first. Moves are rare and one at a time; the I/O path pays an atomic
+/// load per bucket it touches (usually one) before and after each write.
+///
+/// Per bucket, not one counter for the disk: under a steady stream of moves elsewhere, a slow
+/// write (a failing disk, a delay fault) would otherwise overlap one in time on every attempt
+/// and never complete.
 struct MoveGuard {
-    gen: AtomicU64,
+    gens: Vec<AtomicU64>,
     one_at_a_time: Mutex<()>,
     done: Mutex<()>,
     done_cv: Condvar,
 }
 
+const BUCKETS: u64 = 1024;
+const BUCKET_BLOCKS: u64 = 256;
+
+impl Default for MoveGuard {
+    fn default() -> MoveGuard {
+        MoveGuard {
+            gens: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            one_at_a_time: Mutex::new(()),
+            done: Mutex::new(()),
+            done_cv: Condvar::new(),
+        }
+    }
+}
+
 impl MoveGuard {
-    fn wait_idle(&self) -> u64 {
+    /// The counters of blocks `first..=last`, each once.
+    fn buckets(&self, first: u64, last: u64) -> impl Iterator<Item = &AtomicU64> {
+        let (a, b) = (first / BUCKET_BLOCKS, last / BUCKET_BLOCKS);
+        let range = if b - a + 1 >= BUCKETS {
+            0..BUCKETS
+        } else {
+            a..b + 1
+        };
+        range.map(move |x| &self.gens[(x % BUCKETS) as usize])
+    }
+
+    /// (sum of the counters, whether a move of these blocks is under way).
+    fn state(&self, first: u64, last: u64) -> (u64, bool) {
+        self.buckets(first, last)
+            .fold((0, false), |(sum, busy), g| {
+                let v = g.load(Ordering::SeqCst);
+                (sum.wrapping_add(v), busy || !v.is_multiple_of(2))
+            })
+    }
+
+    fn wait_idle(&self, first: u64, last: u64) -> u64 {
         let mut g = self.done.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            let gen = self.gen.load(Ordering::SeqCst);
-            if gen.is_multiple_of(2) {
-                return gen;
+            let (sum, busy) = self.state(first, last);
+            if !busy {
+                return sum;
             }
             g = self.done_cv.wait(g).unwrap_or_else(|p| p.into_inner());
         }
     }
 
-    /// Runs `write` until no move overlapped it.
-    fn write<T>(&self, mut write: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    /// Runs `write` (of blocks `first..=last`) until no move of those blocks overlapped it.
+    fn write<T>(
+        &self,
+        first: u64,
+        last: u64,
+        mut write: impl FnMut() -> io::Result<T>,
+    ) -> io::Result<T> {
         loop {
-            let mut before = self.gen.load(Ordering::SeqCst);
-            if !before.is_multiple_of(2) {
-                before = self.wait_idle();
+            let (mut before, busy) = self.state(first, last);
+            if busy {
+                before = self.wait_idle(first, last);
             }
             let r = write();
             // Pairs with the mover's increment before it copies: either this load sees the
-            // move, or the move's copy sees this write.
+            // move, or the move's copy sees this write. Counters only grow, so any move of
+            // these buckets changes the sum.
             std::sync::atomic::fence(Ordering::SeqCst);
-            if self.gen.load(Ordering::SeqCst) == before {
+            if self.state(first, last).0 == before {
                 return r;
             }
         }
     }
 
-    fn run<T>(&self, body: impl FnOnce() -> T) -> T {
+    /// Runs `body`, a move of blocks `first..=last`.
+    fn run<T>(&self, first: u64, last: u64, body: impl FnOnce() -> T) -> T {
         let _one = self.one_at_a_time.lock().unwrap_or_else(|p| p.into_inner());
-        self.gen.fetch_add(1, Ordering::SeqCst);
+        for g in self.buckets(first, last) {
+            g.fetch_add(1, Ordering::SeqCst);
+        }
         let r = body();
         let _g = self.done.lock().unwrap_or_else(|p| p.into_inner());
-        self.gen.fetch_add(1, Ordering::SeqCst);
+        for g in self.buckets(first, last) {
+            g.fetch_add(1, Ordering::SeqCst);
+        }
         self.done_cv.notify_all();
         r
     }
@@ -97,6 +147,12 @@ fn scatter(iov: &[libc::iovec], data: &[u8]) {
         dst.copy_from_slice(&data[at..at + v.iov_len]);
         at += v.iov_len;
     }
+}
+
+/// The lowest and highest of `blocks` (0, 0 when there are none).
+fn span(blocks: &[u64]) -> (u64, u64) {
+    let first = blocks.iter().copied().min().unwrap_or(0);
+    (first, blocks.iter().copied().max().unwrap_or(first))
 }
 
 fn one(buf: &[u8]) -> [libc::iovec; 1] {
@@ -132,7 +188,8 @@ impl RemapTarget {
     pub fn remap_add(&self, blocks: impl Iterator<Item = u64>) -> io::Result<Vec<Entry>> {
         const BATCH: usize = 4096;
         let blocks: Vec<u64> = blocks.collect();
-        self.moves.run(|| {
+        let (first, last) = span(&blocks);
+        self.moves.run(first, last, || {
             for chunk in blocks.chunks(BATCH) {
                 let snap = self.table.snapshot();
                 let mut copies = Vec::with_capacity(chunk.len());
@@ -158,9 +215,11 @@ impl RemapTarget {
     /// `remap-remove`: copies the remapped ones of `blocks` back to the main image and frees
     /// their spare blocks. Returns the entries removed.
     pub fn remap_remove(&self, blocks: impl Iterator<Item = u64>) -> io::Result<Vec<Entry>> {
-        self.moves.run(|| {
+        let blocks: Vec<u64> = blocks.collect();
+        let (first, last) = span(&blocks);
+        self.moves.run(first, last, || {
             let mut out = Vec::new();
-            for b in blocks {
+            for &b in &blocks {
                 let removed = self.table.unmap(b, |e| {
                     let mut buf = vec![0u8; self.bs as usize];
                     self.table.spare().read_block(e.spare_block, &mut buf)?;
@@ -244,11 +303,14 @@ impl RemapTarget {
 
     /// The slow path for a write touching remapped or pending blocks, one block at a time.
     fn write_split(&self, first: u64, data: &[u8]) -> io::Result<()> {
-        let snap = self.table.pin();
+        let snap = self.table.snapshot();
         for (i, chunk) in data.chunks(self.bs as usize).enumerate() {
             let b = first + i as u64;
             if let Some(e) = snap.map.get(&b) {
-                self.table.spare().write_block(e.spare_block, chunk)?;
+                // A false return means a remap-remove moved the block since `snap` was taken;
+                // the move changed the generation, so `MoveGuard::write` runs this write again
+                // against the new mapping.
+                self.table.write_spare_if_mapped(b, e.spare_block, chunk)?;
             } else if self.auto_remap && snap.pending.contains(&b) {
                 // Like drive firmware with a pending sector: the next write remaps it.
                 self.table.remap_with_data(b, chunk, Cause::WriteError)?;
@@ -260,18 +322,26 @@ impl RemapTarget {
     }
 
     fn read_split(&self, first: u64, out: &mut [u8]) -> io::Result<()> {
-        let snap = self.table.pin();
+        let mut snap = self.table.snapshot();
         for (i, chunk) in out.chunks_mut(self.bs as usize).enumerate() {
             let b = first + i as u64;
-            match snap.map.get(&b) {
-                Some(e) => self.table.spare().read_block(e.spare_block, chunk)?,
-                None => match self.main_read_block(b) {
-                    Ok(buf) => chunk.copy_from_slice(&buf),
-                    Err(e) => {
-                        self.table.add_pending([b]);
-                        return Err(e);
-                    }
-                },
+            // A block moved since `snap` was taken is read again from where it is now: its old
+            // spare block may already hold another block.
+            while let Some(e) = snap.map.get(&b) {
+                if self.table.read_spare_if_mapped(b, e.spare_block, chunk)? {
+                    break;
+                }
+                snap = self.table.snapshot();
+            }
+            if snap.map.contains_key(&b) {
+                continue;
+            }
+            match self.main_read_block(b) {
+                Ok(buf) => chunk.copy_from_slice(&buf),
+                Err(e) => {
+                    self.table.add_pending([b]);
+                    return Err(e);
+                }
             }
         }
         Ok(())
@@ -296,7 +366,10 @@ impl BlockIo for RemapTarget {
     }
 
     unsafe fn writev(&self, offset: u64, iov: &[libc::iovec]) -> io::Result<()> {
-        self.moves.write(|| self.write_once(offset, iov))
+        let len: usize = iov.iter().map(|v| v.iov_len).sum();
+        let (first, last) = self.blocks(offset, len as u64);
+        self.moves
+            .write(first, last, || self.write_once(offset, iov))
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -305,8 +378,8 @@ impl BlockIo for RemapTarget {
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.moves.write(|| {
-            let (first, last) = self.blocks(offset, len);
+        let (first, last) = self.blocks(offset, len);
+        self.moves.write(first, last, || {
             if !self.table.snapshot().touches(first, last) {
                 return self.main.discard(offset, len);
             }
@@ -315,8 +388,8 @@ impl BlockIo for RemapTarget {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
-        self.moves.write(|| {
-            let (first, last) = self.blocks(offset, len);
+        let (first, last) = self.blocks(offset, len);
+        self.moves.write(first, last, || {
             if !self.table.snapshot().touches(first, last) {
                 return self.main.write_zeroes(offset, len, unmap);
             }
@@ -327,15 +400,16 @@ impl BlockIo for RemapTarget {
     /// Reads are split into runs of the main image and of the spare file. Writes go straight
     /// only where no block is remapped or pending: a write to a remapped block would land in a
     /// spare block that a concurrent remap-remove may hand to another block before the write
-    /// runs. Either way the ticket is the move generation, checked again at the end
-    /// ([`MoveGuard::write`]'s rule, for I/O that someone else carries out).
+    /// runs. Either way the ticket is the move counters of the request's blocks, checked again
+    /// at the end ([`MoveGuard::write`]'s rule, for I/O that someone else carries out): a read
+    /// of a spare block that changed hands meanwhile is done again.
     fn route(&self, dir: Dir, offset: u64, len: u64, at: u64, route: &mut Route) -> bool {
-        let gen = self.moves.gen.load(Ordering::SeqCst);
-        if !gen.is_multiple_of(2) {
+        let (first, last) = self.blocks(offset, len);
+        let (gen, moving) = self.moves.state(first, last);
+        if moving {
             return false;
         }
         route.ticket = gen;
-        let (first, last) = self.blocks(offset, len);
         let snap = self.table.view();
         if dir == Dir::Write {
             return !snap.touches(first, last) && self.main.route(dir, offset, len, at, route);
@@ -377,10 +451,11 @@ impl BlockIo for RemapTarget {
                 .route(dir, pos, end - pos, at + pos - offset, route)
     }
 
-    fn route_valid(&self, ticket: u64) -> bool {
+    fn route_valid(&self, ticket: u64, offset: u64, len: u64) -> bool {
         // Pairs with the mover's increment before it copies, as in MoveGuard::write.
         std::sync::atomic::fence(Ordering::SeqCst);
-        self.moves.gen.load(Ordering::SeqCst) == ticket
+        let (first, last) = self.blocks(offset, len);
+        self.moves.state(first, last).0 == ticket
     }
 }
 

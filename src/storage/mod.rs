@@ -77,10 +77,10 @@ pub trait BlockIo: Send + Sync {
         false
     }
 
-    /// Whether pieces found by [`route`](Self::route) with `ticket` are still where the data
-    /// lives now that the I/O is done (a remap may have moved it meanwhile). When false the
-    /// request must be done again through `readv` / `writev`.
-    fn route_valid(&self, _ticket: u64) -> bool {
+    /// Whether pieces found by [`route`](Self::route) for `len` bytes at `offset` with
+    /// `ticket` are still where the data lives now that the I/O is done (a remap may have moved
+    /// it meanwhile). When false the request must be done again through `readv` / `writev`.
+    fn route_valid(&self, _ticket: u64, _offset: u64, _len: u64) -> bool {
         true
     }
 }

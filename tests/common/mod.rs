@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod load;
+
 use std::fs::File;
 use std::io::Read;
 use std::mem::MaybeUninit;
@@ -204,6 +206,10 @@ impl Drop for Server {
     fn drop(&mut self) {
         if std::thread::panicking() {
             let log = self.log();
+            let keep = std::env::temp_dir().join(format!("remapblk-failed-{}.log", self.pid()));
+            if std::fs::write(&keep, &log).is_ok() {
+                eprintln!("--- the whole server log: {} ---", keep.display());
+            }
             let tail: Vec<&str> = log.lines().rev().take(60).collect();
             eprintln!("--- last lines of the server log ---");
             for l in tail.iter().rev() {
