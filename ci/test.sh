@@ -19,10 +19,11 @@ step "integration tests again on the sync engine"
 REMAPBLK_ENGINE=sync cargo test --tests 2>&1
 
 # The teardown-under-load tests are seeded (REMAPBLK_SEED, printed on failure); `cargo test`
-# above ran them with their default seeds, these runs add three more.
+# above ran them with their default seeds, these runs add three more (the stuck-request
+# teardown tests are not seeded; they simply run three more times).
 step "storm tests, seeds 1 2 3"
 for seed in 1 2 3; do
-    REMAPBLK_SEED=$seed cargo test --test storm --test ring_stop 2>&1
+    REMAPBLK_SEED=$seed cargo test --test storm --test ring_stop --test teardown 2>&1
     REMAPBLK_SEED=$seed cargo test --test remap -- --exact remap_churn_under_writes_loses_no_write 2>&1
     REMAPBLK_SEED=$seed cargo test --lib inflight_accounting 2>&1
 done
