@@ -24,6 +24,9 @@ pub struct QueueStats {
     pub abandoned: AtomicU64,
     /// Reads and writes carried out by the io_uring engine.
     pub ring_io: AtomicU64,
+    /// Of those, the ones done at once on the worker (page-cache hits, buffered writes)
+    /// without a trip through the ring.
+    pub ring_inline: AtomicU64,
     /// Of those, the ones done again on the synchronous path (ring I/O failed or came up
     /// short, or a remap moved the data meanwhile).
     pub ring_redone: AtomicU64,

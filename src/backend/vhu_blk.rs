@@ -23,7 +23,7 @@ use vmm_sys_util::event::{
 use super::device::Device;
 use super::exec::{execute, ExecCtx, ExecError};
 use super::inflight::{Completion, DrainReport, Gm, InflightReq, Phase, Pop, QueueCtl, Vring};
-use super::uring::{Done, Engine};
+use super::uring::{Done, Engine, Taken};
 use crate::stats::QueueStats;
 use crate::virtio::config::WRITEBACK_OFFSET;
 use crate::virtio::request::{self, GuestMem, Rejected, Request, RequestError, RequestType};
@@ -260,15 +260,33 @@ impl BlkBackend {
                     let parsed = match (self.engine(q), parsed) {
                         (Some(mut e), Ok(req)) => {
                             match e.try_queue(conn.dev.target.as_ref(), head, req, mem, popped) {
-                                Ok(()) => {
+                                Ok(taken) => {
                                     QueueStats::inc(&conn.dev.stats.queue(q).ring_io);
-                                    // Large transfers: start them (and complete those the
-                                    // kernel finishes inline) now rather than after the whole
-                                    // batch, so the guest gets its first buffers back while
-                                    // we copy the rest.
-                                    if e.unsubmitted_bytes() >= EARLY_SUBMIT_BYTES {
-                                        drop(e);
-                                        self.reap(q, vring, true);
+                                    let big = e.unsubmitted_bytes() >= EARLY_SUBMIT_BYTES;
+                                    drop(e);
+                                    match taken {
+                                        // Done inline: complete it on its own, at once.
+                                        Taken::Done(d) => {
+                                            QueueStats::inc(&conn.dev.stats.queue(q).ring_inline);
+                                            if let Some(c) = self.finish_ring_io(q, &d) {
+                                                ctl.complete(
+                                                    vring, mem, c.head, c.status, c.used_len,
+                                                );
+                                            }
+                                            conn.dev
+                                                .stats
+                                                .queue(q)
+                                                .latency
+                                                .record(popped.elapsed());
+                                        }
+                                        // Large transfers: start them (and complete those the
+                                        // kernel finishes inline) now rather than after the
+                                        // whole batch, so the guest gets its first buffers back
+                                        // while we copy the rest.
+                                        Taken::Queued if big => {
+                                            self.reap(q, vring, true);
+                                        }
+                                        Taken::Queued => {}
                                     }
                                     continue;
                                 }

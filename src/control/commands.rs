@@ -265,6 +265,7 @@ fn counters(get: impl Fn(&dyn Fn(&QueueStats) -> &std::sync::atomic::AtomicU64) 
         "unsupported": get(&|q| &q.unsupported),
         "abandoned": get(&|q| &q.abandoned),
         "ring_io": get(&|q| &q.ring_io),
+        "ring_inline": get(&|q| &q.ring_inline),
         "ring_redone": get(&|q| &q.ring_redone),
     })
 }
