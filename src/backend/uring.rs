@@ -54,7 +54,7 @@ pub fn probe() -> io::Result<()> {
 
 /// What became of a request the engine took.
 pub enum Taken {
-    /// On the ring (or ready for the next reap).
+    /// On the ring.
     Queued,
     /// Done at once; complete it now.
     Done(Done),
@@ -99,8 +99,6 @@ pub struct Engine {
     events: EventConsumer,
     slots: Vec<Option<Slot>>,
     free: Vec<u32>,
-    /// Requests that needed no kernel I/O (null engine), for the next reap.
-    ready: Vec<Done>,
     /// Whether buffered writes may be tried with RWF_NOWAIT (until a file says it cannot).
     write_nowait: bool,
     route: Route,
@@ -135,7 +133,6 @@ impl Engine {
             events,
             slots: Vec::new(),
             free: Vec::new(),
-            ready: Vec::new(),
             write_nowait: true,
             route: Route::default(),
             iov: Vec::new(),
@@ -160,11 +157,6 @@ impl Engine {
     /// Bytes the queued, not yet submitted requests move.
     pub fn unsubmitted_bytes(&self) -> u64 {
         self.unsubmitted_bytes
-    }
-
-    /// Requests whose I/O the engine still holds.
-    pub fn busy(&self) -> usize {
-        self.slots.len() - self.free.len()
     }
 
     /// Takes `req` if it is a plain read or write the target can route: done at once when
@@ -237,29 +229,17 @@ impl Engine {
                 ticket: self.route.ticket,
             }));
         }
+        // Some piece needs the ring (inline_io takes every NO_FILE piece, so an all-null
+        // request never gets here). Null pieces the inline pass did not reach still need
+        // their zeros.
         let pieces = std::mem::take(&mut self.route.pieces);
         let mut left = 0;
         for (p, v) in pieces.iter().zip(&iovs) {
             if p.fd != NO_FILE {
                 left += 1;
-            } else if dir == Dir::Read {
-                for v in v {
-                    // SAFETY: guest memory held mapped by `mem`, checked by the parser.
-                    unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
-                }
+            } else {
+                inline_io(&mut self.write_nowait, dir, p, v);
             }
-        }
-        if left == 0 {
-            self.route.pieces = pieces;
-            self.ready.push(Done {
-                head,
-                req,
-                mem: mem.clone(),
-                since,
-                failed: false,
-                ticket: self.route.ticket,
-            });
-            return Ok(Taken::Queued);
         }
         let slot = self.alloc();
         let s = Slot {
@@ -347,7 +327,6 @@ impl Engine {
 
     /// Collects requests whose every piece is complete into `out`.
     pub fn reap(&mut self, out: &mut Vec<Done>) {
-        out.append(&mut self.ready);
         loop {
             let mut any = false;
             let mut cq = self.ring.completion();
