@@ -11,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use log::{info, warn};
 
+use super::filter::BlockFilter;
 use super::metadata::{Cause, Entry};
 use super::spare::Spare;
 
@@ -20,13 +21,37 @@ pub struct Snapshot {
     pub map: BTreeMap<u64, Entry>,
     /// Blocks whose read failed on the main image; the next write to one remaps it.
     pub pending: BTreeSet<u64>,
+    /// Both of the above, for a quick "no".
+    filter: BlockFilter,
 }
 
 impl Snapshot {
+    pub fn new(map: BTreeMap<u64, Entry>, pending: BTreeSet<u64>) -> Snapshot {
+        let filter = BlockFilter::new(
+            map.len() + pending.len(),
+            map.keys().chain(pending.iter()).copied(),
+        );
+        Snapshot {
+            map,
+            pending,
+            filter,
+        }
+    }
+
     /// Whether any of blocks `[first, last]` is remapped or pending.
     pub fn touches(&self, first: u64, last: u64) -> bool {
-        self.map.range(first..=last).next().is_some()
-            || self.pending.range(first..=last).next().is_some()
+        self.filter.may_hold(first, last)
+            && (self.map.range(first..=last).next().is_some()
+                || self.pending.range(first..=last).next().is_some())
+    }
+
+    /// The remapped blocks of `[first, last]`, in order.
+    pub fn remapped(&self, first: u64, last: u64) -> impl Iterator<Item = (&u64, &Entry)> {
+        self.filter
+            .may_hold(first, last)
+            .then(|| self.map.range(first..=last))
+            .into_iter()
+            .flatten()
     }
 }
 
@@ -68,10 +93,7 @@ impl RemapTable {
             }
         }
         let free = (0..total).filter(|b| !used.contains(b)).collect();
-        let snap = ArcSwap::from_pointee(Snapshot {
-            map: map.clone(),
-            pending: BTreeSet::new(),
-        });
+        let snap = ArcSwap::from_pointee(Snapshot::new(map.clone(), BTreeSet::new()));
         Ok(RemapTable {
             snap,
             inner: Mutex::new(Inner {
@@ -103,10 +125,10 @@ impl RemapTable {
     }
 
     fn publish(&self, inner: &Inner) {
-        self.snap.store(Arc::new(Snapshot {
-            map: inner.map.clone(),
-            pending: inner.pending.clone(),
-        }));
+        self.snap.store(Arc::new(Snapshot::new(
+            inner.map.clone(),
+            inner.pending.clone(),
+        )));
     }
 
     /// Marks blocks whose read failed on the main image (a block remapped meanwhile is not).

@@ -353,7 +353,7 @@ impl BlockIo for RemapTarget {
         let len: usize = iov.iter().map(|v| v.iov_len).sum();
         let (first, last) = self.blocks(offset, len as u64);
         let snap = self.table.snapshot();
-        if snap.map.range(first..=last).next().is_none() {
+        if snap.remapped(first, last).next().is_none() {
             return self.main.readv(offset, iov).inspect_err(|e| {
                 let bad = self.bad_blocks(e, first, last, |b| self.main_read_block(b).is_ok());
                 self.table.add_pending(bad);
@@ -416,7 +416,7 @@ impl BlockIo for RemapTarget {
         }
         let end = offset + len;
         let mut pos = offset;
-        for (&b, e) in snap.map.range(first..=last) {
+        for (&b, e) in snap.remapped(first, last) {
             let start = (b * self.bs).max(offset);
             if pos < start
                 && !self
