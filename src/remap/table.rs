@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -67,7 +67,12 @@ pub struct RemapTable {
     snap: ArcSwap<Snapshot>,
     inner: Mutex<Inner>,
     spare: Spare,
+    /// Range locks on spare blocks (block number modulo their count), see
+    /// [`RemapTable::with_spare_block`].
+    stripes: Vec<RwLock<()>>,
 }
+
+const SPARE_STRIPES: u64 = 64;
 
 impl RemapTable {
     /// Builds the table from the entries loaded from `spare`; the free list is every spare
@@ -103,6 +108,7 @@ impl RemapTable {
                 warned_exhausted: false,
             }),
             spare,
+            stripes: (0..SPARE_STRIPES).map(|_| RwLock::new(())).collect(),
         })
     }
 
@@ -235,8 +241,13 @@ impl RemapTable {
             self.publish(&inner);
             entry
         };
-        // Requests that looked the block up before this change check the mapping under the
-        // table lock before they touch the spare block (write_spare_if_mapped).
+        // Waits for requests that are using the block (with_spare_block); later ones see the
+        // snapshot just published and leave it alone.
+        drop(
+            self.stripe(entry.spare_block)
+                .write()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
         let mut inner = self.lock();
         inner.free.insert(entry.spare_block);
         inner.warned_exhausted = false;
@@ -302,38 +313,58 @@ impl RemapTable {
         Ok(entry)
     }
 
-    /// Writes `data` to spare block `spare_block` only while it still holds `lba`: a writer
-    /// that looked the mapping up before a remap-remove freed the block must not write into it
-    /// once another block has been given it. Under the table lock, so the block cannot change
-    /// hands during the write. False when the mapping changed (the caller's view is stale).
+    /// The range lock of the spare blocks that share `spare_block`'s stripe.
+    fn stripe(&self, spare_block: u64) -> &RwLock<()> {
+        &self.stripes[(spare_block % SPARE_STRIPES) as usize]
+    }
+
+    /// Runs `io` on spare block `spare_block` only while it still holds `lba`: a request that
+    /// looked the mapping up before a remap-remove freed the block must not touch it once
+    /// another block may have been given it. The block's stripe is held shared for the I/O and
+    /// [`unmap`](Self::unmap) takes it exclusively before it frees a block, so the block
+    /// cannot change hands during `io`; no lock shared by every request is taken. False when
+    /// the mapping changed (the caller's view is stale).
+    fn with_spare_block(
+        &self,
+        lba: u64,
+        spare_block: u64,
+        io: impl FnOnce() -> io::Result<()>,
+    ) -> io::Result<bool> {
+        let _stripe = self
+            .stripe(spare_block)
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        // Loaded under the stripe lock: if unmap freed the block before we took it, its
+        // snapshot without the entry was published before then and is the one seen here.
+        if self.snap.load().map.get(&lba).map(|e| e.spare_block) != Some(spare_block) {
+            return Ok(false);
+        }
+        io()?;
+        Ok(true)
+    }
+
+    /// Writes `data` to spare block `spare_block` only while it still holds `lba` (see
+    /// [`with_spare_block`](Self::with_spare_block)). False when the mapping changed.
     pub fn write_spare_if_mapped(
         &self,
         lba: u64,
         spare_block: u64,
         data: &[u8],
     ) -> io::Result<bool> {
-        let inner = self.lock();
-        if inner.map.get(&lba).map(|e| e.spare_block) != Some(spare_block) {
-            return Ok(false);
-        }
-        self.spare.write_block(spare_block, data)?;
-        Ok(true)
+        self.with_spare_block(lba, spare_block, || {
+            self.spare.write_block(spare_block, data)
+        })
     }
 
-    /// Reads spare block `spare_block` only while it still holds `lba` (see
-    /// [`RemapTable::write_spare_if_mapped`]). False when the mapping changed.
+    /// Reads spare block `spare_block` only while it still holds `lba`. False when the
+    /// mapping changed.
     pub fn read_spare_if_mapped(
         &self,
         lba: u64,
         spare_block: u64,
         out: &mut [u8],
     ) -> io::Result<bool> {
-        let inner = self.lock();
-        if inner.map.get(&lba).map(|e| e.spare_block) != Some(spare_block) {
-            return Ok(false);
-        }
-        self.spare.read_block(spare_block, out)?;
-        Ok(true)
+        self.with_spare_block(lba, spare_block, || self.spare.read_block(spare_block, out))
     }
 
     pub fn entries(&self) -> Vec<Entry> {
@@ -435,5 +466,53 @@ mod tests {
         assert_eq!(t.spare_free(), 0);
         t.unmap(5, |_| Ok(())).unwrap();
         assert_eq!(t.spare_free(), 1);
+    }
+
+    /// A spare block in use by a request (its mapping checked, its I/O running) is not freed
+    /// by a concurrent unmap until that I/O is over; the unmap publishes the smaller table at
+    /// once, so requests that start later leave the block alone.
+    #[test]
+    fn unmap_frees_a_spare_block_only_after_the_io_using_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let header = Header {
+            block_size: 512,
+            image_size: 1 << 20,
+            spare_blocks: 4,
+        };
+        let t = Arc::new(
+            RemapTable::new(
+                Spare::create(&dir.path().join("s"), header).unwrap(),
+                Vec::new(),
+            )
+            .unwrap(),
+        );
+        let e = t.remap_with_data(5, &[1u8; 512], Cause::Manual).unwrap();
+        let free = t.spare_free();
+        let deadline = |ms| std::time::Instant::now() + std::time::Duration::from_millis(ms);
+        let mut unmapper = None;
+        let ran = t
+            .with_spare_block(5, e.spare_block, || {
+                let t2 = Arc::clone(&t);
+                unmapper = Some(std::thread::spawn(move || t2.unmap(5, |_| Ok(()))));
+                let until = deadline(10_000);
+                while t.snapshot().map.contains_key(&5) {
+                    assert!(std::time::Instant::now() < until, "unmap never published");
+                    std::thread::yield_now();
+                }
+                // Published; the free must wait for this I/O however long it takes.
+                let until = deadline(200);
+                while std::time::Instant::now() < until {
+                    assert_eq!(t.spare_free(), free, "block freed under running I/O");
+                    std::thread::yield_now();
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert!(ran);
+        let removed = unmapper.unwrap().join().unwrap().unwrap();
+        assert_eq!(removed.map(|r| r.spare_block), Some(e.spare_block));
+        assert_eq!(t.spare_free(), free + 1);
+        // A request that starts now finds the mapping gone and does nothing.
+        assert!(!t.with_spare_block(5, e.spare_block, || Ok(())).unwrap());
     }
 }
