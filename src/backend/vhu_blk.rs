@@ -14,7 +14,7 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_CONFIG_WCE;
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -268,7 +268,13 @@ impl BlkBackend {
         };
         let running = loop {
             match self.pop(ctl, vring) {
-                Pop::Popped((head, parsed, popped, mem)) => {
+                Pop::Popped(Popped {
+                    head,
+                    parsed,
+                    since: popped,
+                    mem,
+                    guest_waiting,
+                }) => {
                     let mem = &mem;
                     n += 1;
                     let parsed = match (self.engine(q), parsed) {
@@ -282,7 +288,7 @@ impl BlkBackend {
                                         Taken::Done(d) => {
                                             QueueStats::inc(&conn.dev.stats.queue(q).ring_inline);
                                             held.extend(self.finish_ring_io(q, &d));
-                                            if held.len() >= INLINE_GROUP {
+                                            if held.len() >= INLINE_GROUP || guest_waiting {
                                                 flush(&mut held);
                                             }
                                             conn.dev
@@ -411,10 +417,12 @@ impl BlkBackend {
                     return None;
                 }
                 let mem = self.conn.mem.memory();
+                let guest_waiting = queue.event_idx_enabled()
+                    && used_event(queue, &mem) == Some(Wrapping(queue.next_used()));
                 let chain = queue.iter(mem.clone()).ok().and_then(|mut it| it.next())?;
-                Some((chain, mem))
+                Some((chain, mem, guest_waiting))
             },
-            |(chain, mem)| {
+            |(chain, mem, guest_waiting)| {
                 let now = Instant::now();
                 let head = chain.head_index();
                 let parsed = request::parse(chain, &mem, &limits);
@@ -436,7 +444,14 @@ impl BlkBackend {
                         status_addr: rej.status_addr,
                     },
                 };
-                ((head, parsed, now, mem), entry)
+                let popped = Popped {
+                    head,
+                    parsed,
+                    since: now,
+                    mem,
+                    guest_waiting,
+                };
+                (popped, entry)
             },
         )
     }
@@ -520,14 +535,28 @@ impl BlkBackend {
     }
 }
 
-/// A popped chain: its head, the parsed request, when it was popped, and the guest memory
-/// view it was parsed against.
-type Popped = (
-    u16,
-    Result<Request, Rejected>,
-    Instant,
-    GuestMemoryLoadGuard<GuestMem>,
-);
+/// A popped chain.
+struct Popped {
+    head: u16,
+    parsed: Result<Request, Rejected>,
+    since: Instant,
+    /// The guest memory view it was parsed against.
+    mem: GuestMemoryLoadGuard<GuestMem>,
+    /// The guest has taken every used entry and asked to be notified of the next one
+    /// (event-idx): it is waiting, so a completion should reach it at once.
+    guest_waiting: bool,
+}
+
+/// The driver's `used_event` (event-idx): it wants a notification once the used index passes
+/// it. The field follows the avail ring's entries.
+fn used_event(queue: &impl QueueT, mem: &GuestMem) -> Option<Wrapping<u16>> {
+    let at = queue
+        .avail_ring()
+        .checked_add(4 + 2 * u64::from(queue.size()))?;
+    mem.load(GuestAddress(at), Ordering::Acquire)
+        .ok()
+        .map(|v: u16| Wrapping(u16::from_le(v)))
+}
 
 fn lock(e: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
     // A worker that panicked left the engine as consistent as any reap leaves it.
