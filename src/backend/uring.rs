@@ -103,6 +103,8 @@ pub struct Engine {
     write_nowait: bool,
     route: Route,
     iov: Vec<libc::iovec>,
+    /// One piece's part of `iov`.
+    piece_iov: Vec<libc::iovec>,
     /// Submissions pushed but not yet handed to the kernel, and the bytes they move.
     unsubmitted: usize,
     unsubmitted_bytes: u64,
@@ -136,6 +138,7 @@ impl Engine {
             write_nowait: true,
             route: Route::default(),
             iov: Vec::new(),
+            piece_iov: Vec::new(),
             unsubmitted: 0,
             unsubmitted_bytes: 0,
             in_kernel: 0,
@@ -198,28 +201,27 @@ impl Engine {
                 });
             }
         }
-        let mut iovs = Vec::with_capacity(self.route.pieces.len());
-        let mut want = Vec::with_capacity(self.route.pieces.len());
+        // Inline first, without allocating: page-cache hits and null pieces are done now.
+        // Once a piece needs the ring, only null pieces (zeros, never the ring's) still run
+        // here; every other piece is queued, and doing one again there is harmless.
+        let mut inline = true;
         for p in &self.route.pieces {
-            let v = sub_iovecs(&self.iov, p.at, p.len);
+            sub_iovecs_into(&self.iov, p.at, p.len, &mut self.piece_iov);
             let aligned = |x: u64| x.is_multiple_of(p.align);
             if !aligned(p.file_offset)
-                || v.iter()
+                || self
+                    .piece_iov
+                    .iter()
                     .any(|v| !aligned(v.iov_base as u64) || !aligned(v.iov_len as u64))
             {
                 // O_DIRECT with an unaligned guest buffer: the synchronous path bounces it.
                 return Err(req);
             }
-            want.push(p.len as u32);
-            iovs.push(v);
+            if inline || p.fd == NO_FILE {
+                inline &= inline_io(&mut self.write_nowait, dir, p, &self.piece_iov);
+            }
         }
-        if self
-            .route
-            .pieces
-            .iter()
-            .zip(&iovs)
-            .all(|(p, v)| inline_io(&mut self.write_nowait, dir, p, v))
-        {
+        if inline {
             return Ok(Taken::Done(Done {
                 head,
                 req,
@@ -229,17 +231,16 @@ impl Engine {
                 ticket: self.route.ticket,
             }));
         }
-        // Some piece needs the ring (inline_io takes every NO_FILE piece, so an all-null
-        // request never gets here). Null pieces the inline pass did not reach still need
-        // their zeros.
         let pieces = std::mem::take(&mut self.route.pieces);
+        let mut iovs = Vec::with_capacity(pieces.len());
+        let mut want = Vec::with_capacity(pieces.len());
         let mut left = 0;
-        for (p, v) in pieces.iter().zip(&iovs) {
-            if p.fd != NO_FILE {
-                left += 1;
-            } else {
-                inline_io(&mut self.write_nowait, dir, p, v);
-            }
+        for p in &pieces {
+            let mut v = Vec::new();
+            sub_iovecs_into(&self.iov, p.at, p.len, &mut v);
+            iovs.push(v);
+            want.push(p.len as u32);
+            left += usize::from(p.fd != NO_FILE);
         }
         let slot = self.alloc();
         let s = Slot {
@@ -474,9 +475,9 @@ fn inline_io(write_nowait: &mut bool, dir: Dir, p: &Piece, v: &[libc::iovec]) ->
     n == want
 }
 
-/// The part `[at, at + len)` of the byte stream `iov` describes.
-fn sub_iovecs(iov: &[libc::iovec], at: u64, len: u64) -> Vec<libc::iovec> {
-    let mut out = Vec::with_capacity(1);
+/// The part `[at, at + len)` of the byte stream `iov` describes, into `out`.
+fn sub_iovecs_into(iov: &[libc::iovec], at: u64, len: u64, out: &mut Vec<libc::iovec>) {
+    out.clear();
     let mut pos = 0u64;
     let end = at + len;
     for v in iov {
@@ -496,7 +497,6 @@ fn sub_iovecs(iov: &[libc::iovec], at: u64, len: u64) -> Vec<libc::iovec> {
             iov_len: take as usize,
         });
     }
-    out
 }
 
 #[cfg(test)]
@@ -515,6 +515,12 @@ mod tests {
 
     fn flat(v: &[libc::iovec]) -> Vec<(usize, usize)> {
         v.iter().map(|v| (v.iov_base as usize, v.iov_len)).collect()
+    }
+
+    fn sub_iovecs(iov: &[libc::iovec], at: u64, len: u64) -> Vec<libc::iovec> {
+        let mut out = Vec::new();
+        sub_iovecs_into(iov, at, len, &mut out);
+        out
     }
 
     #[test]
