@@ -260,14 +260,25 @@ impl BlkBackend {
         // rest. Inline I/O does not block, so nothing waits behind a slow request here; the
         // group is completed before anything that may block (the synchronous path).
         let mut held: Vec<Completion> = Vec::new();
-        let flush = |held: &mut Vec<Completion>| {
+        // One clock read per group rather than two per request (they showed in profiles):
+        // requests popped in a group count from the group's start, and the group's inline
+        // requests all take its latency.
+        let mut clock = Instant::now();
+        let stats = conn.dev.stats.queue(q);
+        let flush = |held: &mut Vec<Completion>, clock: &mut Instant| {
             if !held.is_empty() {
                 ctl.complete_many(vring, &conn.mem.memory(), held);
+                let now = Instant::now();
+                let took = now.saturating_duration_since(*clock);
+                for _ in 0..held.len() {
+                    stats.latency.record(took);
+                }
+                *clock = now;
                 held.clear();
             }
         };
         let running = loop {
-            match self.pop(ctl, vring) {
+            match self.pop(ctl, vring, clock) {
                 Pop::Popped(Popped {
                     head,
                     parsed,
@@ -289,13 +300,8 @@ impl BlkBackend {
                                             QueueStats::inc(&conn.dev.stats.queue(q).ring_inline);
                                             held.extend(self.finish_ring_io(q, &d));
                                             if held.len() >= INLINE_GROUP || guest_waiting {
-                                                flush(&mut held);
+                                                flush(&mut held, &mut clock);
                                             }
-                                            conn.dev
-                                                .stats
-                                                .queue(q)
-                                                .latency
-                                                .record(popped.elapsed());
                                         }
                                         // Large transfers: start them (and complete those the
                                         // kernel finishes inline) now rather than after the
@@ -318,15 +324,18 @@ impl BlkBackend {
                         }
                         (_, parsed) => parsed,
                     };
-                    flush(&mut held);
+                    flush(&mut held, &mut clock);
                     self.run(q, ctl, vring, mem, head, parsed);
-                    conn.dev.stats.queue(q).latency.record(popped.elapsed());
+                    clock = Instant::now();
+                    stats
+                        .latency
+                        .record(clock.saturating_duration_since(popped));
                 }
                 Pop::Empty => break true,
                 Pop::NotRunning => break false,
             }
         };
-        flush(&mut held);
+        flush(&mut held, &mut clock);
         (n, running)
     }
 
@@ -400,7 +409,7 @@ impl BlkBackend {
 
     /// Pops one chain, with a view of guest memory loaded after the chain was seen available
     /// (so it holds every region the frontend added before); the request keeps that view.
-    fn pop(&self, ctl: &QueueCtl, vring: &Vring) -> Pop<Popped> {
+    fn pop(&self, ctl: &QueueCtl, vring: &Vring, now: Instant) -> Pop<Popped> {
         let limits = self.conn.dev.limits();
         ctl.pop(
             vring,
@@ -423,7 +432,6 @@ impl BlkBackend {
                 Some((chain, mem, guest_waiting))
             },
             |(chain, mem, guest_waiting)| {
-                let now = Instant::now();
                 let head = chain.head_index();
                 let parsed = request::parse(chain, &mem, &limits);
                 let entry = match &parsed {
