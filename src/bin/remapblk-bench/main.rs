@@ -5,6 +5,8 @@ mod args;
 mod hist;
 mod load;
 
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -41,6 +43,7 @@ fn main() -> ExitCode {
     let iops = out.ios as f64 / secs;
     let mb_per_s = out.bytes as f64 / secs / 1e6;
     let us = |ns: u64| (ns as f64 / 100.0).round() / 10.0;
+    let mut text = String::new();
     if args.json {
         let v = serde_json::json!({
             "socket": args.socket.display().to_string(),
@@ -67,9 +70,10 @@ fn main() -> ExitCode {
             "errors": out.errors,
             "cpu_s": (cpu_seconds() * 1000.0).round() / 1000.0,
         });
-        println!("{v}");
+        let _ = writeln!(text, "{v}");
     } else {
-        println!(
+        let _ = writeln!(
+            text,
             "{} bs={} iodepth={} queues={} ({} s measured after {} s ramp, {} of {} bytes used)",
             args.rw.name(),
             args.bs,
@@ -80,16 +84,26 @@ fn main() -> ExitCode {
             out.size,
             out.capacity
         );
-        println!("  iops     {iops:.0}");
-        println!("  MB/s     {mb_per_s:.1}");
-        println!(
+        let _ = writeln!(text, "  iops     {iops:.0}");
+        let _ = writeln!(text, "  MB/s     {mb_per_s:.1}");
+        let _ = writeln!(
+            text,
             "  lat_us   p50 {}  p99 {}  max {}  mean {:.1}",
             us(out.lat.quantile(0.50)),
             us(out.lat.quantile(0.99)),
             us(out.lat.max()),
             out.lat.mean() / 1000.0
         );
-        println!("  errors   {}", out.errors);
+        let _ = writeln!(text, "  errors   {}", out.errors);
+    }
+    // A reader that went away (`| head`) is not an error of the run.
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Err(e) => {
+            eprintln!("remapblk-bench: cannot write the results: {e}");
+            return ExitCode::from(1);
+        }
     }
     if out.errors > 0 {
         eprintln!(
