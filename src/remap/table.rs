@@ -437,19 +437,22 @@ mod tests {
         }
     }
 
-    #[test]
-    fn remapped_data_is_in_the_spare_and_exhaustion_is_an_error() {
+    /// An empty table over a new spare file of `spare_blocks` blocks (512-byte blocks, 1 MiB
+    /// image), and the directory that holds it.
+    fn empty_table(spare_blocks: u64) -> (tempfile::TempDir, RemapTable) {
         let dir = tempfile::tempdir().unwrap();
         let header = Header {
             block_size: 512,
             image_size: 1 << 20,
-            spare_blocks: 2,
+            spare_blocks,
         };
-        let t = RemapTable::new(
-            Spare::create(&dir.path().join("s"), header).unwrap(),
-            Vec::new(),
-        )
-        .unwrap();
+        let spare = Spare::create(&dir.path().join("s"), header).unwrap();
+        (dir, RemapTable::new(spare, Vec::new()).unwrap())
+    }
+
+    #[test]
+    fn remapped_data_is_in_the_spare_and_exhaustion_is_an_error() {
+        let (_dir, t) = empty_table(2);
         t.add_pending([5]);
         let e = t
             .remap_with_data(5, &[9u8; 512], Cause::WriteError)
@@ -473,19 +476,8 @@ mod tests {
     /// once, so requests that start later leave the block alone.
     #[test]
     fn unmap_frees_a_spare_block_only_after_the_io_using_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let header = Header {
-            block_size: 512,
-            image_size: 1 << 20,
-            spare_blocks: 4,
-        };
-        let t = Arc::new(
-            RemapTable::new(
-                Spare::create(&dir.path().join("s"), header).unwrap(),
-                Vec::new(),
-            )
-            .unwrap(),
-        );
+        let (_dir, t) = empty_table(4);
+        let t = Arc::new(t);
         let e = t.remap_with_data(5, &[1u8; 512], Cause::Manual).unwrap();
         let free = t.spare_free();
         let deadline = |ms| std::time::Instant::now() + std::time::Duration::from_millis(ms);
