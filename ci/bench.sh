@@ -30,9 +30,10 @@
 # Every run gets fresh `cp` copies of one cached seed image (target/bench/seed.img, random
 # data) for either backend; the server runs on core 1 (taskset -c 1), the load generator on
 # core 0, servers are stopped with SIGTERM between runs, and the order of the two backends
-# alternates (A B, B A, ...). Output: a markdown table on stdout (medians, ratio A/B, remapblk's
-# peak RSS = VmHWM just before it is stopped), every raw run in target/bench/results.json,
-# progress on stderr. The machine is noisy: trust medians of several runs, not one.
+# alternates (A B, B A, ...). Output: a markdown table on stdout (medians, ratio A/B, the median
+# and range of the per-run ratios, remapblk's peak RSS = VmHWM just before it is stopped),
+# every raw run in target/bench/results.json, progress on stderr. The machine is noisy: trust
+# medians of several runs, not one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -332,6 +333,8 @@ for load in order:
     metric = "mb_per_s" if a[0]["bs"] >= (1 << 20) else "iops"
     med = lambda side, key: statistics.median(r[key] for r in side)
     ma, mb = med(a, metric), med(b, metric)
+    b_of_run = {r["run"]: r[metric] for r in b}
+    paired = [r[metric] / b_of_run[r["run"]] for r in a if b_of_run.get(r["run"])]
     summary.append({
         "load": load, "metric": metric,
         "a": a[0]["backend"], "b": b[0]["backend"],
@@ -346,6 +349,10 @@ for load in order:
                             / (meta_runtime + meta_ramp) * 100,
         "b_peak_rss_kb_max": max(r["peak_rss_kb"] for r in b),
         "a_runs": [r[metric] for r in a], "b_runs": [r[metric] for r in b],
+        # A and B of the same run number ran back to back, so their ratio is spared most of
+        # the machine's drift between runs.
+        "paired_ratios": paired,
+        "paired_ratio_median": statistics.median(paired) if paired else None,
     })
 
 json.dump({"meta": meta, "skipped": skipped, "summary": summary, "runs": runs},
@@ -353,17 +360,20 @@ json.dump({"meta": meta, "skipped": skipped, "summary": summary, "runs": runs},
 
 fmt = lambda s, v: f"{v:,.0f} IOPS" if s["metric"] == "iops" else f"{v:,.1f} MB/s"
 print(f"Medians of {meta['runs']} run(s) of {meta['runtime_s']} s each; A = remapblk"
-      f" (engine: {meta['engine']}), ratio = A / B; p99 latency in us.\n")
-print("| load | remapblk (A) | B | B median | A/B | p99 A / B | server CPU A / B | remapblk peak RSS |")
-print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+      f" (engine: {meta['engine']}), ratio = A / B; paired = median of the per-run ratios (A and B"
+      f" of one run ran back to back), with their range; p99 latency in us.\n")
+print("| load | remapblk (A) | B | B median | A/B | paired | p99 A / B | server CPU A / B | remapblk peak RSS |")
+print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
 for s in summary:
     ratio = f"{s['ratio']:.2f}x" if s["ratio"] is not None else "n/a"
+    pr = s["paired_ratios"]
+    paired = (f"{s['paired_ratio_median']:.2f}x ({min(pr):.2f}-{max(pr):.2f})" if pr else "n/a")
     print(f"| {s['load']} | {fmt(s, s['a_median'])} | {label.get(s['b'], s['b'])} | "
-          f"{fmt(s, s['b_median'])} | {ratio} | {s['a_p99_us_median']:g} / {s['b_p99_us_median']:g} | "
+          f"{fmt(s, s['b_median'])} | {ratio} | {paired} | {s['a_p99_us_median']:g} / {s['b_p99_us_median']:g} | "
           f"{s['a_server_cpu_pct']:.0f}% / {s['b_server_cpu_pct']:.0f}% | "
           f"{s['a_peak_rss_kb_max'] / 1024:.1f} MiB |")
 for s in skipped:
-    print(f"| {s.split(':')[0]} | skipped | | | | | | |")
+    print(f"| {s.split(':')[0]} | skipped | | | | | | | |")
 if skipped:
     print()
     for s in skipped:
