@@ -13,7 +13,7 @@ use log::{debug, error, info, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_CONFIG_WCE;
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -25,6 +25,7 @@ use super::exec::{execute, ExecCtx, ExecError};
 use super::inflight::{Completion, DrainReport, Gm, InflightReq, Phase, Pop, QueueCtl, Vring};
 use super::uring::{Done, Engine, Taken};
 use crate::stats::QueueStats;
+use crate::virtio::chain::Chain;
 use crate::virtio::config::WRITEBACK_OFFSET;
 use crate::virtio::request::{self, GuestMem, Rejected, Request, RequestError, RequestType};
 use crate::virtio::Status;
@@ -422,17 +423,22 @@ impl BlkBackend {
                 let avail = queue
                     .avail_idx(&*self.conn.mem.memory(), Ordering::Acquire)
                     .ok()?;
-                if avail == Wrapping(queue.next_avail()) {
+                let next = Wrapping(queue.next_avail());
+                // More entries than the ring holds: a broken driver; take nothing (as
+                // virtio-queue's iterator does) rather than process entries twice.
+                if avail == next || (avail - next).0 > queue.size() {
                     return None;
                 }
                 let mem = self.conn.mem.memory();
                 let guest_waiting = queue.event_idx_enabled()
                     && used_event(queue, &mem) == Some(Wrapping(queue.next_used()));
-                let chain = queue.iter(mem.clone()).ok().and_then(|mut it| it.next())?;
-                Some((chain, mem, guest_waiting))
+                let head = avail_entry(queue, &mem, next)?;
+                queue.set_next_avail(next.0.wrapping_add(1));
+                let table = GuestAddress(queue.desc_table());
+                Some((head, table, queue.size(), mem, guest_waiting))
             },
-            |(chain, mem, guest_waiting)| {
-                let head = chain.head_index();
+            |(head, table, size, mem, guest_waiting)| {
+                let chain = Chain::new(&mem, table, size, head);
                 let parsed = request::parse(chain, &mem, &limits);
                 let entry = match &parsed {
                     Ok(r) => InflightReq {
@@ -553,6 +559,16 @@ struct Popped {
     /// The guest has taken every used entry and asked to be notified of the next one
     /// (event-idx): it is waiting, so a completion should reach it at once.
     guest_waiting: bool,
+}
+
+/// The head of the chain in avail ring slot `at` (VIRTIO 1.2, 2.7.6: the ring's entries follow
+/// its flags and index).
+fn avail_entry(queue: &impl QueueT, mem: &GuestMem, at: Wrapping<u16>) -> Option<u16> {
+    let slot = u64::from(at.0.checked_rem(queue.size())?);
+    let addr = queue.avail_ring().checked_add(4 + 2 * slot)?;
+    mem.load(GuestAddress(addr), Ordering::Acquire)
+        .ok()
+        .map(u16::from_le)
 }
 
 /// The driver's `used_event` (event-idx): it wants a notification once the used index passes

@@ -1,6 +1,7 @@
 //! The virtio-blk wire format: request header, descriptor-chain walk and validation, config
 //! space layout, status codes. Nothing here does I/O or decides policy.
 
+pub mod chain;
 pub mod config;
 pub mod request;
 

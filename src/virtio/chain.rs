@@ -1,0 +1,186 @@
+//! Walks a split-ring descriptor chain with exactly the rules of virtio-queue's
+//! `DescriptorChain` (the same descriptors, the same place to stop), but reads the descriptor
+//! table through one mapping of it instead of translating each descriptor's guest address
+//! through vm-memory's generic path, which was about a tenth of a worker's time at 4 KiB QD 32.
+//!
+//! Wire format only: what the descriptors mean is `request::parse`'s business.
+
+use std::mem::size_of;
+
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
+
+use super::request::GuestMem;
+
+const DESC_SIZE: u64 = size_of::<Descriptor>() as u64;
+
+/// The descriptors of one chain, in order.
+pub struct Chain<'m> {
+    mem: &'m GuestMem,
+    table_addr: GuestAddress,
+    /// The whole current table, when it lies in one memory region; else each descriptor is
+    /// read on its own (as `DescriptorChain` always does).
+    table: Option<VolatileSlice<'m, ()>>,
+    size: u16,
+    next: u16,
+    ttl: u16,
+    yielded_bytes: u32,
+    indirect: bool,
+}
+
+impl<'m> Chain<'m> {
+    /// The chain starting at `head` in the descriptor table at `table` of a queue of `size`.
+    pub fn new(mem: &'m GuestMem, table: GuestAddress, size: u16, head: u16) -> Chain<'m> {
+        Chain {
+            mem,
+            table_addr: table,
+            table: map(mem, table, size),
+            size,
+            next: head,
+            ttl: size,
+            yielded_bytes: 0,
+            indirect: false,
+        }
+    }
+
+    fn read(&self, index: u16) -> Option<Descriptor> {
+        let offset = u64::from(index) * DESC_SIZE;
+        match &self.table {
+            Some(t) => t.read_obj(offset as usize).ok(),
+            None => self
+                .mem
+                .read_obj(self.table_addr.0.checked_add(offset).map(GuestAddress)?)
+                .ok(),
+        }
+    }
+
+    /// Follows an indirect descriptor: once per chain, a table of whole descriptors of at
+    /// most 2^16 entries (VIRTIO 1.2, 2.7.5.3.1), or the walk ends.
+    fn enter_indirect(&mut self, d: &Descriptor) -> Option<()> {
+        if self.indirect || u64::from(d.len()) % DESC_SIZE != 0 {
+            return None;
+        }
+        let size = u16::try_from(u64::from(d.len()) / DESC_SIZE).ok()?;
+        self.table_addr = d.addr();
+        self.table = map(self.mem, self.table_addr, size);
+        self.size = size;
+        self.next = 0;
+        self.ttl = size;
+        self.indirect = true;
+        Some(())
+    }
+}
+
+/// The table of `size` descriptors at `addr`, when it is in one region.
+fn map(mem: &GuestMem, addr: GuestAddress, size: u16) -> Option<VolatileSlice<'_, ()>> {
+    let len = usize::from(size) * DESC_SIZE as usize;
+    if len == 0 {
+        return None;
+    }
+    mem.get_slice(addr, len).ok()
+}
+
+impl Iterator for Chain<'_> {
+    type Item = Descriptor;
+
+    fn next(&mut self) -> Option<Descriptor> {
+        loop {
+            if self.ttl == 0 || self.next >= self.size {
+                return None;
+            }
+            let d = self.read(self.next)?;
+            if u32::from(d.flags()) & VRING_DESC_F_INDIRECT != 0 {
+                self.enter_indirect(&d)?;
+                continue;
+            }
+            // A chain longer than 2^32 bytes is illegal (VIRTIO 1.2, 2.7.5.2): stop there.
+            self.yielded_bytes = self.yielded_bytes.checked_add(d.len())?;
+            if u32::from(d.flags()) & VRING_DESC_F_NEXT != 0 {
+                self.next = d.next();
+                self.ttl -= 1;
+            } else {
+                self.ttl = 0;
+            }
+            return Some(d);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::{QueueOwnedT, QueueT};
+    use vm_memory::GuestMemoryMmap;
+
+    const QSIZE: u16 = 16;
+    /// Where indirect tables go in the tests' guest memory.
+    const INDIRECT: u64 = 0x8000;
+
+    fn raw(d: &Descriptor) -> (u64, u32, u16, u16) {
+        (d.addr().0, d.len(), d.flags(), d.next())
+    }
+
+    /// Descriptors of any shape: loops, chains running off the table, indirect tables that
+    /// are nested, ragged, empty or partly outside guest memory.
+    fn desc() -> impl Strategy<Value = (u64, u32, u16, u16)> {
+        let flags = prop_oneof![
+            Just(0u16),
+            Just(1),
+            Just(2),
+            Just(3),
+            Just(4),
+            Just(5),
+            0u16..8
+        ];
+        let addr = prop_oneof![
+            Just(INDIRECT),
+            Just(INDIRECT + 0x100),
+            Just(0xfff0u64),
+            0u64..0x11000
+        ];
+        let len = prop_oneof![
+            Just(16u32),
+            Just(48),
+            Just(64),
+            Just(0),
+            Just(0x8000_0000),
+            Just(u32::MAX),
+            0u32..0x200
+        ];
+        (addr, len, flags, 0u16..20)
+    }
+
+    proptest! {
+        /// The walk yields exactly what virtio-queue's DescriptorChain yields.
+        #[test]
+        fn walks_like_descriptor_chain(
+            table in proptest::collection::vec(desc(), QSIZE as usize),
+            indirect in proptest::collection::vec(desc(), 8),
+            head in 0u16..QSIZE,
+        ) {
+            let mem: GuestMem =
+                GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+            let mock = MockSplitQueue::create(&mem, GuestAddress(0), QSIZE);
+            for (i, &(a, l, f, n)) in table.iter().enumerate() {
+                mock.desc_table()
+                    .store(i as u16, Descriptor::new(a, l, f, n).into())
+                    .unwrap();
+            }
+            for (i, &(a, l, f, n)) in indirect.iter().enumerate() {
+                let d = Descriptor::new(a, l, f, n);
+                mem.write_obj(d, GuestAddress(INDIRECT + i as u64 * DESC_SIZE)).unwrap();
+            }
+            mock.avail().ring().ref_at(0).unwrap().store(u16::to_le(head));
+            mock.avail().idx().store(u16::to_le(1));
+            let mut q = mock.create_queue::<virtio_queue::Queue>().unwrap();
+            let theirs: Vec<_> = q.iter(&mem).unwrap().next().unwrap().map(|d| raw(&d)).collect();
+            let ours: Vec<_> = Chain::new(&mem, GuestAddress(q.desc_table()), q.size(), head)
+                .map(|d| raw(&d))
+                .collect();
+            prop_assert_eq!(ours, theirs);
+        }
+    }
+}
