@@ -137,9 +137,23 @@ pub struct QueueCtl {
     /// before the stuck requests are completed, so whoever sees their completion (the frontend,
     /// then the teardown it triggers) also sees this.
     gave_up: AtomicBool,
+    /// The driver's avail ring was found broken (see [`QueueCtl::ring_broken`]); said once.
+    ring_broken_said: AtomicBool,
 }
 
 impl QueueCtl {
+    /// The avail ring announces entries that cannot be taken (an index more than a ring's
+    /// worth ahead, an unreadable entry): a driver bug no retry fixes. Logs it once per queue,
+    /// so a driver that keeps kicking does not flood the log.
+    pub fn ring_broken(&self) {
+        if !self.ring_broken_said.swap(true, Ordering::Relaxed) {
+            error!(
+                "queue {}: the driver's avail ring announces entries that cannot be taken (index out of range or unreadable); the queue is stalled until the driver resets it",
+                self.index
+            );
+        }
+    }
+
     pub fn new(index: usize) -> QueueCtl {
         QueueCtl {
             index,
@@ -150,6 +164,7 @@ impl QueueCtl {
             drained: Condvar::new(),
             vring: OnceLock::new(),
             gave_up: AtomicBool::new(false),
+            ring_broken_said: AtomicBool::new(false),
         }
     }
 

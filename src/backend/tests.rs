@@ -260,6 +260,35 @@ fn write_then_read_round_trip() {
     assert_eq!(r.backend.inflight(), 0);
 }
 
+/// A ring the frontend has not made ready (or stopped) is not read, whatever its avail
+/// index says; once ready, the request is served.
+#[test]
+fn ring_not_ready_is_not_popped() {
+    let mut r = rig(false, Duration::from_secs(5));
+    r.request(0, VIRTIO_BLK_T_GET_ID, 0, Some((ID_BYTES as u32, true)));
+    r.vring.set_queue_ready(false);
+    r.kick();
+    assert_eq!(r.used_idx(), 0);
+    assert_eq!(r.status(0), 0xff, "untouched");
+    r.vring.set_queue_ready(true);
+    r.kick();
+    assert_eq!(r.used_idx(), 1);
+    assert_eq!(r.status(0), 0);
+}
+
+/// A driver whose avail index runs more than a ring's worth ahead is broken: nothing is
+/// taken (rather than entries served twice), and nothing panics.
+#[test]
+fn avail_index_beyond_the_ring_takes_nothing() {
+    let mut r = rig(false, Duration::from_secs(5));
+    r.request(0, VIRTIO_BLK_T_GET_ID, 0, Some((ID_BYTES as u32, true)));
+    r.mock.avail().idx().store(u16::to_le(QSIZE + 1));
+    r.kick();
+    assert_eq!(r.used_idx(), 0);
+    assert_eq!(r.status(0), 0xff, "untouched");
+    assert_eq!(r.backend.inflight(), 0);
+}
+
 #[test]
 fn get_id_returns_the_serial() {
     let mut r = rig(false, Duration::from_secs(5));

@@ -232,15 +232,27 @@ impl BlkBackend {
     /// Takes every available descriptor chain, with guest notifications off while it does;
     /// returns false when the queue stopped running meanwhile.
     fn pop_all(&self, q: usize, ctl: &QueueCtl, vring: &Vring) -> bool {
+        let mut empty_rounds = 0;
         loop {
             // The guest need not kick for what it adds while we are taking chains anyway.
             let _ = vring.disable_notification();
-            if !self.pop_available(q, ctl, vring).1 {
+            let (popped, running) = self.pop_available(q, ctl, vring);
+            if !running {
                 return false;
             }
             // Re-enabling notification tells us whether the guest added more meanwhile.
             match vring.enable_notification() {
-                Ok(true) => continue,
+                // Once, that is a driver that added entries just now; twice in a row with
+                // nothing taken, a ring whose entries cannot be taken: spinning on it would
+                // burn this core forever.
+                Ok(true) if popped == 0 && empty_rounds > 0 => {
+                    ctl.ring_broken();
+                    return true;
+                }
+                Ok(true) => {
+                    empty_rounds = if popped == 0 { empty_rounds + 1 } else { 0 };
+                    continue;
+                }
                 Ok(false) => return true,
                 Err(e) => {
                     warn!("queue {q}: cannot re-enable notifications: {e}");
@@ -416,6 +428,11 @@ impl BlkBackend {
             vring,
             |state| {
                 let queue = state.get_queue_mut();
+                // A ring stopped or reset and not set up again has nothing to take (the check
+                // virtio-queue's iterator makes).
+                if !queue.ready() || queue.avail_ring() == 0 {
+                    return None;
+                }
                 // See an entry first, then load the memory table. A load that began before
                 // the frontend added a region may linearise before that change even if it
                 // returns after it (ArcSwap); a load that begins after we saw an entry the
