@@ -246,7 +246,9 @@ impl BlkBackend {
                 // nothing taken, a ring whose entries cannot be taken: spinning on it would
                 // burn this core forever.
                 Ok(true) if popped == 0 && empty_rounds > 0 => {
-                    ctl.ring_broken();
+                    if vring.get_ref().get_queue().ready() {
+                        ctl.ring_broken();
+                    }
                     return true;
                 }
                 Ok(true) => {
