@@ -26,32 +26,7 @@ fn expected(offset: u64, len: usize) -> Vec<u8> {
 
 #[test]
 fn io_uring_reads_span_image_and_spare_and_return_the_right_bytes() {
-    spans_image_and_spare(&["--engine", "io_uring"]);
-}
-
-/// With O_DIRECT nothing is served from the page cache inline: reads and writes go through
-/// the ring itself.
-#[test]
-fn io_uring_ring_path_with_o_direct() {
-    let s = Server::start(4 * MIB, &["--engine", "io_uring", "--direct"]);
-    let mut c = s.client(1);
-    fill(&mut c, 5, 0, 2 * MIB, 4096, 32);
-    verify(&mut c, 5, 0, 2 * MIB, 4096, 32);
-    // Remapped blocks inside aligned reads: runs of image and spare through the ring.
-    s.ctl_ok("remap-add", &["lba=9", "count=100", "stride=37"]);
-    verify(&mut c, 5, 0, 2 * MIB, 4096, 32);
-    assert_eq!(read_file_at(&s.image, 0, 4096), pattern(5, 0, 4096));
-    let totals = s.ctl_ok("query-stats", &[])["totals"].clone();
-    let on_ring = stat(&s, "ring_io") - stat(&s, "ring_inline");
-    assert!(
-        on_ring >= 1024,
-        "aligned O_DIRECT requests went through the ring: {totals}"
-    );
-    assert_eq!(stat(&s, "ring_redone"), 0, "{totals}");
-}
-
-fn spans_image_and_spare(args: &[&str]) -> Server {
-    let s = Server::start(4 * MIB, args);
+    let s = Server::start(4 * MIB, &["--engine", "io_uring"]);
     assert_eq!(s.ctl_ok("query-status", &[])["engine"], "io_uring");
     let mut c = s.client(1);
     // One pattern per 512-byte block, so that reads of any shape know what to expect.
@@ -97,8 +72,27 @@ fn spans_image_and_spare(args: &[&str]) -> Server {
     assert_eq!(c.write(0, 296 * 512, &data), 0);
     assert_eq!(c.read(0, 296 * 512, 8192).unwrap(), data);
     assert_eq!(read_file_at(&s.image, 300 * 512, 512), vec![0xee; 512]);
-    drop(c);
-    s
+}
+
+/// With O_DIRECT nothing is served from the page cache inline: reads and writes go through
+/// the ring itself.
+#[test]
+fn io_uring_ring_path_with_o_direct() {
+    let s = Server::start(4 * MIB, &["--engine", "io_uring", "--direct"]);
+    let mut c = s.client(1);
+    fill(&mut c, 5, 0, 2 * MIB, 4096, 32);
+    verify(&mut c, 5, 0, 2 * MIB, 4096, 32);
+    // Remapped blocks inside aligned reads: runs of image and spare through the ring.
+    s.ctl_ok("remap-add", &["lba=9", "count=100", "stride=37"]);
+    verify(&mut c, 5, 0, 2 * MIB, 4096, 32);
+    assert_eq!(read_file_at(&s.image, 0, 4096), pattern(5, 0, 4096));
+    let totals = s.ctl_ok("query-stats", &[])["totals"].clone();
+    let on_ring = stat(&s, "ring_io") - stat(&s, "ring_inline");
+    assert!(
+        on_ring >= 1024,
+        "aligned O_DIRECT requests went through the ring: {totals}"
+    );
+    assert_eq!(stat(&s, "ring_redone"), 0, "{totals}");
 }
 
 #[test]

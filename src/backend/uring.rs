@@ -457,7 +457,6 @@ fn inline_io(write_nowait: &mut bool, dir: Dir, p: &Piece, v: &[libc::iovec]) ->
     let n = unsafe {
         match dir {
             Dir::Read => libc::preadv2(p.fd, v.as_ptr(), v.len() as i32, off, libc::RWF_NOWAIT),
-            Dir::Write if p.align > 1 => return false,
             Dir::Write if *write_nowait => {
                 let n = libc::pwritev2(p.fd, v.as_ptr(), v.len() as i32, off, libc::RWF_NOWAIT);
                 if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {

@@ -307,12 +307,12 @@ impl BlkBackend {
                         (Some(mut e), Ok(req)) => {
                             match e.try_queue(conn.dev.target.as_ref(), head, req, mem, popped) {
                                 Ok(taken) => {
-                                    QueueStats::inc(&conn.dev.stats.queue(q).ring_io);
+                                    QueueStats::inc(&stats.ring_io);
                                     let big = e.unsubmitted_bytes() >= EARLY_SUBMIT_BYTES;
                                     drop(e);
                                     match taken {
                                         Taken::Done(d) => {
-                                            QueueStats::inc(&conn.dev.stats.queue(q).ring_inline);
+                                            QueueStats::inc(&stats.ring_inline);
                                             held.extend(self.finish_ring_io(q, &d));
                                             if held.len() >= INLINE_GROUP || guest_waiting {
                                                 flush(&mut held, &mut clock);
@@ -580,25 +580,24 @@ struct Popped {
     guest_waiting: bool,
 }
 
-/// The head of the chain in avail ring slot `at` (VIRTIO 1.2, 2.7.6: the ring's entries follow
-/// its flags and index).
+/// The head of the chain in avail ring slot `at`.
 fn avail_entry(queue: &impl QueueT, mem: &GuestMem, at: Wrapping<u16>) -> Option<u16> {
-    let slot = u64::from(at.0.checked_rem(queue.size())?);
-    let addr = queue.avail_ring().checked_add(4 + 2 * slot)?;
-    mem.load(GuestAddress(addr), Ordering::Acquire)
-        .ok()
-        .map(u16::from_le)
+    avail_u16(queue, mem, u64::from(at.0.checked_rem(queue.size())?))
 }
 
 /// The driver's `used_event` (event-idx): it wants a notification once the used index passes
 /// it. The field follows the avail ring's entries.
 fn used_event(queue: &impl QueueT, mem: &GuestMem) -> Option<Wrapping<u16>> {
-    let at = queue
-        .avail_ring()
-        .checked_add(4 + 2 * u64::from(queue.size()))?;
-    mem.load(GuestAddress(at), Ordering::Acquire)
+    avail_u16(queue, mem, u64::from(queue.size())).map(Wrapping)
+}
+
+/// The 16-bit field `index` places after the avail ring's flags and index (VIRTIO 1.2, 2.7.6:
+/// the ring's entries, then `used_event`).
+fn avail_u16(queue: &impl QueueT, mem: &GuestMem, index: u64) -> Option<u16> {
+    let addr = queue.avail_ring().checked_add(4 + 2 * index)?;
+    mem.load(GuestAddress(addr), Ordering::Acquire)
         .ok()
-        .map(|v: u16| Wrapping(u16::from_le(v)))
+        .map(u16::from_le)
 }
 
 fn lock(e: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
