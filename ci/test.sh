@@ -28,6 +28,10 @@ for seed in 1 2 3; do
     REMAPBLK_SEED=$seed cargo test --lib inflight_accounting 2>&1
 done
 
+# The README's first command, as written (cargo must know which binary `cargo run` means).
+step "cargo run --release -- serve --help"
+cargo run --release -- serve --help >/dev/null
+
 step "guest end-to-end scenarios (QEMU, TCG)"
 qemu-scripts/ensure-packages.sh
 cargo build --release
