@@ -181,46 +181,45 @@ impl Engine {
         if req.data_len == 0 || req.data_len > u64::from(u32::MAX) {
             return Err(req);
         }
-        self.route.pieces.clear();
-        if !target.route(dir, req.offset(), req.data_len, 0, &mut self.route)
-            || self.route.pieces.len() > MAX_PIECES
-            || self.in_kernel + self.unsubmitted + self.route.pieces.len() > self.limit
-        {
-            return Err(req);
-        }
         self.iov.clear();
-        for seg in &req.data {
-            for slice in GuestMemoryBackend::get_slices(&**mem, seg.addr, seg.len as usize) {
-                let Ok(slice) = slice else {
-                    // Let the synchronous path report it.
-                    return Err(req);
-                };
-                self.iov.push(libc::iovec {
-                    iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                    iov_len: slice.len(),
-                });
-            }
-        }
-        // Inline first, without allocating: page-cache hits and null pieces are done now.
-        // Once a piece needs the ring, only null pieces (zeros, never the ring's) still run
-        // here; every other piece is queued, and doing one again there is harmless.
-        let mut inline = true;
-        for p in &self.route.pieces {
-            sub_iovecs_into(&self.iov, p.at, p.len, &mut self.piece_iov);
-            let aligned = |x: u64| x.is_multiple_of(p.align);
-            if !aligned(p.file_offset)
-                || self
-                    .piece_iov
-                    .iter()
-                    .any(|v| !aligned(v.iov_base as u64) || !aligned(v.iov_len as u64))
+        // Overlaid pieces (see Route::may_overlay) are only right when each runs after the one
+        // before it, which the inline attempt does and the ring does not: an overlay that
+        // cannot be done inline is routed again, split.
+        let mut may_overlay = true;
+        let inline = loop {
+            self.route.pieces.clear();
+            self.route.may_overlay = may_overlay;
+            self.route.overlaid = false;
+            if !target.route(dir, req.offset(), req.data_len, 0, &mut self.route)
+                || self.route.pieces.len() > MAX_PIECES
+                || self.in_kernel + self.unsubmitted + self.route.pieces.len() > self.limit
             {
-                // O_DIRECT with an unaligned guest buffer: the synchronous path bounces it.
                 return Err(req);
             }
-            if inline || p.fd == NO_FILE {
-                inline &= inline_io(&mut self.write_nowait, dir, p, &self.piece_iov);
+            if self.iov.is_empty() {
+                for seg in &req.data {
+                    for slice in GuestMemoryBackend::get_slices(&**mem, seg.addr, seg.len as usize)
+                    {
+                        let Ok(slice) = slice else {
+                            // Let the synchronous path report it.
+                            return Err(req);
+                        };
+                        self.iov.push(libc::iovec {
+                            iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                            iov_len: slice.len(),
+                        });
+                    }
+                }
             }
-        }
+            let Some(inline) = self.inline_pieces(dir) else {
+                // O_DIRECT with an unaligned guest buffer: the synchronous path bounces it.
+                return Err(req);
+            };
+            if inline || !self.route.overlaid {
+                break inline;
+            }
+            may_overlay = false;
+        };
         if inline {
             return Ok(Taken::Done(Done {
                 head,
@@ -283,6 +282,31 @@ impl Engine {
         self.unsubmitted_bytes += s.req.data_len;
         self.slots[slot as usize] = Some(s);
         Ok(Taken::Queued)
+    }
+
+    /// Tries the routed pieces inline, without allocating: page-cache hits and null pieces are
+    /// done now. Once a piece needs the ring, only null pieces (zeros, never the ring's) still
+    /// run here; every other piece is queued, and doing one again there is harmless. Whether
+    /// every piece was done; None when a piece cannot go to the file as it is (O_DIRECT with an
+    /// unaligned guest buffer).
+    fn inline_pieces(&mut self, dir: Dir) -> Option<bool> {
+        let mut inline = true;
+        for p in &self.route.pieces {
+            sub_iovecs_into(&self.iov, p.at, p.len, &mut self.piece_iov);
+            let aligned = |x: u64| x.is_multiple_of(p.align);
+            if !aligned(p.file_offset)
+                || self
+                    .piece_iov
+                    .iter()
+                    .any(|v| !aligned(v.iov_base as u64) || !aligned(v.iov_len as u64))
+            {
+                return None;
+            }
+            if inline || p.fd == NO_FILE {
+                inline &= inline_io(&mut self.write_nowait, dir, p, &self.piece_iov);
+            }
+        }
+        Some(inline)
     }
 
     fn alloc(&mut self) -> u32 {

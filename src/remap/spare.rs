@@ -192,6 +192,11 @@ impl Spare {
         self.header.data_offset() + block * u64::from(self.header.block_size)
     }
 
+    /// The file descriptor the spare's pieces name.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+
     /// Where `len` bytes from byte `skip` of spare block `block` live, as a piece of a request
     /// at its byte `at`.
     pub fn piece(&self, block: u64, skip: u64, len: u64, at: u64) -> Piece {

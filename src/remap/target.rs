@@ -404,6 +404,52 @@ impl BlockIo for RemapTarget {
     /// at the end ([`MoveGuard::write`]'s rule, for I/O that someone else carries out): a read
     /// of a spare block that changed hands meanwhile is done again.
     fn route(&self, dir: Dir, offset: u64, len: u64, at: u64, route: &mut Route) -> bool {
+        let start = route.pieces.len();
+        if !self.route_split(dir, offset, len, at, route) {
+            return false;
+        }
+        if !route.may_overlay || dir != Dir::Read {
+            return true;
+        }
+        // A remapped block inside a read cuts the image's part in two, so the split costs three
+        // calls. Read the whole range from the image and the spare's runs over it instead: two.
+        // The caller runs overlaid pieces in order and from the page cache only, so the image's
+        // copy of a remapped block is only read when it is cached, never from a failing disk.
+        let spare_fd = self.table.spare().fd();
+        let pieces = &mut route.pieces;
+        if pieces[start..].iter().filter(|p| p.fd != spare_fd).count() < 2 {
+            return true;
+        }
+        let mut kept = start;
+        for i in start..pieces.len() {
+            if pieces[i].fd == spare_fd {
+                pieces[kept] = pieces[i];
+                kept += 1;
+            }
+        }
+        pieces.truncate(kept);
+        if self.main.route(dir, offset, len, at, route) {
+            let whole = route.pieces.len() - kept;
+            route.pieces[start..].rotate_right(whole);
+            route.overlaid = true;
+            return true;
+        }
+        // The image will not take the whole range (a fault on a remapped block): split after all.
+        route.pieces.truncate(start);
+        self.route_split(dir, offset, len, at, route)
+    }
+
+    fn route_valid(&self, ticket: u64, offset: u64, len: u64) -> bool {
+        // Pairs with the mover's increment before it copies, as in MoveGuard::write.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let (first, last) = self.blocks(offset, len);
+        self.moves.state(first, last).0 == ticket
+    }
+}
+
+impl RemapTarget {
+    /// [`BlockIo::route`] with every piece in its own place: runs of the image and of the spare.
+    fn route_split(&self, dir: Dir, offset: u64, len: u64, at: u64, route: &mut Route) -> bool {
         let (first, last) = self.blocks(offset, len);
         let (gen, moving) = self.moves.state(first, last);
         if moving {
@@ -450,13 +496,6 @@ impl BlockIo for RemapTarget {
                 .main
                 .route(dir, pos, end - pos, at + pos - offset, route)
     }
-
-    fn route_valid(&self, ticket: u64, offset: u64, len: u64) -> bool {
-        // Pairs with the mover's increment before it copies, as in MoveGuard::write.
-        std::sync::atomic::fence(Ordering::SeqCst);
-        let (first, last) = self.blocks(offset, len);
-        self.moves.state(first, last).0 == ticket
-    }
 }
 
 impl RemapTarget {
@@ -495,5 +534,146 @@ impl RemapTarget {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::metadata::Header;
+    use super::super::spare::Spare;
+    use super::*;
+    use crate::storage::Piece;
+    use std::collections::BTreeSet;
+
+    const MAIN_FD: i32 = 1000;
+
+    /// An image that routes every range to `MAIN_FD` except ranges holding a `refused` block
+    /// (as the fault layer refuses a range with a fault in it).
+    struct FakeImage {
+        refused: BTreeSet<u64>,
+    }
+
+    impl BlockIo for FakeImage {
+        unsafe fn readv(&self, _: u64, _: &[libc::iovec]) -> io::Result<()> {
+            unreachable!("routing only")
+        }
+        unsafe fn writev(&self, _: u64, _: &[libc::iovec]) -> io::Result<()> {
+            unreachable!("routing only")
+        }
+        fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn discard(&self, _: u64, _: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> io::Result<()> {
+            Ok(())
+        }
+        fn route(&self, _: Dir, offset: u64, len: u64, at: u64, route: &mut Route) -> bool {
+            if self
+                .refused
+                .range(offset / 512..(offset + len).div_ceil(512))
+                .next()
+                .is_some()
+            {
+                return false;
+            }
+            route.pieces.push(Piece {
+                fd: MAIN_FD,
+                file_offset: offset,
+                at,
+                len,
+                align: 1,
+            });
+            true
+        }
+    }
+
+    /// A remap target over a `FakeImage` refusing `refused`, with `remapped` blocks remapped.
+    fn target(remapped: &[u64], refused: &[u64]) -> (tempfile::TempDir, RemapTarget) {
+        let dir = tempfile::tempdir().unwrap();
+        let header = Header {
+            block_size: 512,
+            image_size: 1 << 20,
+            spare_blocks: 16,
+        };
+        let spare = Spare::create(&dir.path().join("s"), header).unwrap();
+        let table = Arc::new(RemapTable::new(spare, Vec::new()).unwrap());
+        for &b in remapped {
+            table
+                .remap_with_data(b, &[0u8; 512], Cause::Manual)
+                .unwrap();
+        }
+        let main = Arc::new(FakeImage {
+            refused: refused.iter().copied().collect(),
+        });
+        (dir, RemapTarget::new(main, table, 512, true))
+    }
+
+    fn route(t: &RemapTarget, dir: Dir, offset: u64, len: u64, may_overlay: bool) -> Route {
+        let mut r = Route {
+            may_overlay,
+            ..Route::default()
+        };
+        assert!(t.route(dir, offset, len, 0, &mut r));
+        r
+    }
+
+    #[test]
+    fn a_read_around_remapped_blocks_is_one_image_read_with_the_spare_over_it() {
+        let (_dir, t) = target(&[10, 12], &[]);
+        let split = route(&t, Dir::Read, 8 * 512, 4096, false);
+        assert!(!split.overlaid);
+        let fds: Vec<i32> = split.pieces.iter().map(|p| p.fd).collect();
+        let spare_fd = t.table().spare().fd();
+        assert_eq!(fds, [MAIN_FD, spare_fd, MAIN_FD, spare_fd, MAIN_FD]);
+
+        let over = route(&t, Dir::Read, 8 * 512, 4096, true);
+        assert!(over.overlaid);
+        assert_eq!(over.ticket, split.ticket);
+        assert_eq!(
+            over.pieces[0],
+            Piece {
+                fd: MAIN_FD,
+                file_offset: 8 * 512,
+                at: 0,
+                len: 4096,
+                align: 1,
+            }
+        );
+        // The spare's runs follow, the same as in the split, so they land over the image's copy.
+        let spare_runs: Vec<Piece> = split
+            .pieces
+            .iter()
+            .filter(|p| p.fd == spare_fd)
+            .copied()
+            .collect();
+        assert_eq!(over.pieces[1..], spare_runs[..]);
+    }
+
+    #[test]
+    fn overlay_only_where_it_saves_a_call() {
+        // A remapped block at the edge leaves one image run: the split is as short.
+        let (_dir, t) = target(&[8], &[]);
+        let r = route(&t, Dir::Read, 8 * 512, 4096, true);
+        assert!(!r.overlaid);
+        assert_eq!(r.pieces.len(), 2);
+        // Writes never overlay (they do not route around remapped blocks at all).
+        let (_dir, t) = target(&[], &[]);
+        let r = route(&t, Dir::Write, 0, 4096, true);
+        assert!(!r.overlaid);
+        assert_eq!(r.pieces.len(), 1);
+    }
+
+    #[test]
+    fn an_image_that_refuses_the_whole_range_gets_the_split() {
+        // Block 10 is remapped and the image refuses it (a fault on it): only the runs around
+        // it may go to the image.
+        let (_dir, t) = target(&[10], &[10]);
+        let split = route(&t, Dir::Read, 8 * 512, 4096, false);
+        let r = route(&t, Dir::Read, 8 * 512, 4096, true);
+        assert!(!r.overlaid);
+        assert_eq!(r.pieces, split.pieces);
+        assert_eq!(r.pieces.len(), 3);
     }
 }

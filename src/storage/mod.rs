@@ -39,6 +39,11 @@ pub struct Route {
     pub pieces: Vec<Piece>,
     /// Handed back to [`BlockIo::route_valid`] once the pieces are done.
     pub ticket: u64,
+    /// Set by the caller: a read's pieces may overlap, a later piece overwriting part of an
+    /// earlier one, because the caller runs them one after another, from the page cache only.
+    pub may_overlay: bool,
+    /// Set by `route` when it made use of `may_overlay`: the pieces are only right in order.
+    pub overlaid: bool,
 }
 
 /// A place guest data lives. Offsets and lengths are in bytes; callers have validated them
