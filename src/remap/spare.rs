@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use thiserror::Error;
 
 use super::metadata::{Entry, Header, MetaError, Slot, HEADER_LEN};
-use crate::storage::Piece;
+use crate::storage::{open_noatime, Piece};
 
 #[derive(Debug, Error)]
 pub enum SpareError {
@@ -74,12 +74,12 @@ fn io_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> S
 
 impl Spare {
     pub fn create(path: &Path, header: Header) -> Result<Spare, SpareError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .map_err(io_err(path, "create it"))?;
+        let file = open_noatime(
+            OpenOptions::new().read(true).write(true).create_new(true),
+            0,
+            path,
+        )
+        .map_err(io_err(path, "create it"))?;
         file.set_len(header.file_size())
             .map_err(io_err(path, "size it"))?;
         file.write_all_at(&header.encode(), 0)
@@ -98,10 +98,7 @@ impl Spare {
 
     /// Opens an existing spare file made for `block_size` and `image_size`.
     pub fn open(path: &Path, block_size: u32, image_size: u64) -> Result<Opened, SpareError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
+        let file = open_noatime(OpenOptions::new().read(true).write(true), 0, path)
             .map_err(io_err(path, "open it"))?;
         let header = read_header(&file, path)?;
         if header.block_size != block_size {

@@ -4,13 +4,13 @@
 use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use log::info;
 use thiserror::Error;
 
-use super::{BlockIo, Dir, Piece, Route};
+use super::{open_noatime, BlockIo, Dir, Piece, Route};
 
 /// `BLKGETSIZE64`, `_IOR(0x12, 114, size_t)`.
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -108,10 +108,8 @@ impl Image {
 
         let mut fs_opts = FsOpenOptions::new();
         fs_opts.read(true).write(!opts.readonly);
-        if opts.direct {
-            fs_opts.custom_flags(libc::O_DIRECT);
-        }
-        let file = fs_opts.open(&path).map_err(|source| {
+        let flags = if opts.direct { libc::O_DIRECT } else { 0 };
+        let file = open_noatime(&mut fs_opts, flags, &path).map_err(|source| {
             if opts.direct && source.raw_os_error() == Some(libc::EINVAL) {
                 ImageError::Direct {
                     path: path.clone(),
@@ -505,6 +503,16 @@ mod tests {
         assert!(e.to_string().contains("shrink"));
         o.size = Some(2 << 20);
         assert_eq!(Image::open(&o).unwrap().size(), 2 << 20);
+    }
+
+    #[test]
+    fn reads_leave_the_access_time_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = Image::open(&opts(&dir.path().join("img"))).unwrap();
+        // SAFETY: F_GETFL on a descriptor we own.
+        let flags = unsafe { libc::fcntl(img.fd(), libc::F_GETFL) };
+        // The tests run as the file's owner, so the kernel allows O_NOATIME.
+        assert_ne!(flags & libc::O_NOATIME, 0, "flags {flags:o}");
     }
 
     #[test]
