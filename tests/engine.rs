@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -41,14 +40,7 @@ fn io_uring_reads_span_image_and_spare_and_return_the_right_bytes() {
             &[&format!("lba={lba}"), &format!("count={count}")],
         );
     }
-    let img = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&s.image)
-        .unwrap();
-    for lba in [3u64, 9, 10, 40, 41, 300, 301, 302, 303, 304, 1000] {
-        img.write_all_at(&[0xee; 512], lba * 512).unwrap();
-    }
-    img.sync_all().unwrap();
+    spoil_blocks(&s.image, [3, 9, 10, 40, 41, 300, 301, 302, 303, 304, 1000]);
 
     let before = stat(&s, "ring_io");
     // Reads of every shape across the remapped blocks: single blocks, whole runs, straddling.
@@ -86,14 +78,7 @@ fn io_uring_ring_path_with_o_direct() {
     // image's copies of the remapped blocks are spoiled, so a read that lets the image's data
     // land over the spare's (the ring runs pieces in any order) returns junk.
     s.ctl_ok("remap-add", &["lba=9", "count=100", "stride=37"]);
-    let img = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&s.image)
-        .unwrap();
-    for k in 0..100u64 {
-        img.write_all_at(&[0xee; 512], (9 + 37 * k) * 512).unwrap();
-    }
-    img.sync_all().unwrap();
+    spoil_blocks(&s.image, (0..100).map(|k| 9 + 37 * k));
     verify(&mut c, 5, 0, 2 * MIB, 4096, 32);
     assert_eq!(read_file_at(&s.image, 0, 4096), pattern(5, 0, 4096));
     let totals = s.ctl_ok("query-stats", &[])["totals"].clone();

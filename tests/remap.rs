@@ -264,13 +264,7 @@ fn remap_add_with_stride_scatters_blocks() {
     assert!(s.log().contains("1000 blocks remapped in one table change"));
     assert_eq!(s.ctl_ok("query-status", &[])["spare_free"], 24);
     // Spoil the main image under the remapped blocks: reads must come from the spare.
-    let img = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&s.image)
-        .unwrap();
-    for i in 0..1000u64 {
-        img.write_all_at(&[0xee; 512], (5 + 7 * i) * 512).unwrap();
-    }
+    spoil_blocks(&s.image, (0..1000).map(|i| 5 + 7 * i));
     verify(&mut c, 4, 0, 4 * MIB, 64 << 10, 16);
     assert_eq!(
         s.ctl_ok("remap-remove", &["lba=5", "count=1000", "stride=7"])

@@ -424,6 +424,21 @@ pub fn read_file_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     buf
 }
 
+/// Overwrites 512-byte blocks `lbas` of the image file with junk (0xee), on disk too: a read
+/// of a remapped block that still went to the image returns it.
+pub fn spoil_blocks(path: &Path, lbas: impl IntoIterator<Item = u64>) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open image");
+    for lba in lbas {
+        f.write_all_at(&[0xee; 512], lba * 512)
+            .expect("spoil image");
+    }
+    f.sync_all().expect("sync image");
+}
+
 /// Checks the image file itself holds `pattern(seed, ..)` over `[start, end)`.
 pub fn verify_file(path: &Path, seed: u64, start: u64, end: u64, chunk: usize) {
     for off in (start..end).step_by(chunk) {
