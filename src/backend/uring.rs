@@ -182,6 +182,18 @@ impl Engine {
             return Err(req);
         }
         self.iov.clear();
+        for seg in &req.data {
+            for slice in GuestMemoryBackend::get_slices(&**mem, seg.addr, seg.len as usize) {
+                let Ok(slice) = slice else {
+                    // Let the synchronous path report it.
+                    return Err(req);
+                };
+                self.iov.push(libc::iovec {
+                    iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                    iov_len: slice.len(),
+                });
+            }
+        }
         // Overlaid pieces (see Route::may_overlay) are only right when each runs after the one
         // before it, which the inline attempt does and the ring does not: an overlay that
         // cannot be done inline is routed again, split.
@@ -195,21 +207,6 @@ impl Engine {
                 || self.in_kernel + self.unsubmitted + self.route.pieces.len() > self.limit
             {
                 return Err(req);
-            }
-            if self.iov.is_empty() {
-                for seg in &req.data {
-                    for slice in GuestMemoryBackend::get_slices(&**mem, seg.addr, seg.len as usize)
-                    {
-                        let Ok(slice) = slice else {
-                            // Let the synchronous path report it.
-                            return Err(req);
-                        };
-                        self.iov.push(libc::iovec {
-                            iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                            iov_len: slice.len(),
-                        });
-                    }
-                }
             }
             let Some(inline) = self.inline_pieces(dir) else {
                 // O_DIRECT with an unaligned guest buffer: the synchronous path bounces it.
