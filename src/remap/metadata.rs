@@ -80,6 +80,11 @@ impl Header {
         HEADER_LEN + 2 * self.slot_size()
     }
 
+    /// Blocks of the image the table maps.
+    pub fn disk_blocks(&self) -> u64 {
+        self.image_size / u64::from(self.block_size.max(1))
+    }
+
     pub fn file_size(&self) -> u64 {
         self.data_offset() + self.spare_blocks * u64::from(self.block_size)
     }

@@ -26,11 +26,9 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn new(map: BTreeMap<u64, Entry>, pending: BTreeSet<u64>) -> Snapshot {
-        let filter = BlockFilter::new(
-            map.len() + pending.len(),
-            map.keys().chain(pending.iter()).copied(),
-        );
+    /// A snapshot of a disk of `disk_blocks` blocks.
+    pub fn new(disk_blocks: u64, map: BTreeMap<u64, Entry>, pending: BTreeSet<u64>) -> Snapshot {
+        let filter = BlockFilter::new(disk_blocks, map.keys().chain(pending.iter()).copied());
         Snapshot {
             map,
             pending,
@@ -98,7 +96,11 @@ impl RemapTable {
             }
         }
         let free = (0..total).filter(|b| !used.contains(b)).collect();
-        let snap = ArcSwap::from_pointee(Snapshot::new(map.clone(), BTreeSet::new()));
+        let snap = ArcSwap::from_pointee(Snapshot::new(
+            spare.header().disk_blocks(),
+            map.clone(),
+            BTreeSet::new(),
+        ));
         Ok(RemapTable {
             snap,
             inner: Mutex::new(Inner {
@@ -132,6 +134,7 @@ impl RemapTable {
 
     fn publish(&self, inner: &Inner) {
         self.snap.store(Arc::new(Snapshot::new(
+            self.spare.header().disk_blocks(),
             inner.map.clone(),
             inner.pending.clone(),
         )));
