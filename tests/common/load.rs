@@ -208,7 +208,10 @@ pub fn round(
             let b = base[q][i];
             match *op {
                 Op::Write { offset, len } => queue.write(offset, b, len, i, ReqFlags::empty()),
-                Op::Read { offset, len } => queue.read(offset, b, len, i, ReqFlags::empty()),
+                Op::Read { offset, len } => {
+                    super::poison(b, len);
+                    queue.read(offset, b, len, i, ReqFlags::empty())
+                }
                 _ => unimplemented!("round: reads and writes only"),
             }
         }

@@ -295,7 +295,10 @@ impl Client {
         for (i, op) in ops.iter().enumerate() {
             let buf = (base + i * SLOT) as *mut u8;
             match *op {
-                Op::Read { offset, len } => queue.read(offset, buf, len, i, ReqFlags::empty()),
+                Op::Read { offset, len } => {
+                    poison(buf, len);
+                    queue.read(offset, buf, len, i, ReqFlags::empty())
+                }
                 Op::Write { offset, len } => queue.write(offset, buf, len, i, ReqFlags::empty()),
                 Op::Flush => queue.flush(i, ReqFlags::empty()),
                 Op::Discard { offset, len } => queue.discard(offset, len, i, ReqFlags::empty()),
@@ -349,6 +352,14 @@ impl Client {
         }
         Ok(self.slot_mut(0, len).to_vec())
     }
+}
+
+/// Fills a read's buffer with junk before it is submitted, so that a read which leaves some
+/// of its bytes unwritten fails the comparison instead of passing on what the buffer held from
+/// an earlier read of the same data.
+pub fn poison(buf: *mut u8, len: usize) {
+    // SAFETY: every caller passes a slot of the client's shared region, at most SLOT bytes.
+    unsafe { std::ptr::write_bytes(buf, 0xa5, len) };
 }
 
 /// Deterministic pseudo-random bytes for (seed, offset): any block's expected content can be
