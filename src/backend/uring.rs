@@ -18,7 +18,7 @@ use log::{error, warn};
 use vm_memory::{GuestMemoryBackend, GuestMemoryLoadGuard};
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag};
 
-use crate::storage::{BlockIo, Dir, Piece, Route, NO_FILE};
+use crate::storage::{BlockIo, Dir, Piece, Route, IN_MEMORY, NO_FILE};
 use crate::virtio::request::{GuestMem, Request, RequestType};
 
 /// user_data of cancellation requests; never a slot index.
@@ -208,7 +208,7 @@ impl Engine {
             {
                 return Err(req);
             }
-            let Some(inline) = self.inline_pieces(dir) else {
+            let Some(inline) = self.inline_pieces(target, dir) else {
                 // O_DIRECT with an unaligned guest buffer: the synchronous path bounces it.
                 return Err(req);
             };
@@ -227,6 +227,15 @@ impl Engine {
                 ticket: self.route.ticket,
             }));
         }
+        // Pieces in memory are copied now, once a piece has needed the ring; the ring only
+        // moves file pieces.
+        for p in self.route.pieces.iter().filter(|p| p.fd == IN_MEMORY) {
+            sub_iovecs_into(&self.iov, p.at, p.len, &mut self.piece_iov);
+            // SAFETY: guest memory held mapped by `mem`, checked by the parser.
+            if dir != Dir::Read || !unsafe { target.copy_in_memory(p, &self.piece_iov) } {
+                return Err(req);
+            }
+        }
         let pieces = std::mem::take(&mut self.route.pieces);
         let mut iovs = Vec::with_capacity(pieces.len());
         let mut want = Vec::with_capacity(pieces.len());
@@ -236,7 +245,7 @@ impl Engine {
             sub_iovecs_into(&self.iov, p.at, p.len, &mut v);
             iovs.push(v);
             want.push(p.len as u32);
-            left += usize::from(p.fd != NO_FILE);
+            left += usize::from(p.fd >= 0);
         }
         let slot = self.alloc();
         let s = Slot {
@@ -251,7 +260,8 @@ impl Engine {
             failed: false,
         };
         for (i, p) in pieces.iter().enumerate() {
-            if p.fd == NO_FILE {
+            if p.fd < 0 {
+                // NO_FILE, IN_MEMORY: done already.
                 continue;
             }
             let v = &s.iovs[i];
@@ -281,12 +291,12 @@ impl Engine {
         Ok(Taken::Queued)
     }
 
-    /// Tries the routed pieces inline, without allocating: page-cache hits and null pieces are
-    /// done now. Once a piece needs the ring, only null pieces (zeros, never the ring's) still
-    /// run here; every other piece is queued, and doing one again there is harmless. Whether
-    /// every piece was done; None when a piece cannot go to the file as it is (O_DIRECT with an
-    /// unaligned guest buffer).
-    fn inline_pieces(&mut self, dir: Dir) -> Option<bool> {
+    /// Tries the routed pieces inline, without allocating: page-cache hits, pieces in memory
+    /// and null pieces are done now. Once a piece needs the ring, only null pieces (zeros,
+    /// never the ring's) still run here; every other piece is queued, and doing one again
+    /// there is harmless. Whether every piece was done; None when a piece cannot go to the file
+    /// as it is (O_DIRECT with an unaligned guest buffer).
+    fn inline_pieces(&mut self, target: &dyn BlockIo, dir: Dir) -> Option<bool> {
         let mut inline = true;
         for p in &self.route.pieces {
             sub_iovecs_into(&self.iov, p.at, p.len, &mut self.piece_iov);
@@ -299,7 +309,12 @@ impl Engine {
             {
                 return None;
             }
-            if inline || p.fd == NO_FILE {
+            if p.fd == IN_MEMORY {
+                // SAFETY: guest memory held mapped by the request's guard, checked by the parser.
+                inline = inline
+                    && dir == Dir::Read
+                    && unsafe { target.copy_in_memory(p, &self.piece_iov) };
+            } else if inline || p.fd == NO_FILE {
                 inline &= inline_io(&mut self.write_nowait, dir, p, &self.piece_iov);
             }
         }

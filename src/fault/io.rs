@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::spec::FaultOp;
 use super::table::{FaultTable, Verdict};
-use crate::storage::{BlockIo, Dir, Route};
+use crate::storage::{BlockIo, Dir, Piece, Route};
 
 /// The error an injected fault produces: which blocks of the request are bad, so the layer
 /// above (remap) need not probe them one by one.
@@ -97,5 +97,9 @@ impl BlockIo for FaultyTarget {
 
     fn route_valid(&self, ticket: u64, offset: u64, len: u64) -> bool {
         self.inner.route_valid(ticket, offset, len)
+    }
+
+    unsafe fn copy_in_memory(&self, piece: &Piece, iov: &[libc::iovec]) -> bool {
+        self.inner.copy_in_memory(piece, iov)
     }
 }

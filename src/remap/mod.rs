@@ -3,6 +3,7 @@
 
 mod filter;
 pub mod metadata;
+mod mirror;
 pub mod spare;
 pub mod table;
 pub mod target;

@@ -11,7 +11,8 @@ use std::sync::Mutex;
 use thiserror::Error;
 
 use super::metadata::{Entry, Header, MetaError, Slot, HEADER_LEN};
-use crate::storage::{open_noatime, Piece};
+use super::mirror::Mirror;
+use crate::storage::{open_noatime, Piece, IN_MEMORY};
 
 #[derive(Debug, Error)]
 pub enum SpareError {
@@ -47,6 +48,8 @@ pub struct Spare {
     path: PathBuf,
     header: Header,
     commit: Mutex<CommitState>,
+    /// The blocks in use, in memory (see `mirror`); None for a spare too big to mirror.
+    mirror: Option<Mirror>,
 }
 
 /// A spare file just opened: its table, and which slot was rewritten because it was bad.
@@ -89,6 +92,7 @@ impl Spare {
             path: path.to_path_buf(),
             header,
             commit: Mutex::new(CommitState { next: 0, seq: 0 }),
+            mirror: Mirror::new(header.spare_blocks, header.block_size),
         };
         spare
             .commit(&[])
@@ -131,12 +135,14 @@ impl Spare {
         let spare = Spare {
             file,
             path: path.to_path_buf(),
+            mirror: Mirror::new(header.spare_blocks, header.block_size),
             header,
             commit: Mutex::new(CommitState {
                 next: 1 - best,
                 seq: slot.seq,
             }),
         };
+        spare.fill_mirror(&entries);
         let other = 1 - best;
         let repaired = match &slots[other] {
             Ok(s) if s.seq == slot.seq => None,
@@ -195,23 +201,72 @@ impl Spare {
     }
 
     /// Where `len` bytes from byte `skip` of spare block `block` live, as a piece of a request
-    /// at its byte `at`.
+    /// at its byte `at`: in the mirror ([`IN_MEMORY`], offset into the data area; see
+    /// [`copy_in_memory`](Self::copy_in_memory)) when it holds the block, else in the file.
     pub fn piece(&self, block: u64, skip: u64, len: u64, at: u64) -> Piece {
+        let bs = u64::from(self.header.block_size);
+        let (fd, file_offset) = match &self.mirror {
+            Some(m) if m.holds(block) => (IN_MEMORY, block * bs + skip),
+            _ => (self.file.as_raw_fd(), self.block_offset(block) + skip),
+        };
         Piece {
-            fd: self.file.as_raw_fd(),
-            file_offset: self.block_offset(block) + skip,
+            fd,
+            file_offset,
             at,
             len,
             align: 1,
         }
     }
 
+    /// Copies an [`IN_MEMORY`] piece's bytes into `iov` (as many as it holds); false when the
+    /// mirror no longer holds them all (the caller then reads the file, by `read_block`).
+    ///
+    /// # Safety
+    /// Every iovec must point to memory valid for writes of its length.
+    pub unsafe fn copy_in_memory(&self, piece: &Piece, iov: &[libc::iovec]) -> bool {
+        piece.fd == IN_MEMORY
+            && self
+                .mirror
+                .as_ref()
+                // SAFETY: the caller's promise.
+                .is_some_and(|m| unsafe { m.read(piece.file_offset, iov) })
+    }
+
     pub fn read_block(&self, block: u64, buf: &mut [u8]) -> io::Result<()> {
         self.file.read_exact_at(buf, self.block_offset(block))
     }
 
+    /// Writes one block to the file, and the mirror with it (which drops the block if the
+    /// write failed: the file's contents are then unknown).
     pub fn write_block(&self, block: u64, buf: &[u8]) -> io::Result<()> {
-        self.file.write_all_at(buf, self.block_offset(block))
+        let r = self.file.write_all_at(buf, self.block_offset(block));
+        if let Some(m) = &self.mirror {
+            match r {
+                Ok(()) => m.store(block, buf),
+                Err(_) => m.forget(block),
+            }
+        }
+        r
+    }
+
+    /// Loads the blocks `entries` use into the mirror. One that cannot be read stays out and
+    /// is read from the file, where the error will reach whoever reads it.
+    fn fill_mirror(&self, entries: &[Entry]) {
+        let Some(m) = &self.mirror else { return };
+        let mut buf = vec![0u8; self.header.block_size as usize];
+        let mut failed = 0;
+        for e in entries {
+            match self.read_block(e.spare_block, &mut buf) {
+                Ok(()) => m.store(e.spare_block, &buf),
+                Err(_) => failed += 1,
+            }
+        }
+        if failed > 0 {
+            log::warn!(
+                "spare file {}: {failed} spare block(s) could not be read; reads of them will try the file again",
+                self.path.display()
+            );
+        }
     }
 
     pub fn sync(&self) -> io::Result<()> {
@@ -361,6 +416,63 @@ mod tests {
             cause: Cause::Manual,
             since: 1,
         }
+    }
+
+    /// Reads `len` bytes of `piece` the way the engine does: from memory, else from the file.
+    fn read_piece(s: &Spare, piece: &Piece) -> Vec<u8> {
+        let mut buf = vec![0u8; piece.len as usize];
+        if piece.fd == IN_MEMORY {
+            let iov = [libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            }];
+            assert!(unsafe { s.copy_in_memory(piece, &iov) });
+        } else {
+            assert_eq!(piece.fd, s.fd());
+            s.file.read_exact_at(&mut buf, piece.file_offset).unwrap();
+        }
+        buf
+    }
+
+    #[test]
+    fn blocks_in_use_are_read_from_memory_which_follows_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let s = Spare::create(&p, header()).unwrap();
+        assert_eq!(s.piece(3, 0, 512, 0).fd, s.fd(), "never written: the file");
+        s.write_block(3, &[5; 512]).unwrap();
+        s.write_block(4, &[6; 512]).unwrap();
+        let piece = s.piece(3, 100, 600, 0);
+        assert_eq!(piece.fd, IN_MEMORY);
+        let want: Vec<u8> = [[5u8; 412].as_slice(), &[6u8; 188]].concat();
+        assert_eq!(read_piece(&s, &piece), want);
+        s.write_block(3, &[7; 512]).unwrap();
+        assert_eq!(read_piece(&s, &s.piece(3, 0, 512, 0)), [7; 512]);
+        // After a restart the blocks the table uses are in memory again, and only those.
+        s.commit(&[entry(9, 3)]).unwrap();
+        drop(s);
+        let o = Spare::open(&p, 512, 1 << 20).unwrap();
+        let piece = o.spare.piece(3, 0, 512, 0);
+        assert_eq!(piece.fd, IN_MEMORY);
+        assert_eq!(read_piece(&o.spare, &piece), [7; 512]);
+        let piece = o.spare.piece(4, 0, 512, 0);
+        assert_eq!(piece.fd, o.spare.fd(), "block 4 is not in the table");
+        assert_eq!(read_piece(&o.spare, &piece), [6; 512]);
+    }
+
+    #[test]
+    fn a_spare_too_big_to_mirror_is_read_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = Header {
+            block_size: 4096,
+            image_size: 1 << 40,
+            spare_blocks: super::super::mirror::MAX_BYTES / 4096 + 1,
+        };
+        let s = Spare::create(&dir.path().join("s"), h).unwrap();
+        s.write_block(3, &[5; 4096]).unwrap();
+        let piece = s.piece(3, 0, 4096, 0);
+        assert_eq!(piece.fd, s.fd());
+        assert_eq!(read_piece(&s, &piece), [5; 4096]);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use super::metadata::{Cause, Entry};
 use super::table::RemapTable;
 use crate::fault::MediaError;
-use crate::storage::{BlockIo, Dir, Route};
+use crate::storage::{BlockIo, Dir, Piece, Route, IN_MEMORY};
 
 pub struct RemapTarget {
     main: Arc<dyn BlockIo>,
@@ -416,13 +416,14 @@ impl BlockIo for RemapTarget {
         // The caller runs overlaid pieces in order and from the page cache only, so the image's
         // copy of a remapped block is only read when it is cached, never from a failing disk.
         let spare_fd = self.table.spare().fd();
+        let is_spare = |p: &Piece| p.fd == spare_fd || p.fd == IN_MEMORY;
         let pieces = &mut route.pieces;
-        if pieces[start..].iter().filter(|p| p.fd != spare_fd).count() < 2 {
+        if pieces[start..].iter().filter(|p| !is_spare(p)).count() < 2 {
             return true;
         }
         let mut kept = start;
         for i in start..pieces.len() {
-            if pieces[i].fd == spare_fd {
+            if is_spare(&pieces[i]) {
                 pieces[kept] = pieces[i];
                 kept += 1;
             }
@@ -444,6 +445,12 @@ impl BlockIo for RemapTarget {
         std::sync::atomic::fence(Ordering::SeqCst);
         let (first, last) = self.blocks(offset, len);
         self.moves.state(first, last).0 == ticket
+    }
+
+    /// The spare's blocks in memory: a copy, where the file would take a system call. A
+    /// spare block that changes hands meanwhile is caught by the ticket like a file read.
+    unsafe fn copy_in_memory(&self, piece: &Piece, iov: &[libc::iovec]) -> bool {
+        self.table.spare().copy_in_memory(piece, iov)
     }
 }
 
@@ -542,7 +549,6 @@ mod tests {
     use super::super::metadata::Header;
     use super::super::spare::Spare;
     use super::*;
-    use crate::storage::Piece;
     use std::collections::BTreeSet;
 
     const MAIN_FD: i32 = 1000;
@@ -625,8 +631,7 @@ mod tests {
         let split = route(&t, Dir::Read, 8 * 512, 4096, false);
         assert!(!split.overlaid);
         let fds: Vec<i32> = split.pieces.iter().map(|p| p.fd).collect();
-        let spare_fd = t.table().spare().fd();
-        assert_eq!(fds, [MAIN_FD, spare_fd, MAIN_FD, spare_fd, MAIN_FD]);
+        assert_eq!(fds, [MAIN_FD, IN_MEMORY, MAIN_FD, IN_MEMORY, MAIN_FD]);
 
         let over = route(&t, Dir::Read, 8 * 512, 4096, true);
         assert!(over.overlaid);
@@ -645,7 +650,7 @@ mod tests {
         let spare_runs: Vec<Piece> = split
             .pieces
             .iter()
-            .filter(|p| p.fd == spare_fd)
+            .filter(|p| p.fd == IN_MEMORY)
             .copied()
             .collect();
         assert_eq!(over.pieces[1..], spare_runs[..]);

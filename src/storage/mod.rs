@@ -37,6 +37,10 @@ pub enum Dir {
 /// writes to it are dropped, and it never waits for anything.
 pub const NO_FILE: RawFd = -1;
 
+/// The `fd` of a [`Piece`] whose bytes the target holds in memory: a read of it is done by
+/// [`BlockIo::copy_in_memory`], never by the ring. Its `file_offset` means what the target wants.
+pub const IN_MEMORY: RawFd = -2;
+
 /// A run of a request that can go straight to a file: `len` bytes at byte `at` of the
 /// request's data live at `file_offset` in `fd`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,5 +108,16 @@ pub trait BlockIo: Send + Sync {
     /// it meanwhile). When false the request must be done again through `readv` / `writev`.
     fn route_valid(&self, _ticket: u64, _offset: u64, _len: u64) -> bool {
         true
+    }
+
+    /// Copies the bytes of an [`IN_MEMORY`] read piece found by [`route`](Self::route) into
+    /// `iov` (the piece's part of the request). False when they are no longer in memory: the
+    /// caller then hands the request to [`readv`](Self::readv). Like every routed piece it is
+    /// checked by [`route_valid`](Self::route_valid) once the request is done.
+    ///
+    /// # Safety
+    /// Every iovec must point to memory valid for writes of its length.
+    unsafe fn copy_in_memory(&self, _piece: &Piece, _iov: &[libc::iovec]) -> bool {
+        false
     }
 }
