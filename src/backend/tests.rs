@@ -1,7 +1,7 @@
 //! The backend driven through a mock split queue in this process: the whole path from avail
 //! ring to used ring (parse, execute, status byte, used entry), the counters, and the drain.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -32,6 +32,9 @@ const CAPACITY: u64 = 1 << 20;
 struct MemTarget {
     data: Mutex<Vec<u8>>,
     flushes: AtomicUsize,
+    /// How long a flush takes, in microseconds (a disk's cache flush): keeps requests in flight
+    /// long enough for a concurrent drain to meet them, however fast the build.
+    flush_us: AtomicU64,
     gate: Mutex<Gate>,
     gate_cv: Condvar,
 }
@@ -92,6 +95,11 @@ impl BlockIo for MemTarget {
     }
     fn flush(&self) -> std::io::Result<()> {
         self.flushes.fetch_add(1, Ordering::SeqCst);
+        let took = Duration::from_micros(self.flush_us.load(Ordering::Relaxed));
+        let start = std::time::Instant::now();
+        while start.elapsed() < took {
+            std::hint::spin_loop();
+        }
         Ok(())
     }
     fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
@@ -585,6 +593,7 @@ fn inflight_accounting_under_concurrent_pops_completions_and_drains() {
         rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
     };
     let r = rig(false, Duration::from_secs(30));
+    r.target.flush_us.store(50, Ordering::Relaxed);
     // A ring laid out here: the mock's used ring overlaps the second half of its avail ring,
     // which only the few requests of the other tests never reach.
     let (desc_table, avail, used) = (0x40_0000, 0x41_0000, 0x42_0000);
