@@ -26,6 +26,7 @@
 #                                                          (skipped when serve has no --engine)
 #   remap10k-randread-4k-qd32                              remapblk with 10,000 scattered remaps
 #                                                          vs remapblk with an empty table
+#                                                          (interleaved, see below)
 #
 # Every run gets fresh `cp` copies of one cached seed image (target/bench/seed.img, random
 # data) for either backend; the server runs on core 1 (taskset -c 1), the load generator on
@@ -34,6 +35,13 @@
 # and range of the per-run ratios, remapblk's peak RSS = VmHWM just before it is stopped),
 # every raw run in target/bench/results.json, progress on stderr. The machine is noisy: trust
 # medians of several runs, not one.
+#
+# Interleaved loads (remap10k; in --self-check, selfcheck-interleaved-*) compare two remapblk
+# setups whose difference is smaller than the noise between server restarts: both servers are
+# started once, each on its own fresh copy, and stay up; the load generator alternates
+# 6 x --runs runs of 1 s (after a 0.2 s ramp) between them, so the pairs share the machine's
+# state. The self-check's interleaved row (remapblk against remapblk) shows what the method
+# reads for two identical servers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -69,6 +77,10 @@ REMAPBLK=target/release/remapblk
 BENCH=target/release/remapblk-bench
 RAW=$OUT/runs.jsonl
 SERVER_PID=""
+# Interleaved loads: runs per side (times --runs), and each run's length and ramp in seconds.
+PAIRS_PER_RUN=6 PAIR_RUNTIME=1 PAIR_RAMP=0.2
+# The servers of an interleaved load, by side, while it runs.
+declare -A PAIR_PID=() PAIR_SOCK=() PAIR_DIR=()
 
 log "building release binaries"
 cargo build --release >&2
@@ -89,6 +101,7 @@ if ((SELF_CHECK)); then
         "selfcheck-randread-4k-qd32|randread|4k|32|1|remapblk|remapblk"
         "selfcheck-randwrite-4k-qd32|randwrite|4k|32|1|remapblk|remapblk"
         "selfcheck-read-1M-qd8|read|1M|8|1|remapblk|remapblk"
+        "selfcheck-interleaved-randread-4k-qd32|randread|4k|32|1|remapblk|remapblk|interleaved"
     )
 else
     LOADS=(
@@ -107,7 +120,7 @@ else
         "poll-randread-4k-qd32-2q|randread|4k|32|2|remapblk-poll|qsd"
         "null-randread-4k-qd32|randread|4k|32|1|remapblk-null|qsd-null"
         "null-randwrite-4k-qd32|randwrite|4k|32|1|remapblk-null|qsd-null"
-        "remap10k-randread-4k-qd32|randread|4k|32|1|remapblk-remap|remapblk-empty"
+        "remap10k-randread-4k-qd32|randread|4k|32|1|remapblk-remap|remapblk-empty|interleaved"
     )
 fi
 SELECTED=()
@@ -138,6 +151,7 @@ stop_server() {
 cleanup() {
     stop_server
     rm -rf "$RUN_DIR"
+    stop_pair
 }
 trap cleanup EXIT
 
@@ -161,6 +175,16 @@ fresh_copy() {
     sync "$2"
 }
 
+# image_for PATH: the image a remapblk server gets: a fresh copy of the seed, or with
+# $SHARE_IMAGE set, a hard link to that file (the same page cache).
+image_for() {
+    if [[ -n "${SHARE_IMAGE:-}" ]]; then
+        ln "$SHARE_IMAGE" "$1"
+    else
+        fresh_copy "$SEED" "$1"
+    fi
+}
+
 # start_server KIND QUEUES: starts one backend on core 1 in a fresh $RUN_DIR; sets SERVER_PID
 # and SOCK.
 start_server() {
@@ -176,12 +200,12 @@ start_server() {
             cmd=(taskset -c 1 "$REMAPBLK" serve --image "$img" --socket "$SOCK"
                  --num-queues "$queues" --queue-size 1024)
             case "$kind" in
-                remapblk) fresh_copy "$SEED" "$img" ;;
+                remapblk) image_for "$img" ;;
                 remapblk-poll)
                     fresh_copy "$SEED" "$img"
                     cmd+=(--poll-us "$POLL_US") ;;
                 remapblk-remap|remapblk-empty)
-                    fresh_copy "$SEED" "$img"
+                    image_for "$img"
                     fresh_copy "$OUT/${kind#remapblk-}.spare" "$RUN_DIR/disk.spare"
                     cmd+=(--spare "$RUN_DIR/disk.spare") ;;
                 remapblk-null)
@@ -216,28 +240,80 @@ machine_busy_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; 
 server_ticks() { awk '{print $14 + $15}' "/proc/$SERVER_PID/stat"; }
 CLK_TCK=$(getconf CLK_TCK)
 
-# run_one LOAD SIDE RUN: one measured run; appends a JSON line to $RAW.
+# run_one LOAD SIDE RUN: one measured run on a server of its own; appends a JSON line to $RAW.
 run_one() {
     local load=$1 side=$2 run=$3 name rw bs qd queues a b kind
-    IFS='|' read -r name rw bs qd queues a b <<<"$load"
+    IFS='|' read -r name rw bs qd queues a b _ <<<"$load"
     kind=$a
     [[ $side == B ]] && kind=$b
     start_server "$kind" "$queues"
+    measure "$load" "$side" "$run" "$kind" "$RUNTIME" "$RAMP" restart
+    stop_server
+    rm -rf "$RUN_DIR"
+}
+
+# start_pair LOAD: starts both sides' servers of an interleaved load, each in its own directory.
+# Under a read load both read one fresh copy of the seed: two copies can differ by more than
+# what is measured (how the page cache holds each), and that would stay for every pair.
+start_pair() {
+    local name rw bs qd queues a b side kind share=""
+    IFS='|' read -r name rw bs qd queues a b _ <<<"$1"
+    for side in A B; do
+        kind=$a
+        [[ $side == B ]] && kind=$b
+        RUN_DIR=$OUT/run-$side SHARE_IMAGE=$share start_server "$kind" "$queues"
+        if [[ $rw == *read ]]; then share=$OUT/run-A/disk.img; fi
+        PAIR_PID[$side]=$SERVER_PID PAIR_SOCK[$side]=$SOCK PAIR_DIR[$side]=$OUT/run-$side
+        SERVER_PID=""
+    done
+}
+
+stop_pair() {
+    local side
+    for side in "${!PAIR_PID[@]}"; do
+        SERVER_PID=${PAIR_PID[$side]} RUN_DIR=${PAIR_DIR[$side]} stop_server
+        rm -rf "${PAIR_DIR[$side]}"
+    done
+    PAIR_PID=() PAIR_SOCK=() PAIR_DIR=()
+}
+
+# run_interleaved LOAD: both servers up, the load generator alternating short runs.
+run_interleaved() {
+    local load=$1 name rw bs qd queues a b run side kind order
+    IFS='|' read -r name rw bs qd queues a b _ <<<"$load"
+    start_pair "$load"
+    for ((run = 1; run <= RUNS * PAIRS_PER_RUN; run++)); do
+        if ((run % 2)); then order=(A B); else order=(B A); fi
+        for side in "${order[@]}"; do
+            kind=$a
+            [[ $side == B ]] && kind=$b
+            SERVER_PID=${PAIR_PID[$side]} SOCK=${PAIR_SOCK[$side]} RUN_DIR=${PAIR_DIR[$side]} \
+                measure "$load" "$side" "$run" "$kind" "$PAIR_RUNTIME" "$PAIR_RAMP" interleaved
+        done
+    done
+    stop_pair
+}
+
+# measure LOAD SIDE RUN KIND RUNTIME RAMP MODE: one run of the load generator against the
+# server $SERVER_PID at $SOCK; appends a JSON line to $RAW. MODE: restart (a server per run)
+# or interleaved.
+measure() {
+    local load=$1 side=$2 run=$3 kind=$4 runtime=$5 ramp=$6 mode=$7 name rw bs qd queues
+    IFS='|' read -r name rw bs qd queues _ <<<"$load"
     local out rss busy0 busy1 srv0 srv1 t0 t1
     busy0=$(machine_busy_ticks) srv0=$(server_ticks) t0=$(date +%s.%N)
     if ! out=$(taskset -c 0 "$BENCH" --socket "$SOCK" --rw "$rw" --bs "$bs" --iodepth "$qd" \
-        --queues "$queues" --runtime "$RUNTIME" --ramp "$RAMP" --seed "$run" --json); then
+        --queues "$queues" --runtime "$runtime" --ramp "$ramp" --seed "$run" --json); then
         tail -n 30 "$RUN_DIR/server.log" >&2 || true
         die "load generator failed: $name on $kind (run $run)"
     fi
     busy1=$(machine_busy_ticks) srv1=$(server_ticks) t1=$(date +%s.%N)
     rss=$(peak_rss_kb)
-    stop_server
-    rm -rf "$RUN_DIR"
     python3 -c 'import json, sys
 r = json.loads(sys.argv[1])
 r.update(load=sys.argv[2], side=sys.argv[3], backend=sys.argv[4], run=int(sys.argv[5]),
-         peak_rss_kb=int(sys.argv[6]))
+         peak_rss_kb=int(sys.argv[6]), runtime_s=float(sys.argv[11]),
+         ramp_s=float(sys.argv[12]), mode=sys.argv[13])
 busy, srv, wall, tck = (float(sys.argv[7]), float(sys.argv[8]), float(sys.argv[9]),
                         float(sys.argv[10]))
 r["server_cpu_s"] = round(srv / tck, 3)
@@ -249,7 +325,7 @@ print("%s run %s %s %s: %.0f IOPS, %.1f MB/s, p50 %s us, p99 %s us, VmHWM %s kB,
          r["lat_us"]["p50"], r["lat_us"]["p99"], r["peak_rss_kb"], r["others_cpu_pct"]),
       file=sys.stderr)
 ' "$out" "$name" "$side" "$kind" "$run" "$rss" "$((busy1 - busy0))" "$((srv1 - srv0))" \
-        "$(python3 -c "print($t1 - $t0)")" "$CLK_TCK" >>"$RAW"
+        "$(python3 -c "print($t1 - $t0)")" "$CLK_TCK" "$runtime" "$ramp" "$mode" >>"$RAW"
 }
 
 # --- inputs -------------------------------------------------------------------------------
@@ -292,6 +368,10 @@ fi
 # --- runs ---------------------------------------------------------------------------------
 
 for load in "${SELECTED[@]}"; do
+    if [[ $load == *"|interleaved" ]]; then
+        run_interleaved "$load"
+        continue
+    fi
     for ((run = 1; run <= RUNS; run++)); do
         # Alternate which backend goes first, so a drift of the machine hits both alike.
         if ((run % 2)); then order=(A B); else order=(B A); fi
@@ -307,6 +387,7 @@ ELAPSED=$((SECONDS - START))
 META=$(python3 -c 'import json,sys; print(json.dumps(dict(zip(sys.argv[1::2], sys.argv[2::2]))))' \
     runs "$RUNS" runtime_s "$RUNTIME" ramp_s "$RAMP" engine "${ENGINE:-default}" \
     self_check "$SELF_CHECK" remaps "$REMAPS" remap_create_s "$REMAP_SECONDS" \
+    pair_runtime_s "$PAIR_RUNTIME" pair_ramp_s "$PAIR_RAMP" \
     elapsed_s "$ELAPSED" commit "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
     kernel "$(uname -r)" qsd "$(qemu-storage-daemon --version | head -n1)" \
     date "$(date -Is)")
@@ -323,7 +404,6 @@ label = {"remapblk": "remapblk", "qsd": "qsd", "remapblk-null": "remapblk null",
          "qsd-null": "qsd null-co", "remapblk-remap": "remapblk 10k remaps",
          "remapblk-empty": "remapblk empty table", "remapblk-poll": "remapblk --poll-us"}
 
-meta_runtime, meta_ramp = float(meta["runtime_s"]), float(meta["ramp_s"])
 summary = []
 for load in order:
     rs = [r for r in runs if r["load"] == load]
@@ -343,10 +423,11 @@ for load in order:
         "b_p99_us_median": statistics.median(r["lat_us"]["p99"] for r in b),
         "a_peak_rss_kb_max": max(r["peak_rss_kb"] for r in a),
         # Server CPU time per measured second, in % of one core (ramp included in both).
-        "a_server_cpu_pct": statistics.median(r["server_cpu_s"] for r in a)
-                            / (meta_runtime + meta_ramp) * 100,
-        "b_server_cpu_pct": statistics.median(r["server_cpu_s"] for r in b)
-                            / (meta_runtime + meta_ramp) * 100,
+        "a_server_cpu_pct": statistics.median(r["server_cpu_s"] / (r["runtime_s"] + r["ramp_s"])
+                                              for r in a) * 100,
+        "b_server_cpu_pct": statistics.median(r["server_cpu_s"] / (r["runtime_s"] + r["ramp_s"])
+                                              for r in b) * 100,
+        "interleaved": a[0]["mode"] == "interleaved",
         "b_peak_rss_kb_max": max(r["peak_rss_kb"] for r in b),
         "a_runs": [r[metric] for r in a], "b_runs": [r[metric] for r in b],
         # A and B of the same run number ran back to back, so their ratio is spared most of
@@ -378,6 +459,11 @@ if skipped:
     print()
     for s in skipped:
         print(f"- {s}")
+for s in summary:
+    if s["interleaved"]:
+        print(f"\n{s['load']}: interleaved, both servers up at once, the load generator"
+              f" alternating {len(s['a_runs'])} runs of {meta['pair_runtime_s']} s (after a"
+              f" {meta['pair_ramp_s']} s ramp) between them; medians and paired ratios of those runs.")
 if meta["remap_create_s"]:
     print(f"\nCreating {meta['remaps']} remaps (one remapblk ctl remap-add with stride): "
           f"{meta['remap_create_s']} s.")
