@@ -149,6 +149,8 @@ pub struct ServeArgs {
     pub spare: Option<PathBuf>,
 
     /// Spare blocks in a new spare file. Default: 1% of the image's blocks, at least 1024.
+    /// Up to 256 MiB of spare blocks, those in use are also kept in memory (reads of remapped
+    /// blocks skip a system call); a bigger spare is read from the file.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub spare_blocks: Option<u64>,
 
