@@ -38,7 +38,8 @@
 #
 # Interleaved loads (remap10k; in --self-check, selfcheck-interleaved-*) compare two remapblk
 # setups whose difference is smaller than the noise between server restarts: both servers are
-# started once, each on its own fresh copy, and stay up; the load generator alternates
+# started once and stay up, under a read load on one shared fresh copy (hard links; a copy each
+# would carry its own page-cache layout into every pair); the load generator alternates
 # 6 x --runs runs of 1 s (after a 0.2 s ramp) between them, so the pairs share the machine's
 # state. The self-check's interleaved row (remapblk against remapblk) shows what the method
 # reads for two identical servers.
