@@ -10,11 +10,15 @@
 //!
 //! Each block is read and written under the read or write side of its stripe's lock, so a
 //! reader never sees a block half written; a block is only read from here while its valid bit
-//! is set, which a failed write to the file clears.
+//! is set, which a failed write to the file clears. These are not the table's stripe locks on
+//! spare blocks: those keep an unmap away from running spare I/O, and a spare write holds one
+//! shared while it updates the mirror here, which needs its own lock exclusive.
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
+
+use crate::storage::iov::IovWriter;
 
 /// Largest data area mirrored: 256 MiB (the default spare of a 25 GiB image of 512-byte blocks).
 pub const MAX_BYTES: u64 = 256 << 20;
@@ -133,7 +137,7 @@ impl Mirror {
     /// # Safety
     /// Every iovec must point to memory valid for writes of its length.
     pub unsafe fn read(&self, offset: u64, iov: &[libc::iovec]) -> bool {
-        let mut out = IovCursor::new(iov);
+        let mut out = IovWriter::new(iov);
         let mut pos = offset;
         while out.left() > 0 {
             let block = pos / self.bs as u64;
@@ -156,53 +160,6 @@ impl Drop for Mirror {
     fn drop(&mut self) {
         // SAFETY: our own mapping, no longer used by anyone (we are being dropped).
         unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
-    }
-}
-
-/// Writes a byte stream across a list of iovecs.
-struct IovCursor<'a> {
-    iov: &'a [libc::iovec],
-    /// Index of the current iovec and bytes of it already written.
-    i: usize,
-    done: usize,
-    left: usize,
-}
-
-impl<'a> IovCursor<'a> {
-    fn new(iov: &'a [libc::iovec]) -> IovCursor<'a> {
-        IovCursor {
-            iov,
-            i: 0,
-            done: 0,
-            left: iov.iter().map(|v| v.iov_len).sum(),
-        }
-    }
-
-    fn left(&self) -> usize {
-        self.left
-    }
-
-    /// Copies `n` bytes (at most `left()`) from `src` to the next positions.
-    ///
-    /// # Safety
-    /// `src` is valid for `n` bytes of reads; the iovecs for writes.
-    unsafe fn fill(&mut self, mut src: *const u8, mut n: usize) {
-        while n > 0 {
-            let v = &self.iov[self.i];
-            let k = (v.iov_len - self.done).min(n);
-            // SAFETY: the caller's promises; k stays within this iovec and within src.
-            unsafe {
-                std::ptr::copy_nonoverlapping(src, v.iov_base.cast::<u8>().add(self.done), k);
-                src = src.add(k);
-            }
-            n -= k;
-            self.left -= k;
-            self.done += k;
-            if self.done == v.iov_len {
-                self.i += 1;
-                self.done = 0;
-            }
-        }
     }
 }
 

@@ -14,6 +14,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use super::metadata::{Cause, Entry};
 use super::table::RemapTable;
 use crate::fault::MediaError;
+use crate::storage::iov::{gather, scatter};
 use crate::storage::{BlockIo, Dir, Piece, Route, IN_MEMORY};
 
 pub struct RemapTarget {
@@ -125,27 +126,6 @@ impl MoveGuard {
         }
         self.done_cv.notify_all();
         r
-    }
-}
-
-/// Copies between a request's iovecs and a flat buffer.
-fn gather(iov: &[libc::iovec], out: &mut [u8]) {
-    let mut at = 0;
-    for v in iov {
-        // SAFETY: the caller of readv/writev guarantees the iovecs are valid.
-        let src = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
-        out[at..at + v.iov_len].copy_from_slice(src);
-        at += v.iov_len;
-    }
-}
-
-fn scatter(iov: &[libc::iovec], data: &[u8]) {
-    let mut at = 0;
-    for v in iov {
-        // SAFETY: as above; these buffers are the guest's to be filled.
-        let dst = unsafe { std::slice::from_raw_parts_mut(v.iov_base as *mut u8, v.iov_len) };
-        dst.copy_from_slice(&data[at..at + v.iov_len]);
-        at += v.iov_len;
     }
 }
 

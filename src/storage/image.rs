@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use log::info;
 use thiserror::Error;
 
+use super::iov::{gather, scatter};
 use super::{open_noatime, BlockIo, Dir, Piece, Route};
 
 /// `BLKGETSIZE64`, `_IOR(0x12, 114, size_t)`.
@@ -269,11 +270,7 @@ impl BlockIo for Image {
                 iov_len: total,
             }];
             transfer(self.fd(), offset, &biov, Dir::Read)?;
-            let mut at = 0;
-            for v in iov {
-                std::ptr::copy_nonoverlapping(buf.ptr.add(at), v.iov_base.cast(), v.iov_len);
-                at += v.iov_len;
-            }
+            scatter(iov, std::slice::from_raw_parts(buf.ptr, total));
             return Ok(());
         }
         transfer(self.fd(), offset, iov, Dir::Read)
@@ -283,11 +280,7 @@ impl BlockIo for Image {
         if self.needs_bounce(iov) {
             let total: usize = iov.iter().map(|v| v.iov_len).sum();
             let buf = AlignedBuf::new(total.next_multiple_of(DIRECT_ALIGN))?;
-            let mut at = 0;
-            for v in iov {
-                std::ptr::copy_nonoverlapping(v.iov_base.cast(), buf.ptr.add(at), v.iov_len);
-                at += v.iov_len;
-            }
+            gather(iov, std::slice::from_raw_parts_mut(buf.ptr, total));
             let biov = [libc::iovec {
                 iov_base: buf.ptr.cast(),
                 iov_len: total,

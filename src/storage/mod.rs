@@ -1,6 +1,7 @@
 //! The image underneath everything: opening it, and the I/O engines behind one trait.
 
 pub mod image;
+pub mod iov;
 pub mod null;
 
 use std::fs::{File, OpenOptions as FsOpenOptions};
