@@ -241,12 +241,16 @@ machine_busy_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; 
 server_ticks() { awk '{print $14 + $15}' "/proc/$SERVER_PID/stat"; }
 CLK_TCK=$(getconf CLK_TCK)
 
+# side_backend SIDE A B: the backend kind of SIDE (A or B) of a load.
+side_backend() {
+    if [[ $1 == B ]]; then echo "$3"; else echo "$2"; fi
+}
+
 # run_one LOAD SIDE RUN: one measured run on a server of its own; appends a JSON line to $RAW.
 run_one() {
     local load=$1 side=$2 run=$3 name rw bs qd queues a b kind
     IFS='|' read -r name rw bs qd queues a b _ <<<"$load"
-    kind=$a
-    [[ $side == B ]] && kind=$b
+    kind=$(side_backend "$side" "$a" "$b")
     start_server "$kind" "$queues"
     measure "$load" "$side" "$run" "$kind" "$RUNTIME" "$RAMP" restart
     stop_server
@@ -260,8 +264,7 @@ start_pair() {
     local name rw bs qd queues a b side kind share=""
     IFS='|' read -r name rw bs qd queues a b _ <<<"$1"
     for side in A B; do
-        kind=$a
-        [[ $side == B ]] && kind=$b
+        kind=$(side_backend "$side" "$a" "$b")
         RUN_DIR=$OUT/run-$side SHARE_IMAGE=$share start_server "$kind" "$queues"
         if [[ $rw == *read ]]; then share=$OUT/run-A/disk.img; fi
         PAIR_PID[$side]=$SERVER_PID PAIR_SOCK[$side]=$SOCK PAIR_DIR[$side]=$OUT/run-$side
@@ -286,8 +289,7 @@ run_interleaved() {
     for ((run = 1; run <= RUNS * PAIRS_PER_RUN; run++)); do
         if ((run % 2)); then order=(A B); else order=(B A); fi
         for side in "${order[@]}"; do
-            kind=$a
-            [[ $side == B ]] && kind=$b
+            kind=$(side_backend "$side" "$a" "$b")
             SERVER_PID=${PAIR_PID[$side]} SOCK=${PAIR_SOCK[$side]} RUN_DIR=${PAIR_DIR[$side]} \
                 measure "$load" "$side" "$run" "$kind" "$PAIR_RUNTIME" "$PAIR_RAMP" interleaved
         done
