@@ -9,8 +9,9 @@ use std::mem::size_of;
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
+use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileSlice};
 
+use super::guest;
 use super::request::GuestMem;
 
 const DESC_SIZE: u64 = size_of::<Descriptor>() as u64;
@@ -46,13 +47,20 @@ impl<'m> Chain<'m> {
 
     fn read(&self, index: u16) -> Option<Descriptor> {
         let offset = u64::from(index) * DESC_SIZE;
-        match &self.table {
-            Some(t) => t.read_obj(offset as usize).ok(),
-            None => self
-                .mem
-                .read_obj(self.table_addr.0.checked_add(offset).map(GuestAddress)?)
-                .ok(),
-        }
+        let [addr, rest] = match &self.table {
+            Some(t) => guest::read16(t, offset as usize)?,
+            None => guest::read16_at(
+                self.mem,
+                self.table_addr.0.checked_add(offset).map(GuestAddress)?,
+            )?,
+        };
+        // struct virtq_desc: le64 addr, le32 len, le16 flags, le16 next.
+        Some(Descriptor::new(
+            addr,
+            rest as u32,
+            (rest >> 32) as u16,
+            (rest >> 48) as u16,
+        ))
     }
 
     /// Follows an indirect descriptor: once per chain, a table of whole descriptors of at
@@ -113,7 +121,7 @@ mod tests {
     use proptest::prelude::*;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{QueueOwnedT, QueueT};
-    use vm_memory::GuestMemoryMmap;
+    use vm_memory::{Bytes, GuestMemoryMmap};
 
     const QSIZE: u16 = 16;
     /// Where indirect tables go in the tests' guest memory.

@@ -3,6 +3,7 @@
 
 pub mod chain;
 pub mod config;
+pub mod guest;
 pub mod request;
 
 pub use virtio_bindings::virtio_blk::{

@@ -11,8 +11,9 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::guest::{self, in_memory};
 use super::{Status, SECTOR_SHIFT};
 
 /// Guest memory as the vhost-user frontend shares it (no dirty-page bitmap: we do not offer
@@ -177,7 +178,10 @@ pub struct Rejected {
     pub kind: Option<RequestType>,
 }
 
-#[derive(Clone, Copy)]
+/// Descriptors a chain may have before `parse` gathers them on the heap.
+const INLINE_PIECES: usize = 4;
+
+#[derive(Clone, Copy, Default)]
 struct Piece {
     addr: GuestAddress,
     len: u64,
@@ -191,16 +195,33 @@ pub fn parse(
     mem: &GuestMem,
     limits: &Limits,
 ) -> Result<Request, Rejected> {
-    let mut pieces: Vec<Piece> = Vec::with_capacity(4);
+    // Chains of a few descriptors (nearly all) are gathered without a heap allocation.
+    let mut inline = [Piece::default(); INLINE_PIECES];
+    let mut spilled: Vec<Piece> = Vec::new();
+    let mut count = 0;
     let mut last_has_next = false;
     for d in descs {
         last_has_next = d.has_next();
-        pieces.push(Piece {
+        let p = Piece {
             addr: d.addr(),
             len: u64::from(d.len()),
             writable: d.is_write_only(),
-        });
+        };
+        if count < INLINE_PIECES {
+            inline[count] = p;
+        } else {
+            if spilled.is_empty() {
+                spilled.extend_from_slice(&inline);
+            }
+            spilled.push(p);
+        }
+        count += 1;
     }
+    let pieces: &mut [Piece] = if spilled.is_empty() {
+        &mut inline[..count]
+    } else {
+        &mut spilled
+    };
     let reject = |error, status_addr, kind| Rejected {
         error,
         status_addr,
@@ -212,10 +233,10 @@ pub fn parse(
     if pieces.is_empty() || last_has_next {
         return Err(reject(RequestError::BrokenChain, None, None));
     }
-    for p in &pieces {
+    for p in pieces.iter() {
         if p.len > 0 && !in_memory(mem, p.addr, p.len) {
             // Only trust the status byte if it is itself addressable.
-            let status = status_of(&pieces).filter(|a| in_memory(mem, *a, 1));
+            let status = status_of(pieces).filter(|a| in_memory(mem, *a, 1));
             return Err(reject(
                 RequestError::BadAddress {
                     addr: p.addr.0,
@@ -226,7 +247,7 @@ pub fn parse(
             ));
         }
     }
-    let Some(status_addr) = status_of(&pieces) else {
+    let Some(status_addr) = status_of(pieces) else {
         return Err(reject(RequestError::NoStatus, None, None));
     };
     if let Some(last) = pieces.last_mut() {
@@ -236,7 +257,7 @@ pub fn parse(
     // Header: the first 16 bytes, all of them device-readable.
     let mut header = [0u8; HEADER_LEN];
     let mut got = 0usize;
-    let mut rest = pieces.into_iter().peekable();
+    let mut rest = pieces.iter_mut().peekable();
     while got < HEADER_LEN {
         let Some(p) = rest.peek_mut() else { break };
         if p.len == 0 {
@@ -247,6 +268,17 @@ pub fn parse(
             break;
         }
         let n = (HEADER_LEN - got).min(p.len as usize);
+        if n == HEADER_LEN {
+            // The usual framing: the whole header in one buffer.
+            if let Some([lo, hi]) = guest::read16_at(mem, p.addr) {
+                header[..8].copy_from_slice(&lo.to_le_bytes());
+                header[8..].copy_from_slice(&hi.to_le_bytes());
+                got = n;
+                p.addr = GuestAddress(p.addr.0 + n as u64);
+                p.len -= n as u64;
+                continue;
+            }
+        }
         if mem.read_slice(&mut header[got..got + n], p.addr).is_err() {
             return Err(reject(
                 RequestError::BadAddress {
@@ -423,10 +455,6 @@ fn status_of(pieces: &[Piece]) -> Option<GuestAddress> {
         return None;
     }
     Some(GuestAddress(last.addr.0.checked_add(last.len - 1)?))
-}
-
-fn in_memory(mem: &GuestMem, addr: GuestAddress, len: u64) -> bool {
-    usize::try_from(len).is_ok_and(|len| GuestMemoryBackend::check_range(mem, addr, len))
 }
 
 fn check_range(sector: u64, num_sectors: u64, limits: &Limits) -> Result<(), RequestError> {

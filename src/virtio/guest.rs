@@ -1,0 +1,146 @@
+//! Small reads and range checks of guest memory on the request path, cheaper than vm-memory's
+//! generic ones: every request reads a 16-byte descriptor or two and a 16-byte header, and
+//! checks each of its buffers, and the generic path (a slice iterator per call, a `memcpy` call
+//! per copy) was about a tenth of a worker's time under the null engine. Same answers as the
+//! generic path; it stays the fallback for what the fast path does not cover.
+
+use std::ptr;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileSlice};
+
+use super::request::GuestMem;
+
+/// The 16 bytes at `offset` of `slice`, as two little-endian 64-bit words.
+pub fn read16(slice: &VolatileSlice<'_, ()>, offset: usize) -> Option<[u64; 2]> {
+    let sub = slice.subslice(offset, 16).ok()?;
+    let guard = sub.ptr_guard();
+    let p = guard.as_ptr();
+    if (p as usize).is_multiple_of(8) {
+        // SAFETY: `subslice` checked that the 16 bytes lie inside `slice`, which maps guest
+        // memory for its lifetime; the pointer is 8-aligned. Volatile: the guest may write
+        // them at any time, and we read each word once.
+        let (lo, hi) = unsafe {
+            (
+                ptr::read_volatile(p.cast::<u64>()),
+                ptr::read_volatile(p.add(8).cast::<u64>()),
+            )
+        };
+        Some([u64::from_le(lo), u64::from_le(hi)])
+    } else {
+        // A misaligned table or header: legal, rare, read bytewise.
+        let raw: [u8; 16] = sub.read_obj(0).ok()?;
+        let (lo, hi) = raw.split_at(8);
+        Some([
+            u64::from_le_bytes(lo.try_into().ok()?),
+            u64::from_le_bytes(hi.try_into().ok()?),
+        ])
+    }
+}
+
+/// The 16 bytes of guest memory at `addr` (see [`read16`]); `None` if any lies outside it.
+pub fn read16_at(mem: &GuestMem, addr: GuestAddress) -> Option<[u64; 2]> {
+    match mem.get_slice(addr, 16) {
+        Ok(s) => read16(&s, 0),
+        // Across two regions, or outside memory: the generic copy tells which.
+        Err(_) => {
+            let mut raw = [0u8; 16];
+            mem.read_slice(&mut raw, addr).ok()?;
+            let (lo, hi) = raw.split_at(8);
+            Some([
+                u64::from_le_bytes(lo.try_into().ok()?),
+                u64::from_le_bytes(hi.try_into().ok()?),
+            ])
+        }
+    }
+}
+
+/// Whether the `len` bytes at `addr` are all guest memory. One region lookup for a range
+/// inside one region (nearly every buffer); ranges across regions go the generic way.
+pub fn in_memory(mem: &GuestMem, addr: GuestAddress, len: u64) -> bool {
+    let Some(last) = len.checked_sub(1) else {
+        return true;
+    };
+    if let (Some(r), Some(end)) = (mem.find_region(addr), addr.0.checked_add(last)) {
+        if end <= r.last_addr().0 {
+            return true;
+        }
+    }
+    usize::try_from(len).is_ok_and(|len| GuestMemoryBackend::check_range(mem, addr, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use vm_memory::GuestMemoryMmap;
+
+    /// Two regions with a hole between them, so ranges can cross a boundary or fall in a gap.
+    fn mem() -> GuestMem {
+        GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x2000),
+            (GuestAddress(0x2000), 0x1000),
+            (GuestAddress(0x4000), 0x1000),
+        ])
+        .unwrap()
+    }
+
+    fn generic16(mem: &GuestMem, addr: u64) -> Option<[u64; 2]> {
+        let raw: [u8; 16] = mem.read_obj(GuestAddress(addr)).ok()?;
+        Some([
+            u64::from_le_bytes(raw[..8].try_into().unwrap()),
+            u64::from_le_bytes(raw[8..].try_into().unwrap()),
+        ])
+    }
+
+    proptest! {
+        /// Aligned or not, inside a region, across two, or partly outside memory: the fast read
+        /// returns what vm-memory's copy returns.
+        #[test]
+        fn read16_at_reads_like_read_obj(addr in 0u64..0x5010, seed in any::<u64>()) {
+            let mem = mem();
+            for a in (0..0x5000u64).step_by(8) {
+                let _ = mem.write_obj(seed.wrapping_mul(a | 1), GuestAddress(a));
+            }
+            prop_assert_eq!(read16_at(&mem, GuestAddress(addr)), generic16(&mem, addr));
+        }
+
+        /// The fast range check agrees with vm-memory's, at every boundary.
+        #[test]
+        fn in_memory_agrees_with_check_range(addr in 0u64..0x5100, len in 0u64..0x3000) {
+            let mem = mem();
+            let generic = len == 0
+                || GuestMemoryBackend::check_range(&mem, GuestAddress(addr), len as usize);
+            prop_assert_eq!(in_memory(&mem, GuestAddress(addr), len), generic);
+        }
+    }
+
+    #[test]
+    fn in_memory_ends_at_the_last_byte_of_memory() {
+        let mem = mem();
+        // Up to the last byte before the hole and before the end of memory, and one past.
+        assert!(in_memory(&mem, GuestAddress(0x2800), 0x800));
+        assert!(!in_memory(&mem, GuestAddress(0x2800), 0x801));
+        assert!(in_memory(&mem, GuestAddress(0x4000), 0x1000));
+        assert!(!in_memory(&mem, GuestAddress(0x4fff), 2));
+        // Across the boundary of two adjacent regions.
+        assert!(in_memory(&mem, GuestAddress(0x1ff8), 0x10));
+    }
+
+    #[test]
+    fn in_memory_survives_huge_ranges() {
+        let mem = mem();
+        assert!(!in_memory(&mem, GuestAddress(0x1000), u64::MAX));
+        assert!(!in_memory(&mem, GuestAddress(u64::MAX), 2));
+    }
+
+    #[test]
+    fn read16_reads_within_a_slice_only() {
+        let mem = mem();
+        mem.write_obj(0x1122_3344_5566_7788u64, GuestAddress(0x10))
+            .unwrap();
+        let s = mem.get_slice(GuestAddress(0), 0x20).unwrap();
+        assert_eq!(read16(&s, 0x10).map(|w| w[0]), Some(0x1122_3344_5566_7788));
+        assert_eq!(read16(&s, 0x11), None);
+        assert_eq!(read16(&s, usize::MAX), None);
+    }
+}
