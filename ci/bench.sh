@@ -22,8 +22,11 @@
 #   poll-randread-4k-qd32-2q                               after each burst) vs QSD; the table's
 #                                                          server CPU column shows its cost
 #   null-randread-4k-qd32, null-randwrite-4k-qd32          remapblk --engine null vs QSD null-co
-#                                                          (read-zeroes=off: neither touches data)
-#                                                          (skipped when serve has no --engine)
+#                                                          (read-zeroes=off: QSD leaves read
+#                                                          buffers as they are, remapblk zeroes
+#                                                          them); interleaved, see below;
+#                                                          skipped when serve has no --engine
+#   poll-null-randread-4k-qd32, poll-null-randwrite-...    the same with remapblk --poll-us N
 #   remap10k-randread-4k-qd32                              remapblk with 10,000 scattered remaps
 #                                                          vs remapblk with an empty table
 #                                                          (interleaved, see below)
@@ -36,13 +39,14 @@
 # every raw run in target/bench/results.json, progress on stderr. The machine is noisy: trust
 # medians of several runs, not one.
 #
-# Interleaved loads (remap10k; in --self-check, selfcheck-interleaved-*) compare two remapblk
-# setups whose difference is smaller than the noise between server restarts: both servers are
-# started once and stay up, under a read load on one shared fresh copy (hard links; a copy each
-# would carry its own page-cache layout into every pair); the load generator alternates
-# 6 x --runs runs of 1 s (after a 0.2 s ramp) between them, so the pairs share the machine's
-# state. The self-check's interleaved row (remapblk against remapblk) shows what the method
-# reads for two identical servers.
+# Interleaved loads (remap10k, null-*, poll-null-*; in --self-check, selfcheck-interleaved-*)
+# compare set-ups whose difference is smaller than the noise between server restarts: both
+# servers are started once and stay up (remapblk under a read load on one shared fresh copy,
+# hard links: a copy each would carry its own page-cache layout into every pair; the null
+# engines keep no data at all); the load generator alternates 6 x --runs runs of 1 s (after a
+# 0.2 s ramp) between them, so the pairs share the machine's state. The self-check's
+# interleaved row (remapblk against remapblk) shows what the method reads for two identical
+# servers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -119,8 +123,10 @@ else
         "poll-randread-4k-qd32|randread|4k|32|1|remapblk-poll|qsd"
         "poll-randwrite-4k-qd32|randwrite|4k|32|1|remapblk-poll|qsd"
         "poll-randread-4k-qd32-2q|randread|4k|32|2|remapblk-poll|qsd"
-        "null-randread-4k-qd32|randread|4k|32|1|remapblk-null|qsd-null"
-        "null-randwrite-4k-qd32|randwrite|4k|32|1|remapblk-null|qsd-null"
+        "null-randread-4k-qd32|randread|4k|32|1|remapblk-null|qsd-null|interleaved"
+        "null-randwrite-4k-qd32|randwrite|4k|32|1|remapblk-null|qsd-null|interleaved"
+        "poll-null-randread-4k-qd32|randread|4k|32|1|remapblk-null-poll|qsd-null|interleaved"
+        "poll-null-randwrite-4k-qd32|randwrite|4k|32|1|remapblk-null-poll|qsd-null|interleaved"
         "remap10k-randread-4k-qd32|randread|4k|32|1|remapblk-remap|remapblk-empty|interleaved"
     )
 fi
@@ -197,7 +203,7 @@ start_server() {
     local cmd engine=()
     [[ -n "$ENGINE" ]] && engine=(--engine "$ENGINE")
     case "$kind" in
-        remapblk|remapblk-poll|remapblk-remap|remapblk-empty|remapblk-null)
+        remapblk|remapblk-poll|remapblk-remap|remapblk-empty|remapblk-null|remapblk-null-poll)
             cmd=(taskset -c 1 "$REMAPBLK" serve --image "$img" --socket "$SOCK"
                  --num-queues "$queues" --queue-size 1024)
             case "$kind" in
@@ -209,9 +215,10 @@ start_server() {
                     image_for "$img"
                     fresh_copy "$OUT/${kind#remapblk-}.spare" "$RUN_DIR/disk.spare"
                     cmd+=(--spare "$RUN_DIR/disk.spare") ;;
-                remapblk-null)
+                remapblk-null|remapblk-null-poll)
                     truncate -s "$SEED_SIZE" "$img"
-                    engine=(--engine null) ;;
+                    engine=(--engine null)
+                    if [[ $kind == *-poll ]]; then cmd+=(--poll-us "$POLL_US"); fi ;;
             esac
             cmd+=(${engine[@]+"${engine[@]}"}) ;;
         qsd|qsd-null)
@@ -405,7 +412,8 @@ runs = [json.loads(l) for l in open(raw_path) if l.strip()]
 meta, skipped, order = json.loads(meta), json.loads(skipped), json.loads(order)
 label = {"remapblk": "remapblk", "qsd": "qsd", "remapblk-null": "remapblk null",
          "qsd-null": "qsd null-co", "remapblk-remap": "remapblk 10k remaps",
-         "remapblk-empty": "remapblk empty table", "remapblk-poll": "remapblk --poll-us"}
+         "remapblk-empty": "remapblk empty table", "remapblk-poll": "remapblk --poll-us",
+         "remapblk-null-poll": "remapblk null --poll-us"}
 
 summary = []
 for load in order:
