@@ -5,6 +5,8 @@
 //! 16 device-readable bytes, the status is the last byte of the chain, and everything between is
 //! data. Parsing never does I/O; every address it hands on has been checked against guest memory.
 
+use std::ops::Deref;
+
 use thiserror::Error;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
@@ -55,11 +57,66 @@ impl RequestType {
 }
 
 /// A piece of guest memory, already checked to lie inside guest RAM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DataSegment {
     pub addr: GuestAddress,
     pub len: u32,
 }
+
+/// The data buffers of a request, in chain order: up to two kept inline (nearly every request
+/// has one), more on the heap, so parsing a request allocates nothing.
+#[derive(Debug, Clone, Default)]
+pub struct Segments {
+    inline: [DataSegment; INLINE_SEGMENTS],
+    count: usize,
+    /// Every segment once there are more than fit inline.
+    spilled: Vec<DataSegment>,
+}
+
+const INLINE_SEGMENTS: usize = 2;
+
+impl Segments {
+    pub fn push(&mut self, seg: DataSegment) {
+        if self.count < INLINE_SEGMENTS {
+            self.inline[self.count] = seg;
+        } else {
+            if self.spilled.is_empty() {
+                self.spilled.extend_from_slice(&self.inline);
+            }
+            self.spilled.push(seg);
+        }
+        self.count += 1;
+    }
+}
+
+impl Deref for Segments {
+    type Target = [DataSegment];
+
+    fn deref(&self) -> &[DataSegment] {
+        if self.count <= INLINE_SEGMENTS {
+            &self.inline[..self.count]
+        } else {
+            &self.spilled
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a Segments {
+    type Item = &'a DataSegment;
+    type IntoIter = std::slice::Iter<'a, DataSegment>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl PartialEq for Segments {
+    fn eq(&self, other: &Segments) -> bool {
+        self[..] == other[..]
+    }
+}
+
+impl Eq for Segments {}
 
 /// One entry of a DISCARD or WRITE_ZEROES payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,7 +143,7 @@ pub struct Request {
     pub kind: RequestType,
     pub sector: u64,
     /// Guest buffers between header and status, in chain order.
-    pub data: Vec<DataSegment>,
+    pub data: Segments,
     pub data_len: u64,
     /// Parsed payload of DISCARD and WRITE_ZEROES.
     pub ranges: Vec<SectorRange>,
@@ -320,7 +377,7 @@ pub fn parse(
     };
     let fail = |error| reject(error, Some(status_addr), Some(kind));
 
-    let mut data = Vec::with_capacity(2);
+    let mut data = Segments::default();
     let mut data_len = 0u64;
     let mut direction: Option<bool> = None;
     for p in rest.filter(|p| p.len > 0) {
@@ -552,12 +609,28 @@ mod tests {
         assert_eq!(r.data_len, 4096);
         assert_eq!(r.status_addr, GuestAddress(STATUS));
         assert_eq!(
-            r.data,
-            vec![DataSegment {
+            r.data[..],
+            [DataSegment {
                 addr: GuestAddress(DATA),
                 len: 4096
             }]
         );
+    }
+
+    #[test]
+    fn segments_keep_chain_order_past_the_inline_ones() {
+        let seg = |i: u64| DataSegment {
+            addr: GuestAddress(i * 0x1000),
+            len: i as u32,
+        };
+        let mut s = Segments::default();
+        assert!(s.is_empty());
+        for i in 0..5 {
+            s.push(seg(i));
+            let want: Vec<_> = (0..=i).map(seg).collect();
+            assert_eq!(s[..], want[..]);
+        }
+        assert_eq!(s.clone(), s);
     }
 
     #[test]
@@ -569,8 +642,8 @@ mod tests {
         let r = parse(d.into_iter(), &m, &limits()).unwrap();
         assert_eq!(r.kind, RequestType::Out);
         assert_eq!(
-            r.data,
-            vec![DataSegment {
+            r.data[..],
+            [DataSegment {
                 addr: GuestAddress(HDR + 16),
                 len: 512
             }]
