@@ -61,6 +61,9 @@ pub struct DrainReport {
 
 struct Inner {
     phase: Phase,
+    /// How many times the queue started running: what a worker learned of the ring in one
+    /// run (its avail index, the memory table) does not carry into the next.
+    runs: u64,
     inflight: Table,
 }
 
@@ -159,6 +162,7 @@ impl QueueCtl {
             index,
             inner: Mutex::new(Inner {
                 phase: Phase::Stopped,
+                runs: 0,
                 inflight: Table::default(),
             }),
             drained: Condvar::new(),
@@ -223,16 +227,18 @@ impl QueueCtl {
         let mut inner = self.lock();
         if inner.phase == Phase::Stopped && state.get_queue().ready() && may_run() {
             inner.phase = Phase::Running;
+            inner.runs += 1;
         }
         inner.phase == Phase::Running
     }
 
-    /// Pops one chain if the queue is running. `accept` turns the chain into the worker's
-    /// request and describes it for the in-flight table; it runs inside the critical section.
+    /// Pops one chain if the queue is running. `next` gets the ring and the number of the
+    /// current run (see `Inner::runs`); `accept` turns the chain into the worker's request and
+    /// describes it for the in-flight table. Both run inside the critical section.
     pub fn pop<C, T>(
         &self,
         vring: &Vring,
-        next: impl FnOnce(&mut VringState<Gm>) -> Option<C>,
+        next: impl FnOnce(&mut VringState<Gm>, u64) -> Option<C>,
         accept: impl FnOnce(C) -> (T, InflightReq),
     ) -> Pop<T> {
         let mut state = vring.get_mut();
@@ -240,7 +246,7 @@ impl QueueCtl {
         if inner.phase != Phase::Running {
             return Pop::NotRunning;
         }
-        let Some(chain) = next(&mut state) else {
+        let Some(chain) = next(&mut state, inner.runs) else {
             return Pop::Empty;
         };
         let (item, req) = accept(chain);

@@ -1,6 +1,7 @@
 //! vhost-user glue: features and config space, one worker per queue, in-flight accounting and
 //! the drain on stop, reset, disconnect and exit.
 
+mod cursor;
 pub mod device;
 pub mod exec;
 pub mod inflight;

@@ -20,6 +20,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use super::cursor::Cursor;
 use super::device::Device;
 use super::exec::{execute, ExecCtx, ExecError};
 use super::inflight::{Completion, DrainReport, Gm, InflightReq, Phase, Pop, QueueCtl, Vring};
@@ -429,7 +430,7 @@ impl BlkBackend {
         let limits = self.conn.dev.limits();
         ctl.pop(
             vring,
-            |state| {
+            |state, run| {
                 let queue = state.get_queue_mut();
                 // A ring stopped or reset and not set up again has nothing to take (the check
                 // virtio-queue's iterator makes).
@@ -437,7 +438,7 @@ impl BlkBackend {
                     return None;
                 }
                 let next = Wrapping(queue.next_avail());
-                let mem = match cursor.ahead(next) {
+                let mem = match cursor.ahead(run, next) {
                     Some(mem) => mem,
                     None => {
                         // See an entry first, then load the memory table. A load that began
@@ -453,7 +454,7 @@ impl BlkBackend {
                         if avail == next || (avail - next).0 > queue.size() {
                             return None;
                         }
-                        cursor.saw(avail, next, self.conn.mem.memory())
+                        cursor.saw(run, avail, next, self.conn.mem.memory())
                     }
                 };
                 let guest_waiting = queue.event_idx_enabled()
@@ -572,51 +573,6 @@ impl BlkBackend {
             head,
             status: Some((req.status_addr, status)),
             used_len,
-        }
-    }
-}
-
-/// What `pop_available` knows of the avail ring between two pops: the avail index it read
-/// last, and the memory table it loaded after that read, which holds the buffers of every
-/// entry before that index. Chains up to it are popped without reading the index again or
-/// loading the table again (an index read and two table loads per chain, before).
-#[derive(Default)]
-struct Cursor {
-    seen: Option<Seen>,
-}
-
-struct Seen {
-    avail: Wrapping<u16>,
-    /// The queue's next avail index we expect: anything else (a reset, another popper) and
-    /// what was seen no longer applies.
-    next: Wrapping<u16>,
-    mem: GuestMemoryLoadGuard<GuestMem>,
-}
-
-impl Cursor {
-    /// The memory table to pop the entry at `next` with, if that entry was seen already.
-    fn ahead(&self, next: Wrapping<u16>) -> Option<GuestMemoryLoadGuard<GuestMem>> {
-        let seen = self.seen.as_ref()?;
-        (seen.next == next && seen.avail != next).then(|| seen.mem.clone())
-    }
-
-    /// The avail index now reads `avail` with the queue at `next`, and `mem` was loaded after
-    /// that read.
-    fn saw(
-        &mut self,
-        avail: Wrapping<u16>,
-        next: Wrapping<u16>,
-        mem: GuestMemoryLoadGuard<GuestMem>,
-    ) -> GuestMemoryLoadGuard<GuestMem> {
-        let out = mem.clone();
-        self.seen = Some(Seen { avail, next, mem });
-        out
-    }
-
-    /// The entry at `at` was popped.
-    fn took(&mut self, at: Wrapping<u16>) {
-        if let Some(seen) = &mut self.seen {
-            seen.next = at + Wrapping(1);
         }
     }
 }
