@@ -149,6 +149,17 @@ class Guest:
     def alive(self):
         return self.proc.poll() is None
 
+    def settle(self, timeout=5):
+        """After a failure: if QEMU is ending anyway, lets run-guest.sh print its verdict (the
+        exit status, 128 + signal for a crash) before the console's tail is shown. Returns
+        run-guest.sh's exit status, or None while QEMU still runs."""
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        self.reader.join(timeout)
+        return rc
+
     def kill(self):
         if self.alive():
             self.proc.kill()
@@ -553,7 +564,9 @@ def main():
             failed += 1
             print(f"guest {name}: FAILED ({time.monotonic() - t0:.1f} s): {e}", flush=True)
             if ctx and ctx.guest:
-                print(f"--- guest console (last lines) ---\n{ctx.guest.tail()}")
+                rc = ctx.guest.settle()
+                state = "still running" if rc is None else f"run-guest.sh exited {rc}"
+                print(f"--- guest console (last lines; {state}) ---\n{ctx.guest.tail()}")
             if ctx:
                 print(f"--- remapblk log (last lines) ---\n{ctx.server.tail()}", flush=True)
         finally:
