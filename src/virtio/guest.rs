@@ -28,13 +28,17 @@ pub fn read16(slice: &VolatileSlice<'_, ()>, offset: usize) -> Option<[u64; 2]> 
         Some([u64::from_le(lo), u64::from_le(hi)])
     } else {
         // A misaligned table or header: legal, rare, read bytewise.
-        let raw: [u8; 16] = sub.read_obj(0).ok()?;
-        let (lo, hi) = raw.split_at(8);
-        Some([
-            u64::from_le_bytes(lo.try_into().ok()?),
-            u64::from_le_bytes(hi.try_into().ok()?),
-        ])
+        sub.read_obj(0).ok().map(words)
     }
+}
+
+/// 16 bytes as two little-endian 64-bit words.
+fn words(raw: [u8; 16]) -> [u64; 2] {
+    let mut lo = [0u8; 8];
+    let mut hi = [0u8; 8];
+    lo.copy_from_slice(&raw[..8]);
+    hi.copy_from_slice(&raw[8..]);
+    [u64::from_le_bytes(lo), u64::from_le_bytes(hi)]
 }
 
 /// The 16 bytes of guest memory at `addr` (see [`read16`]); `None` if any lies outside it.
@@ -45,11 +49,7 @@ pub fn read16_at(mem: &GuestMem, addr: GuestAddress) -> Option<[u64; 2]> {
         Err(_) => {
             let mut raw = [0u8; 16];
             mem.read_slice(&mut raw, addr).ok()?;
-            let (lo, hi) = raw.split_at(8);
-            Some([
-                u64::from_le_bytes(lo.try_into().ok()?),
-                u64::from_le_bytes(hi.try_into().ok()?),
-            ])
+            Some(words(raw))
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod chain;
 pub mod config;
 pub mod guest;
+mod inline_vec;
 pub mod request;
 
 pub use virtio_bindings::virtio_blk::{

@@ -5,8 +5,6 @@
 //! 16 device-readable bytes, the status is the last byte of the chain, and everything between is
 //! data. Parsing never does I/O; every address it hands on has been checked against guest memory.
 
-use std::ops::Deref;
-
 use thiserror::Error;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
@@ -16,6 +14,7 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::guest::{self, in_memory};
+use super::inline_vec::InlineVec;
 use super::{Status, SECTOR_SHIFT};
 
 /// Guest memory as the vhost-user frontend shares it (no dirty-page bitmap: we do not offer
@@ -63,60 +62,8 @@ pub struct DataSegment {
     pub len: u32,
 }
 
-/// The data buffers of a request, in chain order: up to two kept inline (nearly every request
-/// has one), more on the heap, so parsing a request allocates nothing.
-#[derive(Debug, Clone, Default)]
-pub struct Segments {
-    inline: [DataSegment; INLINE_SEGMENTS],
-    count: usize,
-    /// Every segment once there are more than fit inline.
-    spilled: Vec<DataSegment>,
-}
-
-const INLINE_SEGMENTS: usize = 2;
-
-impl Segments {
-    pub fn push(&mut self, seg: DataSegment) {
-        if self.count < INLINE_SEGMENTS {
-            self.inline[self.count] = seg;
-        } else {
-            if self.spilled.is_empty() {
-                self.spilled.extend_from_slice(&self.inline);
-            }
-            self.spilled.push(seg);
-        }
-        self.count += 1;
-    }
-}
-
-impl Deref for Segments {
-    type Target = [DataSegment];
-
-    fn deref(&self) -> &[DataSegment] {
-        if self.count <= INLINE_SEGMENTS {
-            &self.inline[..self.count]
-        } else {
-            &self.spilled
-        }
-    }
-}
-
-impl<'a> IntoIterator for &'a Segments {
-    type Item = &'a DataSegment;
-    type IntoIter = std::slice::Iter<'a, DataSegment>;
-
-    fn into_iter(self) -> Self::IntoIter {
-        self.iter()
-    }
-}
-
-impl PartialEq for Segments {
-    fn eq(&self, other: &Segments) -> bool {
-        self[..] == other[..]
-    }
-}
-
-impl Eq for Segments {}
+/// The data buffers of a request, in chain order (nearly every request has one).
+pub type Segments = InlineVec<DataSegment, 2>;
 
 /// One entry of a DISCARD or WRITE_ZEROES payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,9 +182,6 @@ pub struct Rejected {
     pub kind: Option<RequestType>,
 }
 
-/// Descriptors a chain may have before `parse` gathers them on the heap.
-const INLINE_PIECES: usize = 4;
-
 #[derive(Clone, Copy, Default)]
 struct Piece {
     addr: GuestAddress,
@@ -253,32 +197,16 @@ pub fn parse(
     limits: &Limits,
 ) -> Result<Request, Rejected> {
     // Chains of a few descriptors (nearly all) are gathered without a heap allocation.
-    let mut inline = [Piece::default(); INLINE_PIECES];
-    let mut spilled: Vec<Piece> = Vec::new();
-    let mut count = 0;
+    let mut pieces = InlineVec::<Piece, 4>::default();
     let mut last_has_next = false;
     for d in descs {
         last_has_next = d.has_next();
-        let p = Piece {
+        pieces.push(Piece {
             addr: d.addr(),
             len: u64::from(d.len()),
             writable: d.is_write_only(),
-        };
-        if count < INLINE_PIECES {
-            inline[count] = p;
-        } else {
-            if spilled.is_empty() {
-                spilled.extend_from_slice(&inline);
-            }
-            spilled.push(p);
-        }
-        count += 1;
+        });
     }
-    let pieces: &mut [Piece] = if spilled.is_empty() {
-        &mut inline[..count]
-    } else {
-        &mut spilled
-    };
     let reject = |error, status_addr, kind| Rejected {
         error,
         status_addr,
@@ -293,7 +221,7 @@ pub fn parse(
     for p in pieces.iter() {
         if p.len > 0 && !in_memory(mem, p.addr, p.len) {
             // Only trust the status byte if it is itself addressable.
-            let status = status_of(pieces).filter(|a| in_memory(mem, *a, 1));
+            let status = status_of(&pieces).filter(|a| in_memory(mem, *a, 1));
             return Err(reject(
                 RequestError::BadAddress {
                     addr: p.addr.0,
@@ -304,7 +232,7 @@ pub fn parse(
             ));
         }
     }
-    let Some(status_addr) = status_of(pieces) else {
+    let Some(status_addr) = status_of(&pieces) else {
         return Err(reject(RequestError::NoStatus, None, None));
     };
     if let Some(last) = pieces.last_mut() {
@@ -325,18 +253,18 @@ pub fn parse(
             break;
         }
         let n = (HEADER_LEN - got).min(p.len as usize);
-        if n == HEADER_LEN {
-            // The usual framing: the whole header in one buffer.
-            if let Some([lo, hi]) = guest::read16_at(mem, p.addr) {
-                header[..8].copy_from_slice(&lo.to_le_bytes());
-                header[8..].copy_from_slice(&hi.to_le_bytes());
-                got = n;
-                p.addr = GuestAddress(p.addr.0 + n as u64);
-                p.len -= n as u64;
-                continue;
-            }
-        }
-        if mem.read_slice(&mut header[got..got + n], p.addr).is_err() {
+        let read = if n == HEADER_LEN {
+            // The usual framing: the whole header in one buffer, two loads.
+            guest::read16_at(mem, p.addr)
+                .map(|[lo, hi]| {
+                    header[..8].copy_from_slice(&lo.to_le_bytes());
+                    header[8..].copy_from_slice(&hi.to_le_bytes());
+                })
+                .is_some()
+        } else {
+            mem.read_slice(&mut header[got..got + n], p.addr).is_ok()
+        };
+        if !read {
             return Err(reject(
                 RequestError::BadAddress {
                     addr: p.addr.0,
@@ -615,22 +543,6 @@ mod tests {
                 len: 4096
             }]
         );
-    }
-
-    #[test]
-    fn segments_keep_chain_order_past_the_inline_ones() {
-        let seg = |i: u64| DataSegment {
-            addr: GuestAddress(i * 0x1000),
-            len: i as u32,
-        };
-        let mut s = Segments::default();
-        assert!(s.is_empty());
-        for i in 0..5 {
-            s.push(seg(i));
-            let want: Vec<_> = (0..=i).map(seg).collect();
-            assert_eq!(s[..], want[..]);
-        }
-        assert_eq!(s.clone(), s);
     }
 
     #[test]
