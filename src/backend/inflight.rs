@@ -10,6 +10,7 @@
 //! under the vring lock; a worker that later finishes such a request finds its entry gone and
 //! does not complete it a second time.
 
+use std::num::Wrapping;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
@@ -20,6 +21,7 @@ use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
+use super::used::{needs_notification, UsedBatch};
 use crate::virtio::request::GuestMem;
 use crate::virtio::Status;
 
@@ -287,6 +289,10 @@ impl QueueCtl {
         }
         let mut state = vring.get_mut();
         let mut inner = self.lock();
+        let from = Wrapping(state.get_queue().next_used());
+        // One translation of the used ring for the batch; virtio-queue's checked path for a
+        // ring the batch does not cover.
+        let mut batch = UsedBatch::new(state.get_queue(), mem);
         let mut n = 0;
         for c in done {
             if !inner.inflight.contains_key(&c.head) {
@@ -298,15 +304,28 @@ impl QueueCtl {
                     warn!("queue {}: cannot write status byte: {e}", self.index);
                 }
             }
-            if let Err(e) = state.add_used(c.head, c.used_len) {
-                error!("queue {}: cannot add used entry: {e}", self.index);
+            let added = match &mut batch {
+                Some(b) => b.push(c.head, c.used_len),
+                None => state.add_used(c.head, c.used_len).is_ok(),
+            };
+            if !added {
+                error!(
+                    "queue {}: cannot add used entry for descriptor {}",
+                    self.index, c.head
+                );
             }
             n += 1;
         }
         if n == 0 {
             return 0;
         }
-        signal(&mut state, self.index);
+        if let Some(b) = batch {
+            b.publish(state.get_queue_mut());
+        }
+        let queue = state.get_queue();
+        if needs_notification(queue, mem, from, Wrapping(queue.next_used())) {
+            signal(&state, self.index);
+        }
         for c in done {
             inner.inflight.remove(&c.head);
         }
@@ -375,19 +394,15 @@ impl QueueCtl {
                 error!("queue {}: cannot add used entry: {e}", self.index);
             }
         }
-        signal(&mut state, self.index);
+        // Unconditionally: a rare path, and a spurious interrupt costs little where a lost one
+        // hangs the guest.
+        signal(&state, self.index);
         stuck
     }
 }
 
-fn signal(state: &mut VringState<Gm>, index: usize) {
-    match state.needs_notification() {
-        Ok(false) => {}
-        // When in doubt, notify: a spurious interrupt costs little, a lost one hangs the guest.
-        Ok(true) | Err(_) => {
-            if let Err(e) = state.signal_used_queue() {
-                warn!("queue {index}: cannot signal the guest: {e}");
-            }
-        }
+fn signal(state: &VringState<Gm>, index: usize) {
+    if let Err(e) = state.signal_used_queue() {
+        warn!("queue {index}: cannot signal the guest: {e}");
     }
 }

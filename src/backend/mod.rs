@@ -9,6 +9,7 @@ pub mod live;
 pub mod relay;
 pub mod server;
 pub mod uring;
+mod used;
 pub mod vhu_blk;
 
 pub use device::{Device, DeviceConfig};

@@ -14,7 +14,7 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_CONFIG_WCE;
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -25,6 +25,7 @@ use super::device::Device;
 use super::exec::{execute, ExecCtx, ExecError};
 use super::inflight::{Completion, DrainReport, Gm, InflightReq, Phase, Pop, QueueCtl, Vring};
 use super::uring::{Done, Engine, Taken};
+use super::used::{avail_u16, used_event};
 use crate::stats::QueueStats;
 use crate::virtio::chain::Chain;
 use crate::virtio::config::WRITEBACK_OFFSET;
@@ -592,21 +593,6 @@ struct Popped {
 /// The head of the chain in avail ring slot `at`.
 fn avail_entry(queue: &impl QueueT, mem: &GuestMem, at: Wrapping<u16>) -> Option<u16> {
     avail_u16(queue, mem, u64::from(at.0.checked_rem(queue.size())?))
-}
-
-/// The driver's `used_event` (event-idx): it wants a notification once the used index passes
-/// it. The field follows the avail ring's entries.
-fn used_event(queue: &impl QueueT, mem: &GuestMem) -> Option<Wrapping<u16>> {
-    avail_u16(queue, mem, u64::from(queue.size())).map(Wrapping)
-}
-
-/// The 16-bit field `index` places after the avail ring's flags and index (VIRTIO 1.2, 2.7.6:
-/// the ring's entries, then `used_event`).
-fn avail_u16(queue: &impl QueueT, mem: &GuestMem, index: u64) -> Option<u16> {
-    let addr = queue.avail_ring().checked_add(4 + 2 * index)?;
-    mem.load(GuestAddress(addr), Ordering::Acquire)
-        .ok()
-        .map(u16::from_le)
 }
 
 fn lock(e: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
