@@ -282,7 +282,8 @@ impl QueueCtl {
     /// Completes a batch of requests with one signal to the guest: each status byte and used
     /// entry is written, then the guest is signalled, and only then (the table's lock held
     /// throughout, so no drain looks in between) do they leave the table. Requests a drain
-    /// already completed are skipped. Returns how many were completed.
+    /// already completed are skipped. Returns how many were completed. `mem` is a current
+    /// memory table: the status bytes and the used ring are written through it.
     pub fn complete_many(&self, vring: &Vring, mem: &GuestMem, done: &[Completion]) -> usize {
         if done.is_empty() {
             return 0;

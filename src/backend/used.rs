@@ -26,8 +26,7 @@ const ENTRY: usize = 8;
 pub struct UsedBatch<'m> {
     ring: VolatileSlice<'m, ()>,
     size: u16,
-    /// The queue's next used index when the batch began: the driver's `used_event` is checked
-    /// against everything added since (as Linux and libvhost-user do).
+    /// The queue's next used index when the batch began.
     start: Wrapping<u16>,
     next: Wrapping<u16>,
 }

@@ -527,26 +527,25 @@ impl BlkBackend {
             }
             Ok(req) => {
                 let result = execute(&req, mem, dev.target.as_ref(), &self.exec_ctx());
-                return self.finish(q, ctl, vring, mem, head, &req, result);
+                return self.finish(q, ctl, vring, head, &req, result);
             }
         };
-        ctl.complete(vring, mem, head, status, used_len);
+        ctl.complete(vring, &self.conn.mem.memory(), head, status, used_len);
     }
 
-    /// Counts a request's outcome and completes it.
-    #[allow(clippy::too_many_arguments)]
+    /// Counts a request's outcome and completes it, through the current memory table (the
+    /// synchronous path may have blocked while the frontend sent a new one).
     fn finish(
         &self,
         q: usize,
         ctl: &QueueCtl,
         vring: &Vring,
-        mem: &GuestMem,
         head: u16,
         req: &Request,
         result: Result<u32, ExecError>,
     ) {
         let c = self.outcome(q, head, req, result);
-        ctl.complete(vring, mem, c.head, c.status, c.used_len);
+        ctl.complete(vring, &self.conn.mem.memory(), c.head, c.status, c.used_len);
     }
 
     /// Counts (and logs, when it failed) a request's outcome.
