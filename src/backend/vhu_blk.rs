@@ -396,15 +396,18 @@ impl BlkBackend {
     }
 
     /// The outcome of a request whose ring I/O is over (done again synchronously if need be).
+    /// Whether a drain completed it meanwhile is only asked before doing it again:
+    /// `complete_many` skips such requests anyway, and the question takes the table's lock.
     fn finish_ring_io(&self, q: usize, d: &Done) -> Option<Completion> {
         let dev = &*self.conn.dev;
-        if !self.conn.queues[q].holds(d.head) {
-            // A drain gave up on it and completed it already.
-            return None;
-        }
         let target = dev.target.as_ref();
         let ctx = self.exec_ctx();
         let result = if d.failed || !target.route_valid(d.ticket, d.req.offset(), d.req.data_len) {
+            if !self.conn.queues[q].holds(d.head) {
+                // A drain gave up on it and completed it already: doing it again now could
+                // land after whatever the guest wrote since it saw the error.
+                return None;
+            }
             // The synchronous path owns retries and the error policy (remaps, pending).
             QueueStats::inc(&dev.stats.queue(q).ring_redone);
             execute(&d.req, &d.mem, target, &ctx)
