@@ -22,6 +22,7 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
 use super::used::{needs_notification, UsedBatch};
+use crate::virtio::guest;
 use crate::virtio::request::GuestMem;
 use crate::virtio::Status;
 
@@ -300,9 +301,12 @@ impl QueueCtl {
                 continue;
             }
             if let Some((addr, st)) = c.status {
-                if let Err(e) = mem.write_obj(st as u8, addr) {
+                if !guest::store_u8(mem, addr, st as u8) {
                     // Checked at parse time; only a memory table change could get here.
-                    warn!("queue {}: cannot write status byte: {e}", self.index);
+                    warn!(
+                        "queue {}: cannot write status byte at {:#x}: not guest memory",
+                        self.index, addr.0
+                    );
                 }
             }
             let added = match &mut batch {

@@ -5,7 +5,7 @@
 //! generic path; it stays the fallback for what the fast path does not cover.
 
 use std::ptr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileSlice};
 
@@ -60,13 +60,44 @@ pub fn read16_at(mem: &GuestMem, addr: GuestAddress) -> Option<[u64; 2]> {
     }
 }
 
+/// Stores the byte `v` at `addr` (a request's status byte, once per request): one region
+/// lookup, where vm-memory's `write_obj` walks its slice iterator. Relaxed:
+/// the used index is stored with release ordering after it. False outside memory.
+pub fn store_u8(mem: &GuestMem, addr: GuestAddress, v: u8) -> bool {
+    let Some(p) = host_ptr(mem, addr, 1) else {
+        return false;
+    };
+    // SAFETY: `host_ptr` checked that the byte lies in a region, which stays mapped while `mem`
+    // is borrowed. Atomic, as vm-memory's `store`: the driver may touch it at any time.
+    unsafe { AtomicU8::from_ptr(p) }.store(v, Ordering::Relaxed);
+    true
+}
+
 /// The 16-bit little-endian field at `addr`, loaded atomically with `order` (the rings'
 /// indexes and event fields, read once or twice per request): one region lookup, where
 /// vm-memory's `load` walks its slice iterator. `None` where vm-memory's `load` fails too
 /// (outside memory, misaligned).
 pub fn load_u16(mem: &GuestMem, addr: GuestAddress, order: Ordering) -> Option<u16> {
+    let p = host_ptr(mem, addr, 2)?;
+    if !(p as usize).is_multiple_of(2) {
+        return None;
+    }
+    // SAFETY: `host_ptr` checked that both bytes lie in one region, which stays mapped while
+    // `mem` is borrowed; the pointer is 2-aligned. Atomic: the driver writes the field at any
+    // time.
+    let v = unsafe { AtomicU16::from_ptr(p.cast()) }.load(order);
+    Some(u16::from_le(v))
+}
+
+/// The host address of the `len` bytes at `addr`, when they lie in one region: one region
+/// lookup and a bounds check, where vm-memory's `Bytes` methods build a slice and check it
+/// again (about a hundred instructions per call, several calls per request).
+fn host_ptr(mem: &GuestMem, addr: GuestAddress, len: u64) -> Option<*mut u8> {
     let (region, at) = mem.to_region_addr(addr)?;
-    region.load(at, order).ok().map(u16::from_le)
+    if at.0.checked_add(len)? > region.len() {
+        return None;
+    }
+    region.get_host_address(at).ok()
 }
 
 /// Whether the `len` bytes at `addr` are all guest memory. One region lookup for a range
@@ -128,6 +159,16 @@ mod tests {
             }
             let generic = mem.load::<u16>(GuestAddress(addr), Ordering::Acquire).ok().map(u16::from_le);
             prop_assert_eq!(load_u16(&mem, GuestAddress(addr), Ordering::Acquire), generic);
+        }
+
+        /// The fast store writes where vm-memory's `write_obj` writes, and fails where it fails.
+        #[test]
+        fn store_u8_stores_like_write_obj(addr in 0u64..0x5010, v in any::<u8>()) {
+            let (ours, theirs) = (mem(), mem());
+            let stored = store_u8(&ours, GuestAddress(addr), v);
+            prop_assert_eq!(stored, theirs.write_obj(v, GuestAddress(addr)).is_ok());
+            let at = GuestAddress(addr);
+            prop_assert_eq!(ours.read_obj::<u8>(at).ok(), theirs.read_obj::<u8>(at).ok());
         }
 
         /// The fast range check agrees with vm-memory's, at every boundary.
