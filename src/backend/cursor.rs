@@ -3,8 +3,9 @@
 
 use std::num::Wrapping;
 
-use vm_memory::GuestMemoryLoadGuard;
+use vm_memory::{GuestAddress, GuestMemoryLoadGuard};
 
+use crate::virtio::chain::TableMap;
 use crate::virtio::request::GuestMem;
 
 /// What `pop_available` knows of the avail ring between two pops: the avail index it read
@@ -25,6 +26,8 @@ struct Seen {
     /// what was seen no longer applies.
     next: Wrapping<u16>,
     mem: GuestMemoryLoadGuard<GuestMem>,
+    /// The descriptor table found in `mem`, for the chains popped with it.
+    table: Option<TableMap>,
 }
 
 impl Cursor {
@@ -49,8 +52,24 @@ impl Cursor {
             avail,
             next,
             mem,
+            table: None,
         });
         out
+    }
+
+    /// The descriptor table of `size` entries at `addr`, found in the memory table that
+    /// `ahead` or `saw` returned last (None if neither did): a chain walked with it must use
+    /// that memory table (see [`Chain::with_map`](crate::virtio::chain::Chain::with_map)).
+    pub fn table(&mut self, addr: GuestAddress, size: u16) -> Option<TableMap> {
+        let seen = self.seen.as_mut()?;
+        match seen.table {
+            Some(t) if t.is(addr, size) => Some(t),
+            _ => {
+                let t = TableMap::new(&seen.mem, addr, size);
+                seen.table = Some(t);
+                Some(t)
+            }
+        }
     }
 
     /// The entry at `at` was popped.
@@ -95,6 +114,21 @@ mod tests {
         assert!(c.ahead(1, Wrapping(0)).is_some());
         c.took(Wrapping(0));
         assert!(c.ahead(1, Wrapping(1)).is_some());
+    }
+
+    #[test]
+    fn the_descriptor_table_is_found_in_the_memory_table_seen_last() {
+        let mut c = Cursor::default();
+        assert!(
+            c.table(GuestAddress(0), 16).is_none(),
+            "no memory table yet"
+        );
+        c.saw(1, Wrapping(4), Wrapping(0), table());
+        let t = c.table(GuestAddress(0x100), 16).expect("seen");
+        assert!(t.is(GuestAddress(0x100), 16));
+        // Another table (a queue set up anew) is looked up, not taken from the cache.
+        let u = c.table(GuestAddress(0x200), 8).expect("seen");
+        assert!(u.is(GuestAddress(0x200), 8) && !u.is(GuestAddress(0x100), 16));
     }
 
     #[test]

@@ -465,14 +465,15 @@ impl BlkBackend {
                 };
                 let guest_waiting = queue.event_idx_enabled()
                     && used_event(queue, &mem) == Some(Wrapping(queue.next_used()));
+                let table = cursor.table(GuestAddress(queue.desc_table()), queue.size())?;
                 let head = avail_entry(queue, &mem, next)?;
                 queue.set_next_avail(next.0.wrapping_add(1));
                 cursor.took(next);
-                let table = GuestAddress(queue.desc_table());
-                Some((head, table, queue.size(), mem, guest_waiting))
+                Some((head, table, mem, guest_waiting))
             },
-            |(head, table, size, mem, guest_waiting)| {
-                let chain = Chain::new(&mem, table, size, head);
+            |(head, table, mem, guest_waiting)| {
+                // SAFETY: the cursor found `table` in the memory table `mem` is a view of.
+                let chain = unsafe { Chain::with_map(&mem, table, head) };
                 let parsed = request::parse(chain, &mem, &limits);
                 let entry = match &parsed {
                     Ok(r) => InflightReq {

@@ -30,16 +30,52 @@ pub struct Chain<'m> {
     indirect: bool,
 }
 
+/// Where a queue's descriptor table lies in the host, found once for many chains (the lookup
+/// cost about 50 instructions per chain). Only valid with the memory table it was made from.
+#[derive(Clone, Copy)]
+pub struct TableMap {
+    addr: GuestAddress,
+    size: u16,
+    /// The table's host address and length, when it lies in one region.
+    host: Option<(*mut u8, usize)>,
+}
+
+impl TableMap {
+    /// The table of `size` descriptors at `addr` in `mem`.
+    pub fn new(mem: &GuestMem, addr: GuestAddress, size: u16) -> TableMap {
+        let host = map(mem, addr, size).map(|t| (t.ptr_guard_mut().as_ptr(), t.len()));
+        TableMap { addr, size, host }
+    }
+
+    /// Whether this is the table of `size` descriptors at `addr`.
+    pub fn is(&self, addr: GuestAddress, size: u16) -> bool {
+        self.addr == addr && self.size == size
+    }
+}
+
 impl<'m> Chain<'m> {
     /// The chain starting at `head` in the descriptor table at `table` of a queue of `size`.
     pub fn new(mem: &'m GuestMem, table: GuestAddress, size: u16, head: u16) -> Chain<'m> {
+        // SAFETY: the map was just made from `mem`.
+        unsafe { Chain::with_map(mem, TableMap::new(mem, table, size), head) }
+    }
+
+    /// [`Chain::new`] with the table found already.
+    ///
+    /// # Safety
+    /// `table` was made from `mem`, or from another view of the same memory table (a clone of
+    /// the same `GuestMemoryAtomic` load), which keeps the same mappings alive.
+    pub unsafe fn with_map(mem: &'m GuestMem, table: TableMap, head: u16) -> Chain<'m> {
         Chain {
             mem,
-            table_addr: table,
-            table: map(mem, table, size),
-            size,
+            table_addr: table.addr,
+            // SAFETY: per the contract, the range is mapped for as long as `mem` is borrowed.
+            table: table
+                .host
+                .map(|(p, len)| unsafe { VolatileSlice::new(p, len) }),
+            size: table.size,
             next: head,
-            ttl: size,
+            ttl: table.size,
             yielded_bytes: 0,
             indirect: false,
         }
