@@ -163,30 +163,34 @@ impl Engine {
     }
 
     /// Takes `req` if it is a plain read or write the target can route: done at once when
-    /// the page cache allows (`Taken::Done`), else queued on the ring. Otherwise hands it back
-    /// for the synchronous path.
+    /// the page cache allows (`Taken::Done`), else queued on the ring; either keeps `mem`, the
+    /// view of guest memory its buffers were checked in. Otherwise hands both back for the
+    /// synchronous path.
+    // The refused request goes straight back to the caller's frame, as `Taken::Done` does on
+    // success; boxing it would allocate for every request the synchronous path takes.
+    #[allow(clippy::result_large_err)]
     pub fn try_queue(
         &mut self,
         target: &dyn BlockIo,
         head: u16,
         req: Request,
-        mem: &GuestMemoryLoadGuard<GuestMem>,
+        mem: GuestMemoryLoadGuard<GuestMem>,
         since: Instant,
-    ) -> Result<Taken, Request> {
+    ) -> Result<Taken, (Request, GuestMemoryLoadGuard<GuestMem>)> {
         let dir = match req.kind {
             RequestType::In => Dir::Read,
             RequestType::Out => Dir::Write,
-            _ => return Err(req),
+            _ => return Err((req, mem)),
         };
         if req.data_len == 0 || req.data_len > u64::from(u32::MAX) {
-            return Err(req);
+            return Err((req, mem));
         }
         self.iov.clear();
         for seg in &req.data {
-            for slice in GuestMemoryBackend::get_slices(&**mem, seg.addr, seg.len as usize) {
+            for slice in GuestMemoryBackend::get_slices(&*mem, seg.addr, seg.len as usize) {
                 let Ok(slice) = slice else {
                     // Let the synchronous path report it.
-                    return Err(req);
+                    return Err((req, mem));
                 };
                 self.iov.push(libc::iovec {
                     iov_base: slice.ptr_guard_mut().as_ptr().cast(),
@@ -206,11 +210,11 @@ impl Engine {
                 || self.route.pieces.len() > MAX_PIECES
                 || self.in_kernel + self.unsubmitted + self.route.pieces.len() > self.limit
             {
-                return Err(req);
+                return Err((req, mem));
             }
             let Some(inline) = self.inline_pieces(target, dir) else {
                 // O_DIRECT with an unaligned guest buffer: the synchronous path bounces it.
-                return Err(req);
+                return Err((req, mem));
             };
             if inline || !self.route.overlaid {
                 break inline;
@@ -221,7 +225,7 @@ impl Engine {
             return Ok(Taken::Done(Done {
                 head,
                 req,
-                mem: mem.clone(),
+                mem,
                 since,
                 failed: false,
                 ticket: self.route.ticket,
@@ -233,7 +237,7 @@ impl Engine {
             sub_iovecs_into(&self.iov, p.at, p.len, &mut self.piece_iov);
             // SAFETY: guest memory held mapped by `mem`, checked by the parser.
             if dir != Dir::Read || !unsafe { target.copy_in_memory(p, &self.piece_iov) } {
-                return Err(req);
+                return Err((req, mem));
             }
         }
         let pieces = std::mem::take(&mut self.route.pieces);
@@ -251,7 +255,7 @@ impl Engine {
         let s = Slot {
             head,
             req,
-            mem: mem.clone(),
+            mem,
             since,
             ticket: self.route.ticket,
             iovs,

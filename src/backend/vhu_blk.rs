@@ -306,9 +306,10 @@ impl BlkBackend {
                     mem,
                     guest_waiting,
                 }) => {
-                    let mem = &mem;
                     n += 1;
-                    let parsed = match (self.engine(q), parsed) {
+                    // The request's view of memory goes with it to the engine, which keeps it
+                    // for as long as the I/O runs, and comes back when the engine refuses it.
+                    let (parsed, mem) = match (self.engine(q), parsed) {
                         (Some(mut e), Ok(req)) => {
                             match e.try_queue(conn.dev.target.as_ref(), head, req, mem, popped) {
                                 Ok(taken) => {
@@ -334,18 +335,18 @@ impl BlkBackend {
                                     }
                                     continue;
                                 }
-                                Err(req) => {
+                                Err((req, mem)) => {
                                     // About to block on synchronous I/O: let the kernel start
                                     // on what is queued first.
                                     self.submit(q, &mut e);
-                                    Ok(req)
+                                    (Ok(req), mem)
                                 }
                             }
                         }
-                        (_, parsed) => parsed,
+                        (_, parsed) => (parsed, mem),
                     };
                     flush(&mut held, &mut clock);
-                    self.run(q, ctl, vring, mem, head, parsed);
+                    self.run(q, ctl, vring, &mem, head, parsed);
                     clock = Instant::now();
                     stats
                         .latency
