@@ -7,13 +7,12 @@
 //! request was completed on its own. The ring layout (VIRTIO 1.2, 2.7.8): flags and index (two
 //! 16-bit fields), then one 8-byte entry (`id`, `len`, 32 bits each) per slot.
 
+use std::marker::PhantomData;
 use std::num::Wrapping;
-use std::sync::atomic::{fence, Ordering};
-
-use log::error;
+use std::sync::atomic::{fence, AtomicU16, AtomicU32, Ordering};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::virtio::guest;
 use crate::virtio::request::GuestMem;
@@ -24,7 +23,9 @@ const ENTRY: usize = 8;
 
 /// Used entries being added, made visible to the driver all at once by [`UsedBatch::publish`].
 pub struct UsedBatch<'m> {
-    ring: VolatileSlice<'m, ()>,
+    /// The ring's host address: 4-aligned, `HEADER + ENTRY * size` bytes mapped for `'m`.
+    ring: *mut u8,
+    _mem: PhantomData<&'m GuestMem>,
     size: u16,
     /// The queue's next used index when the batch began.
     start: Wrapping<u16>,
@@ -42,12 +43,14 @@ impl<'m> UsedBatch<'m> {
         }
         let len = HEADER + ENTRY * usize::from(size);
         let ring = mem.get_slice(GuestAddress(queue.used_ring()), len).ok()?;
-        if !(ring.ptr_guard().as_ptr() as usize).is_multiple_of(4) {
+        let ring = ring.ptr_guard_mut().as_ptr();
+        if !(ring as usize).is_multiple_of(4) {
             return None;
         }
         let next = Wrapping(queue.next_used());
         Some(UsedBatch {
             ring,
+            _mem: PhantomData,
             size,
             start: next,
             next,
@@ -61,13 +64,13 @@ impl<'m> UsedBatch<'m> {
             return false;
         }
         let at = HEADER + ENTRY * usize::from(self.next.0 % self.size);
-        // In bounds and 4-aligned by construction, so neither store can fail.
-        let id = self
-            .ring
-            .store(u32::from(head).to_le(), at, Ordering::Relaxed);
-        let len = self.ring.store(len.to_le(), at + 4, Ordering::Relaxed);
-        if id.is_err() || len.is_err() {
-            return false;
+        // SAFETY: the entry's 8 bytes lie inside the ring (`at` is the offset of one of its
+        // `size` entries), which stays mapped for `'m`; ring and offset are 4-aligned. Atomic
+        // stores, as vm-memory's: the driver reads the ring at any time.
+        unsafe {
+            AtomicU32::from_ptr(self.ring.add(at).cast())
+                .store(u32::from(head).to_le(), Ordering::Relaxed);
+            AtomicU32::from_ptr(self.ring.add(at + 4).cast()).store(len.to_le(), Ordering::Relaxed);
         }
         self.next += Wrapping(1);
         true
@@ -79,11 +82,11 @@ impl<'m> UsedBatch<'m> {
         if self.next == self.start {
             return;
         }
-        // In bounds and aligned by construction: cannot fail.
-        match self.ring.store(self.next.0.to_le(), 2, Ordering::Release) {
-            Ok(()) => queue.set_next_used(self.next.0),
-            Err(e) => error!("cannot publish used entries: {e}"),
-        }
+        // SAFETY: the index is the 16-bit field at offset 2 of the mapped, 4-aligned ring.
+        // Release: the driver sees each entry before the index that covers it.
+        unsafe { AtomicU16::from_ptr(self.ring.add(2).cast()) }
+            .store(self.next.0.to_le(), Ordering::Release);
+        queue.set_next_used(self.next.0);
     }
 }
 
@@ -125,7 +128,7 @@ pub fn avail_u16(queue: &impl QueueT, mem: &GuestMem, index: u64) -> Option<u16>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemoryMmap;
+    use vm_memory::{Bytes, GuestMemoryMmap};
 
     const DESC: u64 = 0x1000;
     const AVAIL: u64 = 0x2000;
