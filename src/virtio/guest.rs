@@ -64,10 +64,10 @@ pub fn read16_at(mem: &GuestMem, addr: GuestAddress) -> Option<[u64; 2]> {
 /// lookup, where vm-memory's `write_obj` walks its slice iterator. Relaxed:
 /// the used index is stored with release ordering after it. False outside memory.
 pub fn store_u8(mem: &GuestMem, addr: GuestAddress, v: u8) -> bool {
-    let Some(p) = host_ptr(mem, addr, 1) else {
+    let Some(p) = host_range(mem, addr, 1) else {
         return false;
     };
-    // SAFETY: `host_ptr` checked that the byte lies in a region, which stays mapped while `mem`
+    // SAFETY: `host_range` checked that the byte lies in a region, which stays mapped while `mem`
     // is borrowed. Atomic, as vm-memory's `store`: the driver may touch it at any time.
     unsafe { AtomicU8::from_ptr(p) }.store(v, Ordering::Relaxed);
     true
@@ -78,11 +78,11 @@ pub fn store_u8(mem: &GuestMem, addr: GuestAddress, v: u8) -> bool {
 /// vm-memory's `load` walks its slice iterator. `None` where vm-memory's `load` fails too
 /// (outside memory, misaligned).
 pub fn load_u16(mem: &GuestMem, addr: GuestAddress, order: Ordering) -> Option<u16> {
-    let p = host_ptr(mem, addr, 2)?;
+    let p = host_range(mem, addr, 2)?;
     if !(p as usize).is_multiple_of(2) {
         return None;
     }
-    // SAFETY: `host_ptr` checked that both bytes lie in one region, which stays mapped while
+    // SAFETY: `host_range` checked that both bytes lie in one region, which stays mapped while
     // `mem` is borrowed; the pointer is 2-aligned. Atomic: the driver writes the field at any
     // time.
     let v = unsafe { AtomicU16::from_ptr(p.cast()) }.load(order);
@@ -92,7 +92,7 @@ pub fn load_u16(mem: &GuestMem, addr: GuestAddress, order: Ordering) -> Option<u
 /// The host address of the `len` bytes at `addr`, when they lie in one region: one region
 /// lookup and a bounds check, where vm-memory's `Bytes` methods build a slice and check it
 /// again (about a hundred instructions per call, several calls per request).
-fn host_ptr(mem: &GuestMem, addr: GuestAddress, len: u64) -> Option<*mut u8> {
+fn host_range(mem: &GuestMem, addr: GuestAddress, len: u64) -> Option<*mut u8> {
     let (region, at) = mem.to_region_addr(addr)?;
     if at.0.checked_add(len)? > region.len() {
         return None;
@@ -161,6 +161,18 @@ mod tests {
             prop_assert_eq!(load_u16(&mem, GuestAddress(addr), Ordering::Acquire), generic);
         }
 
+        /// A range's host address is the one vm-memory's `get_slice` maps, for exactly the
+        /// ranges inside one region.
+        #[test]
+        fn host_range_maps_like_get_slice(addr in 0u64..0x5100, len in 1u64..0x3000) {
+            let mem = mem();
+            let theirs = mem
+                .get_slice(GuestAddress(addr), len as usize)
+                .ok()
+                .map(|s| s.ptr_guard_mut().as_ptr());
+            prop_assert_eq!(host_range(&mem, GuestAddress(addr), len), theirs);
+        }
+
         /// The fast store writes where vm-memory's `write_obj` writes, and fails where it fails.
         #[test]
         fn store_u8_stores_like_write_obj(addr in 0u64..0x5010, v in any::<u8>()) {
@@ -178,6 +190,17 @@ mod tests {
             let generic = len == 0
                 || GuestMemoryBackend::check_range(&mem, GuestAddress(addr), len as usize);
             prop_assert_eq!(in_memory(&mem, GuestAddress(addr), len), generic);
+        }
+    }
+
+    #[test]
+    fn host_range_ends_at_the_last_byte_of_its_region() {
+        let mem = mem();
+        for (start, end) in [(0u64, 0x2000u64), (0x2000, 0x3000), (0x4000, 0x5000)] {
+            for addr in [start, end - 0x10, end - 1] {
+                assert!(host_range(&mem, GuestAddress(addr), end - addr).is_some());
+                assert!(host_range(&mem, GuestAddress(addr), end - addr + 1).is_none());
+            }
         }
     }
 
