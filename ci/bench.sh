@@ -39,7 +39,8 @@
 # every raw run in target/bench/results.json, progress on stderr. The machine is noisy: trust
 # medians of several runs, not one.
 #
-# Interleaved loads (remap10k, null-*, poll-null-*; in --self-check, selfcheck-interleaved-*)
+# Interleaved loads (remap10k, null-*, poll-null-*; in --self-check, selfcheck-interleaved-*
+# and selfcheck-null-*, the null engine without polling against itself)
 # compare set-ups whose difference is smaller than the noise between server restarts: both
 # servers are started once and stay up (remapblk under a read load on one shared fresh copy,
 # hard links: a copy each would carry its own page-cache layout into every pair; the null
@@ -107,6 +108,8 @@ if ((SELF_CHECK)); then
         "selfcheck-randwrite-4k-qd32|randwrite|4k|32|1|remapblk|remapblk"
         "selfcheck-read-1M-qd8|read|1M|8|1|remapblk|remapblk"
         "selfcheck-interleaved-randread-4k-qd32|randread|4k|32|1|remapblk|remapblk|interleaved"
+        "selfcheck-null-randread-4k-qd32|randread|4k|32|1|remapblk-null|remapblk-null|interleaved"
+        "selfcheck-null-randwrite-4k-qd32|randwrite|4k|32|1|remapblk-null|remapblk-null|interleaved"
     )
 else
     LOADS=(
