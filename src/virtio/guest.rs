@@ -7,7 +7,9 @@
 use std::ptr;
 use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileSlice};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress, VolatileSlice,
+};
 
 use super::request::GuestMem;
 
@@ -61,8 +63,8 @@ pub fn read16_at(mem: &GuestMem, addr: GuestAddress) -> Option<[u64; 2]> {
 }
 
 /// Stores the byte `v` at `addr` (a request's status byte, once per request): one region
-/// lookup, where vm-memory's `write_obj` walks its slice iterator. Relaxed:
-/// the used index is stored with release ordering after it. False outside memory.
+/// lookup, where vm-memory's `write_obj` walks its slice iterator. Relaxed: the used index is
+/// stored with release ordering after it. False outside memory.
 pub fn store_u8(mem: &GuestMem, addr: GuestAddress, v: u8) -> bool {
     let Some(p) = host_range(mem, addr, 1) else {
         return false;
@@ -93,25 +95,20 @@ pub fn load_u16(mem: &GuestMem, addr: GuestAddress, order: Ordering) -> Option<u
 /// lookup and a bounds check, where vm-memory's `Bytes` methods build a slice and check it
 /// again (about a hundred instructions per call, several calls per request).
 fn host_range(mem: &GuestMem, addr: GuestAddress, len: u64) -> Option<*mut u8> {
-    let (region, at) = mem.to_region_addr(addr)?;
-    if at.0.checked_add(len)? > region.len() {
+    let region = mem.find_region(addr)?;
+    let at = addr.0 - region.start_addr().0;
+    if at.checked_add(len)? > region.len() {
         return None;
     }
-    region.get_host_address(at).ok()
+    region.get_host_address(MemoryRegionAddress(at)).ok()
 }
 
 /// Whether the `len` bytes at `addr` are all guest memory. One region lookup for a range
 /// inside one region (nearly every buffer); ranges across regions go the generic way.
 pub fn in_memory(mem: &GuestMem, addr: GuestAddress, len: u64) -> bool {
-    let Some(last) = len.checked_sub(1) else {
-        return true;
-    };
-    if let (Some(r), Some(end)) = (mem.find_region(addr), addr.0.checked_add(last)) {
-        if end <= r.last_addr().0 {
-            return true;
-        }
-    }
-    usize::try_from(len).is_ok_and(|len| GuestMemoryBackend::check_range(mem, addr, len))
+    len == 0
+        || host_range(mem, addr, len).is_some()
+        || usize::try_from(len).is_ok_and(|len| GuestMemoryBackend::check_range(mem, addr, len))
 }
 
 #[cfg(test)]
