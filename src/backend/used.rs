@@ -12,7 +12,7 @@ use std::num::Wrapping;
 use std::sync::atomic::{fence, AtomicU16, AtomicU32, Ordering};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::GuestAddress;
 
 use crate::virtio::guest;
 use crate::virtio::request::GuestMem;
@@ -42,8 +42,7 @@ impl<'m> UsedBatch<'m> {
             return None;
         }
         let len = HEADER + ENTRY * usize::from(size);
-        let ring = mem.get_slice(GuestAddress(queue.used_ring()), len).ok()?;
-        let ring = ring.ptr_guard_mut().as_ptr();
+        let ring = guest::host_range(mem, GuestAddress(queue.used_ring()), len as u64)?;
         if !(ring as usize).is_multiple_of(4) {
             return None;
         }

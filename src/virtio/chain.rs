@@ -9,7 +9,7 @@ use std::mem::size_of;
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileSlice};
+use vm_memory::{GuestAddress, VolatileSlice};
 
 use super::guest;
 use super::request::GuestMem;
@@ -43,8 +43,11 @@ pub struct TableMap {
 impl TableMap {
     /// The table of `size` descriptors at `addr` in `mem`.
     pub fn new(mem: &GuestMem, addr: GuestAddress, size: u16) -> TableMap {
-        let host = map(mem, addr, size).map(|t| (t.ptr_guard_mut().as_ptr(), t.len()));
-        TableMap { addr, size, host }
+        TableMap {
+            addr,
+            size,
+            host: map(mem, addr, size),
+        }
     }
 
     /// Whether this is the table of `size` descriptors at `addr`.
@@ -107,7 +110,9 @@ impl<'m> Chain<'m> {
         }
         let size = u16::try_from(u64::from(d.len()) / DESC_SIZE).ok()?;
         self.table_addr = d.addr();
-        self.table = map(self.mem, self.table_addr, size);
+        // SAFETY: `map` found the range in a region of `self.mem`, mapped for `'m`.
+        self.table = map(self.mem, self.table_addr, size)
+            .map(|(p, len)| unsafe { VolatileSlice::new(p, len) });
         self.size = size;
         self.next = 0;
         self.ttl = size;
@@ -116,13 +121,14 @@ impl<'m> Chain<'m> {
     }
 }
 
-/// The table of `size` descriptors at `addr`, when it is in one region.
-fn map(mem: &GuestMem, addr: GuestAddress, size: u16) -> Option<VolatileSlice<'_, ()>> {
+/// The host address and length of the table of `size` descriptors at `addr`, when it is in
+/// one region; valid while `mem` is borrowed.
+fn map(mem: &GuestMem, addr: GuestAddress, size: u16) -> Option<(*mut u8, usize)> {
     let len = usize::from(size) * DESC_SIZE as usize;
     if len == 0 {
         return None;
     }
-    mem.get_slice(addr, len).ok()
+    Some((guest::host_range(mem, addr, len as u64)?, len))
 }
 
 impl Iterator for Chain<'_> {
@@ -195,6 +201,34 @@ mod tests {
             0u32..0x200
         ];
         (addr, len, flags, 0u16..20)
+    }
+
+    /// An indirect table whose first entry is the last 16 bytes of guest memory and whose
+    /// chain goes on past them: the walk yields that entry and stops where memory ends, as
+    /// virtio-queue's does, instead of reading what lies beyond the region.
+    #[test]
+    fn stops_at_an_indirect_table_running_off_memory() {
+        let mem: GuestMem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mock = MockSplitQueue::create(&mem, GuestAddress(0), QSIZE);
+        let head = Descriptor::new(0xfff0, 48, VRING_DESC_F_INDIRECT as u16, 0);
+        mock.desc_table().store(0, head.into()).unwrap();
+        let first = Descriptor::new(0x100, 512, VRING_DESC_F_NEXT as u16, 1);
+        mem.write_obj(first, GuestAddress(0xfff0)).unwrap();
+        mock.avail().ring().ref_at(0).unwrap().store(0);
+        mock.avail().idx().store(u16::to_le(1));
+        let mut q = mock.create_queue::<virtio_queue::Queue>().unwrap();
+        let theirs: Vec<_> = q
+            .iter(&mem)
+            .unwrap()
+            .next()
+            .unwrap()
+            .map(|d| raw(&d))
+            .collect();
+        let ours: Vec<_> = Chain::new(&mem, GuestAddress(q.desc_table()), q.size(), 0)
+            .map(|d| raw(&d))
+            .collect();
+        assert_eq!(ours, theirs);
+        assert_eq!(ours, vec![(0x100, 512, VRING_DESC_F_NEXT as u16, 1)]);
     }
 
     proptest! {

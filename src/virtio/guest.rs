@@ -93,8 +93,10 @@ pub fn load_u16(mem: &GuestMem, addr: GuestAddress, order: Ordering) -> Option<u
 
 /// The host address of the `len` bytes at `addr`, when they lie in one region: one region
 /// lookup and a bounds check, where vm-memory's `Bytes` methods build a slice and check it
-/// again (about a hundred instructions per call, several calls per request).
-fn host_range(mem: &GuestMem, addr: GuestAddress, len: u64) -> Option<*mut u8> {
+/// again (about a hundred instructions per call, several calls per request). The one lookup
+/// the request path uses to turn a guest range into a host pointer (headers, ring fields, the
+/// descriptor table, the used ring); the pointer is valid while `mem` is borrowed.
+pub(crate) fn host_range(mem: &GuestMem, addr: GuestAddress, len: u64) -> Option<*mut u8> {
     let region = mem.find_region(addr)?;
     let at = addr.0 - region.start_addr().0;
     if at.checked_add(len)? > region.len() {
