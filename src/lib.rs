@@ -9,4 +9,5 @@ pub mod fault;
 pub mod remap;
 pub mod stats;
 pub mod storage;
+pub mod unix;
 pub mod virtio;

@@ -183,7 +183,8 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
         faults,
         remap: target,
     });
-    let _control = ControlServer::start(&control_path, commands).map_err(|e| e.to_string())?;
+    let _control = ControlServer::start(&control_path, commands)
+        .map_err(|e| format!("control socket: {e}"))?;
     serve(dev, live, &a.socket).map_err(|e| e.to_string())
 }
 

@@ -6,7 +6,7 @@ use std::num::Wrapping;
 use vm_memory::{GuestAddress, GuestMemoryLoadGuard};
 
 use crate::virtio::chain::TableMap;
-use crate::virtio::request::GuestMem;
+use crate::virtio::GuestMem;
 
 /// What `pop_available` knows of the avail ring between two pops: the avail index it read
 /// last, and the memory table it loaded after that read, which holds the buffers of every

@@ -6,7 +6,8 @@ use std::io;
 use vm_memory::{Bytes, GuestMemoryBackend};
 
 use crate::storage::BlockIo;
-use crate::virtio::request::{GuestMem, Request, RequestType};
+use crate::virtio::request::{Request, RequestType};
+use crate::virtio::GuestMem;
 use crate::virtio::ID_BYTES;
 
 /// The per-connection context a request needs besides the target.

@@ -23,7 +23,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
 use super::used::{needs_notification, UsedBatch};
 use crate::virtio::guest;
-use crate::virtio::request::GuestMem;
+use crate::virtio::GuestMem;
 use crate::virtio::Status;
 
 pub type Gm = GuestMemoryAtomic<GuestMem>;

@@ -3,13 +3,27 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
+use serde::Serialize;
 use serde_json::json;
 
 use super::device::Device;
-use super::inflight::DrainReport;
+use super::inflight::{DrainReport, Phase};
 use super::vhu_blk::BlkBackend;
 use crate::events::EventLog;
+
+/// What `quiesce` did.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct QuiesceReport {
+    pub duration_us: u64,
+    /// Requests in flight when the drain began.
+    pub waited_for: usize,
+    /// Requests still in flight at the drain timeout, completed with IOERR.
+    pub abandoned: usize,
+    /// Requests in flight once it returned (0 unless a stuck one is still running).
+    pub inflight: usize,
+}
 
 pub struct Live {
     current: Mutex<Option<BlkBackend>>,
@@ -30,7 +44,7 @@ impl Live {
 
     /// Reports a finished drain, in the log and the event log: why, how long, how many
     /// requests, how many abandoned.
-    pub fn drain_done(&self, why: &str, report: &DrainReport) {
+    pub(crate) fn drain_done(&self, why: &str, report: &DrainReport) {
         if report.abandoned.is_empty() {
             log::info!(
                 "drain on {why}: waited for {} requests, {:?}",
@@ -56,23 +70,73 @@ impl Live {
         );
     }
 
-    pub fn set_current(&self, backend: Option<BlkBackend>) {
+    /// `quiesce`: no queue takes descriptors any more (whichever frontend is connected, now or
+    /// later) and every accepted request is complete, or was given up on at the drain timeout.
+    pub fn quiesce(&self, dev: &Device) -> QuiesceReport {
+        let start = Instant::now();
+        dev.set_quiesced(true);
+        let mut out = QuiesceReport::default();
+        if let Some(backend) = self.current() {
+            self.set_quiescing(true);
+            let report = backend.drain_all(Phase::Stopped);
+            self.set_quiescing(false);
+            self.drain_done("quiesce", &report);
+            out.waited_for = report.waited_for;
+            out.abandoned = report.abandoned.len();
+            out.inflight = backend.inflight();
+        }
+        out.duration_us = start.elapsed().as_micros() as u64;
+        self.events.emit(
+            "quiesce",
+            json!({ "duration_us": out.duration_us, "waited_for": out.waited_for }),
+        );
+        out
+    }
+
+    /// `resume`: queues take descriptors again. Returns whether the device was quiesced.
+    pub fn resume(&self, dev: &Device) -> bool {
+        let was = dev.is_quiesced();
+        dev.set_quiesced(false);
+        if let Some(b) = self.current() {
+            // A kick that came while quiesced was consumed without popping anything.
+            b.poke();
+        }
+        self.events.emit("resume", json!({ "was_quiesced": was }));
+        was
+    }
+
+    /// Whether a frontend is connected.
+    pub fn connected(&self) -> bool {
+        self.current().is_some()
+    }
+
+    /// Requests accepted and not yet completed, over all queues (0 with no frontend).
+    pub fn inflight(&self) -> usize {
+        self.current().map_or(0, |b| b.inflight())
+    }
+
+    /// Requests accepted and not yet completed on queue `q`.
+    pub fn queue_inflight(&self, q: usize) -> usize {
+        self.current().map_or(0, |b| b.queue_inflight(q))
+    }
+
+    pub(crate) fn set_current(&self, backend: Option<BlkBackend>) {
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = backend;
     }
 
     /// The session being served; a clone, so no lock is held while it is used.
-    pub fn current(&self) -> Option<BlkBackend> {
+    pub(crate) fn current(&self) -> Option<BlkBackend> {
         self.current
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    pub fn set_stopping(&self) {
+    pub(crate) fn set_stopping(&self) {
         self.stopping.store(true, Ordering::Release);
     }
 
-    pub fn set_quiescing(&self, on: bool) {
+    fn set_quiescing(&self, on: bool) {
         self.quiescing.store(on, Ordering::Release);
     }
 

@@ -150,7 +150,7 @@ pub fn relay(
     mut owner_seen: bool,
 ) -> SessionEnd {
     loop {
-        let which = match super::server::wait_any(&[frontend.as_raw_fd(), backend.as_raw_fd()]) {
+        let which = match crate::unix::wait_any(&[frontend.as_raw_fd(), backend.as_raw_fd()]) {
             Ok(i) => i,
             Err(e) => return SessionEnd::FrontendClosed(Some(e)),
         };

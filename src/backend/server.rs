@@ -4,7 +4,7 @@
 use std::io::{self, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -22,19 +22,12 @@ use super::inflight::Phase;
 use super::live::Live;
 use super::relay;
 use super::vhu_blk::BlkBackend;
+use crate::unix::{self, SocketError};
 
 #[derive(Debug, Error)]
 pub enum ServeError {
-    #[error(
-        "socket {0} is in use by a running process; stop that process or choose another --socket"
-    )]
-    SocketInUse(PathBuf),
-    #[error("{0} exists and is not a socket; refusing to replace it. Remove it or choose another --socket")]
-    NotASocket(PathBuf),
-    #[error("cannot remove stale socket {path}: {source}")]
-    RemoveStale { path: PathBuf, source: io::Error },
-    #[error("cannot listen on {path}: {reason}")]
-    Listen { path: PathBuf, reason: String },
+    #[error("vhost-user socket: {0}")]
+    Socket(#[from] SocketError),
     #[error("cannot install signal handlers: {0}")]
     Signals(io::Error),
     #[error("cannot start serving a frontend: {0}")]
@@ -43,32 +36,6 @@ pub enum ServeError {
     Poll(io::Error),
     #[error("final fdatasync of the image failed: {0}")]
     FinalFlush(io::Error),
-}
-
-/// Claims `path` for listening: a socket file nobody answers on is a leftover of a killed
-/// process and is replaced; one that accepts connections belongs to a live process and is not.
-pub fn claim_socket(path: &Path) -> Result<(), ServeError> {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => {
-            return Err(ServeError::Listen {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })
-        }
-    };
-    if !meta.file_type().is_socket() {
-        return Err(ServeError::NotASocket(path.to_path_buf()));
-    }
-    if UnixStream::connect(path).is_ok() {
-        return Err(ServeError::SocketInUse(path.to_path_buf()));
-    }
-    info!("replacing stale socket {}", path.display());
-    std::fs::remove_file(path).map_err(|source| ServeError::RemoveStale {
-        path: path.to_path_buf(),
-        source,
-    })
 }
 
 /// SIGINT and SIGTERM, turned into a readable fd so the accept loop can poll for them.
@@ -104,60 +71,35 @@ impl Drop for SignalPipe {
     }
 }
 
-/// Blocks until one of `fds` is readable; returns its index.
-pub(crate) fn wait_any(fds: &[RawFd]) -> io::Result<usize> {
-    let mut pfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    loop {
-        // SAFETY: pfds is a valid array of pollfd for the duration of the call.
-        let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if let Some(i) = pfds.iter().position(|p| p.revents != 0) {
-            return Ok(i);
-        }
-    }
-}
-
 /// Serves frontends on `socket` one after another until SIGINT or SIGTERM.
 pub fn serve(dev: Arc<Device>, live: Arc<Live>, socket: &Path) -> Result<(), ServeError> {
     let signals = SignalPipe::new().map_err(ServeError::Signals)?;
-    claim_socket(socket)?;
-    let listen_err = |e: io::Error| ServeError::Listen {
+    let listener = unix::listen(socket)?;
+    let internal = Internal::new(socket).map_err(|source| SocketError::Listen {
         path: socket.to_path_buf(),
-        reason: e.to_string(),
-    };
-    let listener = UnixListener::bind(socket).map_err(listen_err)?;
-    let internal = Internal::new(socket).map_err(listen_err)?;
+        source,
+    })?;
     info!("listening on {}", socket.display());
     let live = &*live;
 
-    let result = (|| loop {
-        if wait_any(&[listener.as_raw_fd(), signals.fd()]).map_err(ServeError::Poll)? == 1 {
-            info!("signal received while idle; exiting");
-            live.set_stopping();
-            return Ok(());
-        }
-        let frontend = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e) => {
-                warn!("accept failed: {e}");
-                continue;
+    let result = (|| -> Result<(), ServeError> {
+        loop {
+            if unix::wait_any(&[listener.as_raw_fd(), signals.fd()]).map_err(ServeError::Poll)? == 1
+            {
+                info!("signal received while idle; exiting");
+                live.set_stopping();
+                return Ok(());
             }
-        };
-        if serve_connection(&dev, live, frontend, &internal, &signals)? {
-            return Ok(());
+            let frontend = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!("accept failed: {e}");
+                    continue;
+                }
+            };
+            if serve_connection(&dev, live, frontend, &internal, &signals)? {
+                return Ok(());
+            }
         }
     })();
 
@@ -228,7 +170,8 @@ fn serve_connection(
             let _ = done_tx.write_all(&[1]);
             r
         });
-        let stop = wait_any(&[done_rx.as_raw_fd(), signals.fd()]).map_err(ServeError::Poll)? == 1;
+        let stop =
+            unix::wait_any(&[done_rx.as_raw_fd(), signals.fd()]).map_err(ServeError::Poll)? == 1;
         if stop {
             // Drain before closing the connection: requests the guest already handed us
             // complete and are signalled while the frontend still listens.

@@ -18,7 +18,7 @@ use super::inflight::Phase;
 use super::vhu_blk::BlkBackend;
 use crate::stats::QueueStats;
 use crate::storage::BlockIo;
-use crate::virtio::request::GuestMem;
+use crate::virtio::GuestMem;
 use crate::virtio::ID_BYTES;
 
 const QSIZE: u16 = 64;

@@ -19,7 +19,8 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryLoadGuard};
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag};
 
 use crate::storage::{BlockIo, Dir, Piece, Route, IN_MEMORY, NO_FILE};
-use crate::virtio::request::{GuestMem, Request, RequestType};
+use crate::virtio::request::{Request, RequestType};
+use crate::virtio::GuestMem;
 
 /// user_data of cancellation requests; never a slot index.
 const CANCEL: u64 = u64::MAX;

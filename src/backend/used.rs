@@ -15,7 +15,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 
 use crate::virtio::guest;
-use crate::virtio::request::GuestMem;
+use crate::virtio::GuestMem;
 
 /// Flags and index, before the entries.
 const HEADER: usize = 4;

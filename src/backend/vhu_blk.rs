@@ -29,7 +29,8 @@ use super::used::{avail_u16, used_event};
 use crate::stats::QueueStats;
 use crate::virtio::chain::Chain;
 use crate::virtio::config::WRITEBACK_OFFSET;
-use crate::virtio::request::{self, GuestMem, Rejected, Request, RequestError, RequestType};
+use crate::virtio::request::{self, Rejected, Request, RequestError, RequestType};
+use crate::virtio::GuestMem;
 use crate::virtio::Status;
 
 struct Conn {

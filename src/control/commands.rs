@@ -2,12 +2,10 @@
 //! frontend session being served, never on the I/O path's locks.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use serde_json::{json, Map, Value};
 
 use super::protocol::{CommandError, CommandResult, Request};
-use crate::backend::inflight::Phase;
 use crate::backend::{Device, Live};
 use crate::fault::{FaultSpec, FaultTable};
 use crate::remap::metadata::Entry;
@@ -157,7 +155,7 @@ impl Commands {
     }
 
     fn inflight(&self) -> usize {
-        self.live.current().map_or(0, |b| b.inflight())
+        self.live.inflight()
     }
 
     fn query_status(&self) -> CommandResult {
@@ -168,7 +166,7 @@ impl Commands {
             "capacity_bytes": cfg.capacity,
             "block_size": cfg.block_size,
             "num_queues": cfg.num_queues,
-            "connected": self.live.current().is_some(),
+            "connected": self.live.connected(),
             "inflight": self.inflight(),
             "readonly": cfg.readonly,
             "engine": cfg.engine,
@@ -180,7 +178,6 @@ impl Commands {
     }
 
     fn query_stats(&self) -> CommandResult {
-        let current = self.live.current();
         let queues: Vec<Value> = self
             .dev
             .stats
@@ -189,7 +186,7 @@ impl Commands {
             .enumerate()
             .map(|(i, q)| {
                 let mut v = counters(|pick| QueueStats::get(pick(q)));
-                v["inflight"] = json!(current.as_ref().map_or(0, |b| b.queue_inflight(i)));
+                v["inflight"] = json!(self.live.queue_inflight(i));
                 v["latency_us"] = json!({
                     "p50": q.latency.quantile_us(0.5),
                     "p99": q.latency.quantile_us(0.99),
@@ -204,40 +201,11 @@ impl Commands {
     }
 
     fn quiesce(&self) -> CommandResult {
-        let start = Instant::now();
-        self.dev.set_quiesced(true);
-        let Some(backend) = self.live.current() else {
-            self.live
-                .events
-                .emit("quiesce", json!({ "duration_us": 0, "waited_for": 0 }));
-            return Ok(json!({ "duration_us": 0, "waited_for": 0, "abandoned": 0, "inflight": 0 }));
-        };
-        self.live.set_quiescing(true);
-        let report = backend.drain_all(Phase::Stopped);
-        self.live.set_quiescing(false);
-        self.live.drain_done("quiesce", &report);
-        self.live.events.emit(
-            "quiesce",
-            json!({ "duration_us": start.elapsed().as_micros() as u64, "waited_for": report.waited_for }),
-        );
-        Ok(json!({
-            "duration_us": start.elapsed().as_micros() as u64,
-            "waited_for": report.waited_for,
-            "abandoned": report.abandoned.len(),
-            "inflight": backend.inflight(),
-        }))
+        Ok(json!(self.live.quiesce(&self.dev)))
     }
 
     fn resume(&self) -> CommandResult {
-        let was = self.dev.is_quiesced();
-        self.dev.set_quiesced(false);
-        if let Some(b) = self.live.current() {
-            b.poke();
-        }
-        self.live
-            .events
-            .emit("resume", json!({ "was_quiesced": was }));
-        Ok(json!({ "was_quiesced": was }))
+        Ok(json!({ "was_quiesced": self.live.resume(&self.dev) }))
     }
 }
 

@@ -2,7 +2,7 @@
 //! another client's `query-stats`.
 
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread;
@@ -11,7 +11,7 @@ use log::{debug, info, warn};
 
 use super::commands::Commands;
 use super::protocol::{parse_request, reply};
-use crate::backend::server::{claim_socket, ServeError};
+use crate::unix::{self, SocketError};
 
 pub struct ControlServer {
     path: PathBuf,
@@ -20,12 +20,8 @@ pub struct ControlServer {
 impl ControlServer {
     /// Claims `path` (replacing a stale socket, refusing a live one) and serves it from a
     /// background thread.
-    pub fn start(path: &Path, commands: Arc<Commands>) -> Result<ControlServer, ServeError> {
-        claim_socket(path)?;
-        let listener = UnixListener::bind(path).map_err(|e| ServeError::Listen {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+    pub fn start(path: &Path, commands: Arc<Commands>) -> Result<ControlServer, SocketError> {
+        let listener = unix::listen(path)?;
         info!("control socket on {}", path.display());
         thread::Builder::new()
             .name("control".to_string())
@@ -42,7 +38,10 @@ impl ControlServer {
                     }
                 }
             })
-            .map_err(|e| ServeError::Daemon(e.to_string()))?;
+            .map_err(|source| SocketError::Listen {
+                path: path.to_path_buf(),
+                source,
+            })?;
         Ok(ControlServer {
             path: path.to_path_buf(),
         })

@@ -6,24 +6,7 @@ use std::sync::Arc;
 
 use super::spec::FaultOp;
 use super::table::{FaultTable, Verdict};
-use crate::storage::{BlockIo, Dir, Piece, Route};
-
-/// The error an injected fault produces: which blocks of the request are bad, so the layer
-/// above (remap) need not probe them one by one.
-#[derive(Debug, thiserror::Error)]
-#[error("injected media error (fault {fault}) on blocks {}..={}", bad.start(), bad.end())]
-pub struct MediaError {
-    pub fault: u64,
-    pub bad: std::ops::RangeInclusive<u64>,
-}
-
-impl MediaError {
-    /// The bad blocks an I/O error names, if it came from an injected fault.
-    pub fn of(e: &io::Error) -> Option<&MediaError> {
-        e.get_ref()
-            .and_then(|inner| inner.downcast_ref::<MediaError>())
-    }
-}
+use crate::storage::{BlockIo, Dir, MediaError, Piece, Route};
 
 pub struct FaultyTarget {
     inner: Arc<dyn BlockIo>,
@@ -52,7 +35,10 @@ impl FaultyTarget {
                 std::thread::sleep(d);
                 Ok(())
             }
-            Verdict::Fail(id, bad) => Err(io::Error::other(MediaError { fault: id, bad })),
+            Verdict::Fail(id, bad) => Err(io::Error::other(MediaError {
+                cause: format!("injected media error (fault {id})"),
+                bad,
+            })),
         }
     }
 }

@@ -6,6 +6,6 @@ pub mod io;
 pub mod spec;
 pub mod table;
 
-pub use io::{FaultyTarget, MediaError};
+pub use io::FaultyTarget;
 pub use spec::{FaultArgError, FaultMode, FaultOp, FaultSpec};
 pub use table::FaultTable;

@@ -13,9 +13,8 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use super::metadata::{Cause, Entry};
 use super::table::RemapTable;
-use crate::fault::MediaError;
 use crate::storage::iov::{gather, scatter};
-use crate::storage::{BlockIo, Dir, Piece, Route, IN_MEMORY};
+use crate::storage::{BlockIo, Dir, MediaError, Piece, Route, IN_MEMORY};
 
 pub struct RemapTarget {
     main: Arc<dyn BlockIo>,

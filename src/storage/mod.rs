@@ -27,6 +27,24 @@ pub fn open_noatime(opts: &mut FsOpenOptions, flags: i32, path: &Path) -> io::Re
     }
 }
 
+/// A read or write that failed on blocks the layer that failed it can name (an injected media
+/// error): the layers above need not probe the request's blocks one by one to find them.
+#[derive(Debug, thiserror::Error)]
+#[error("{cause} on blocks {}..={}", bad.start(), bad.end())]
+pub struct MediaError {
+    pub cause: String,
+    /// The bad blocks, in logical blocks of the device.
+    pub bad: std::ops::RangeInclusive<u64>,
+}
+
+impl MediaError {
+    /// The bad blocks an I/O error names, if a layer below said which.
+    pub fn of(e: &io::Error) -> Option<&MediaError> {
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<MediaError>())
+    }
+}
+
 /// Which way data moves, for [`BlockIo::route`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dir {

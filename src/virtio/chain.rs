@@ -12,7 +12,7 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{GuestAddress, VolatileSlice};
 
 use super::guest;
-use super::request::GuestMem;
+use super::guest::GuestMem;
 
 const DESC_SIZE: u64 = size_of::<Descriptor>() as u64;
 

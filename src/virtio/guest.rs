@@ -8,10 +8,13 @@ use std::ptr;
 use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 
 use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress, VolatileSlice,
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress, VolatileSlice,
 };
 
-use super::request::GuestMem;
+/// Guest memory as the vhost-user frontend shares it (no dirty-page bitmap: we do not offer
+/// LOG_ALL, so migration logging never applies).
+pub type GuestMem = GuestMemoryMmap<()>;
 
 /// The 16 bytes at `offset` of `slice`, as two little-endian 64-bit words.
 pub fn read16(slice: &VolatileSlice<'_, ()>, offset: usize) -> Option<[u64; 2]> {

@@ -11,15 +11,11 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
-use super::guest::{self, in_memory};
+use super::guest::{self, in_memory, GuestMem};
 use super::inline_vec::InlineVec;
 use super::{Status, SECTOR_SHIFT};
-
-/// Guest memory as the vhost-user frontend shares it (no dirty-page bitmap: we do not offer
-/// LOG_ALL, so migration logging never applies).
-pub type GuestMem = GuestMemoryMmap<()>;
 
 const HEADER_LEN: usize = 16;
 /// `struct virtio_blk_discard_write_zeroes`.
