@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::backend::device::{MAX_NUM_QUEUES, MAX_QUEUE_SIZE};
+use crate::backend::{MAX_NUM_QUEUES, MAX_QUEUE_SIZE};
+use crate::io::EngineKind;
 use crate::virtio::ID_BYTES;
 
 #[derive(Debug, Parser)]
@@ -120,7 +121,7 @@ pub struct ServeArgs {
     /// dropped: measures the ring handling alone). Default: io_uring where the kernel allows
     /// it, else sync (the start-up log says which). Also read from REMAPBLK_ENGINE.
     #[arg(long, value_name = "ENGINE", value_enum, env = "REMAPBLK_ENGINE")]
-    pub engine: Option<EngineArg>,
+    pub engine: Option<EngineKind>,
 
     /// After a burst of requests, keep polling the ring (guest notifications off) and the
     /// engine's completions for this many microseconds of idleness before sleeping again.
@@ -163,14 +164,6 @@ pub struct ServeArgs {
     /// disconnect and drain, with a CLOCK_MONOTONIC timestamp (monotonic_ns).
     #[arg(long, value_name = "PATH")]
     pub event_log: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum EngineArg {
-    Sync,
-    #[value(name = "io_uring")]
-    IoUring,
-    Null,
 }
 
 /// Parses `4096`, `512K`, `512M`, `20G`, `1T` (also `20GiB`, `20g`): binary units.

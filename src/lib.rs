@@ -6,6 +6,8 @@ pub mod backend;
 pub mod control;
 pub mod events;
 pub mod fault;
+pub mod inline_vec;
+pub mod io;
 pub mod remap;
 pub mod stats;
 pub mod storage;

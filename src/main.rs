@@ -6,15 +6,14 @@ use std::time::Duration;
 use clap::Parser;
 use log::warn;
 
-use remapblk::args::{Cli, Command, CtlArgs, EngineArg, MetadataAction, ServeArgs};
-use remapblk::backend::device::default_serial;
-use remapblk::backend::uring;
-use remapblk::backend::{serve, Device, DeviceConfig, Live};
+use remapblk::args::{Cli, Command, CtlArgs, MetadataAction, ServeArgs};
+use remapblk::backend::{default_serial, serve, Device, DeviceConfig, Live};
 use remapblk::control::client::{call, parse_arguments, CtlError};
 use remapblk::control::commands::Commands;
 use remapblk::control::ControlServer;
 use remapblk::events::EventLog;
 use remapblk::fault::{FaultTable, FaultyTarget};
+use remapblk::io::EngineKind;
 use remapblk::remap::spare::inspect;
 use remapblk::remap::{self, RemapTarget};
 use remapblk::storage::{BlockIo, Image, NullTarget, OpenOptions};
@@ -128,10 +127,7 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
         num_queues: a.num_queues,
         queue_size: a.queue_size,
         drain_timeout: Duration::from_millis(a.drain_timeout_ms),
-        // The null engine completes through the ring's batching too (with no kernel I/O).
-        uring: engine == EngineArg::IoUring
-            || (engine == EngineArg::Null && uring::probe().is_ok()),
-        engine: engine_name(engine),
+        engine,
         poll: Duration::from_micros(a.poll_us),
     };
     let control_path = a.control.clone().unwrap_or_else(|| {
@@ -163,7 +159,7 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
     print_banner(&a, capacity, &serial_str, &control_path, engine);
     // Guest I/O goes remap -> faults -> image: faults apply to the main image only, so a
     // remapped block is healthy again.
-    let base: Arc<dyn BlockIo> = if engine == EngineArg::Null {
+    let base: Arc<dyn BlockIo> = if engine == EngineKind::Null {
         Arc::new(NullTarget)
     } else {
         Arc::new(image)
@@ -188,32 +184,26 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
     serve(dev, live, &a.socket).map_err(|e| e.to_string())
 }
 
-fn engine_name(e: EngineArg) -> &'static str {
-    match e {
-        EngineArg::IoUring => "io_uring",
-        EngineArg::Sync => "sync",
-        EngineArg::Null => "null",
-    }
-}
-
 /// The engine to run: the one asked for, or io_uring when the kernel allows it.
-fn pick_engine(asked: Option<EngineArg>) -> Result<EngineArg, String> {
+fn pick_engine(asked: Option<EngineKind>) -> Result<EngineKind, String> {
     match asked {
-        Some(EngineArg::IoUring) => uring::probe().map(|()| EngineArg::IoUring).map_err(|e| {
-            format!("--engine io_uring: this kernel does not let us use io_uring ({e}); use --engine sync")
+        Some(e) => e.probe().map(|()| e).map_err(|err| {
+            format!(
+                "--engine {}: this kernel does not let us use it ({err}); use --engine sync",
+                e.name()
+            )
         }),
-        Some(e) => Ok(e),
-        None => Ok(match uring::probe() {
-            Ok(()) => EngineArg::IoUring,
+        None => Ok(match EngineKind::IoUring.probe() {
+            Ok(()) => EngineKind::IoUring,
             Err(e) => {
                 warn!("io_uring is not available ({e}); using the sync engine");
-                EngineArg::Sync
+                EngineKind::Sync
             }
         }),
     }
 }
 
-fn print_banner(a: &ServeArgs, capacity: u64, serial: &str, control: &Path, engine: EngineArg) {
+fn print_banner(a: &ServeArgs, capacity: u64, serial: &str, control: &Path, engine: EngineKind) {
     let sock = absolute(&a.socket);
     println!(
         "remapblk: serving {} ({} bytes = {} MiB, {}-byte blocks{}, serial {serial}) on {}",
@@ -226,8 +216,8 @@ fn print_banner(a: &ServeArgs, capacity: u64, serial: &str, control: &Path, engi
     );
     println!(
         "engine: {}{}",
-        engine_name(engine),
-        if engine == EngineArg::Null {
+        engine.name(),
+        if engine == EngineKind::Null {
             " (reads return zeros, writes are dropped)"
         } else {
             ""

@@ -3,6 +3,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::virtio::request::{Rejected, RequestError, RequestType};
+
 #[derive(Debug, Default)]
 #[repr(align(64))]
 pub struct QueueStats {
@@ -45,6 +47,45 @@ impl QueueStats {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// The counter of requests of `kind`.
+    fn of_kind(&self, kind: RequestType) -> &AtomicU64 {
+        match kind {
+            RequestType::In => &self.reads,
+            RequestType::Out => &self.writes,
+            RequestType::Flush => &self.flushes,
+            RequestType::GetId => &self.get_ids,
+            RequestType::Discard => &self.discards,
+            RequestType::WriteZeroes => &self.write_zeroes,
+        }
+    }
+
+    /// Counts a request of `kind` moving `bytes` that completed, well or not.
+    pub fn count(&self, kind: RequestType, bytes: u64, ok: bool) {
+        Self::inc(self.of_kind(kind));
+        if !ok {
+            Self::inc(&self.errors);
+            return;
+        }
+        match kind {
+            RequestType::In => Self::add(&self.bytes_read, bytes),
+            RequestType::Out => Self::add(&self.bytes_written, bytes),
+            _ => {}
+        }
+    }
+
+    /// Counts a chain the parser refused.
+    pub fn count_rejected(&self, rej: &Rejected) {
+        if let Some(kind) = rej.kind {
+            Self::inc(self.of_kind(kind));
+        }
+        Self::inc(&self.errors);
+        if matches!(rej.error, RequestError::Unsupported(_)) {
+            Self::inc(&self.unsupported);
+        } else {
+            Self::inc(&self.malformed);
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
+use crate::io::{EngineKind, Target};
 use crate::stats::Stats;
 use crate::storage::BlockIo;
 use crate::virtio::config::BlkConfig;
@@ -35,25 +36,28 @@ pub struct DeviceConfig {
     pub num_queues: u16,
     pub queue_size: u16,
     pub drain_timeout: Duration,
-    /// Plain reads and writes go through a per-queue io_uring.
-    pub uring: bool,
-    /// The engine's name, for status reports: "io_uring", "sync" or "null".
-    pub engine: &'static str,
+    /// The engine each queue runs requests with.
+    pub engine: EngineKind,
     /// `--poll-us`: how long a worker keeps polling its ring after the last work; zero: off.
     pub poll: Duration,
 }
 
 pub struct Device {
     pub cfg: DeviceConfig,
-    pub target: Arc<dyn BlockIo>,
+    /// What requests run against: the block stack and the serial.
+    pub target: Target,
     pub stats: Stats,
     /// Set by `quiesce`: no queue takes descriptors, whichever frontend is connected.
     quiesced: AtomicBool,
 }
 
 impl Device {
-    pub fn new(cfg: DeviceConfig, target: Arc<dyn BlockIo>) -> Device {
+    pub fn new(cfg: DeviceConfig, stack: Arc<dyn BlockIo>) -> Device {
         let stats = Stats::new(cfg.num_queues as usize);
+        let target = Target {
+            stack,
+            serial: cfg.serial,
+        };
         Device {
             cfg,
             target,

@@ -1,19 +1,21 @@
-//! vhost-user glue: features and config space, one worker per queue, in-flight accounting and
-//! the drain on stop, reset, disconnect and exit.
+//! vhost-user glue: features and config space, sessions, one worker per queue, in-flight
+//! accounting and the drain on stop, reset, disconnect and exit.
+//!
+//! The public API is what this file exports; the rest is the module's own.
 
 mod cursor;
-pub mod device;
-pub mod exec;
-pub mod inflight;
-pub mod live;
-pub mod relay;
-pub mod server;
-pub mod uring;
+mod device;
+mod inflight;
+mod live;
+mod relay;
+mod server;
+mod session;
 mod used;
-pub mod vhu_blk;
+mod vhu_blk;
+mod worker;
 
-pub use device::{Device, DeviceConfig};
-pub use live::Live;
+pub use device::{default_serial, Device, DeviceConfig, MAX_NUM_QUEUES, MAX_QUEUE_SIZE};
+pub use live::{Live, QuiesceReport};
 pub use server::{serve, ServeError};
 
 #[cfg(test)]

@@ -103,7 +103,7 @@ pub fn serve(dev: Arc<Device>, live: Arc<Live>, socket: &Path) -> Result<(), Ser
         }
     })();
 
-    let flushed = dev.target.flush();
+    let flushed = dev.target.stack.flush();
     if let Err(e) = std::fs::remove_file(socket) {
         warn!("cannot remove socket {}: {e}", socket.display());
     }

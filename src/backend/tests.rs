@@ -16,6 +16,7 @@ use vmm_sys_util::epoll::EventSet;
 use super::device::{Device, DeviceConfig};
 use super::inflight::Phase;
 use super::vhu_blk::BlkBackend;
+use crate::io::EngineKind;
 use crate::stats::QueueStats;
 use crate::storage::BlockIo;
 use crate::virtio::GuestMem;
@@ -140,8 +141,7 @@ fn rig(readonly: bool, drain_timeout: Duration) -> Rig {
             num_queues: 1,
             queue_size: QSIZE,
             drain_timeout,
-            uring: false,
-            engine: "sync",
+            engine: EngineKind::Sync,
             poll: Duration::ZERO,
         },
         target.clone(),

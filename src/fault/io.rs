@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::spec::FaultOp;
 use super::table::{FaultTable, Verdict};
-use crate::storage::{BlockIo, Dir, MediaError, Piece, Route};
+use crate::storage::{BlockIo, Dir, MapIo, Mapping, MediaError, PerIo};
 
 pub struct FaultyTarget {
     inner: Arc<dyn BlockIo>,
@@ -47,13 +47,15 @@ impl BlockIo for FaultyTarget {
     unsafe fn readv(&self, offset: u64, iov: &[libc::iovec]) -> io::Result<()> {
         let len: usize = iov.iter().map(|v| v.iov_len).sum();
         self.gate(FaultOp::Read, offset, len as u64)?;
-        self.inner.readv(offset, iov)
+        // SAFETY: the caller vouches for `iov`.
+        unsafe { self.inner.readv(offset, iov) }
     }
 
     unsafe fn writev(&self, offset: u64, iov: &[libc::iovec]) -> io::Result<()> {
         let len: usize = iov.iter().map(|v| v.iov_len).sum();
         self.gate(FaultOp::Write, offset, len as u64)?;
-        self.inner.writev(offset, iov)
+        // SAFETY: the caller vouches for `iov`.
+        unsafe { self.inner.writev(offset, iov) }
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -70,22 +72,18 @@ impl BlockIo for FaultyTarget {
         self.inner.write_zeroes(offset, len, unmap)
     }
 
-    fn route(&self, dir: Dir, offset: u64, len: u64, at: u64, route: &mut Route) -> bool {
-        let op = match dir {
+    fn map<'a>(&'a self, io: MapIo, out: &mut Mapping<'a>) -> bool {
+        let op = match io.dir {
             Dir::Read => FaultOp::Read,
             Dir::Write => FaultOp::Write,
         };
-        let first = offset / self.block_size;
-        let last = (offset + len.max(1) - 1) / self.block_size;
+        let first = io.offset / self.block_size;
+        let last = (io.offset + io.len.max(1) - 1) / self.block_size;
         // A fault that could fire must see the request: only readv/writev consult it.
-        !self.table.may_apply(op, first, last) && self.inner.route(dir, offset, len, at, route)
+        !self.table.may_apply(op, first, last) && self.inner.map(io, out)
     }
 
-    fn route_valid(&self, ticket: u64, offset: u64, len: u64) -> bool {
-        self.inner.route_valid(ticket, offset, len)
-    }
-
-    unsafe fn copy_in_memory(&self, piece: &Piece, iov: &[libc::iovec]) -> bool {
-        self.inner.copy_in_memory(piece, iov)
+    fn end_io(&self, io: MapIo, per_io: &PerIo) -> bool {
+        self.inner.end_io(io, per_io)
     }
 }

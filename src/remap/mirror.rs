@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
 use crate::storage::iov::IovWriter;
+use crate::storage::MemoryExtent;
 
 /// Largest data area mirrored: 256 MiB (the default spare of a 25 GiB image of 512-byte blocks).
 pub const MAX_BYTES: u64 = 256 << 20;
@@ -153,6 +154,13 @@ impl Mirror {
             pos += n as u64;
         }
         true
+    }
+}
+
+impl MemoryExtent for Mirror {
+    unsafe fn copy_to(&self, offset: u64, iov: &[libc::iovec]) -> bool {
+        // SAFETY: the caller's promise.
+        unsafe { self.read(offset, iov) }
     }
 }
 

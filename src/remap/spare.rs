@@ -3,7 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -12,7 +12,7 @@ use thiserror::Error;
 
 use super::metadata::{Entry, Header, MetaError, Slot, HEADER_LEN};
 use super::mirror::Mirror;
-use crate::storage::{open_noatime, Piece, IN_MEMORY};
+use crate::storage::{open_noatime, Extent, Source};
 
 #[derive(Debug, Error)]
 pub enum SpareError {
@@ -195,41 +195,22 @@ impl Spare {
         self.header.data_offset() + block * u64::from(self.header.block_size)
     }
 
-    /// The file descriptor the spare's pieces name.
-    pub fn fd(&self) -> std::os::fd::RawFd {
-        self.file.as_raw_fd()
-    }
-
-    /// Where `len` bytes from byte `skip` of spare block `block` live, as a piece of a request
-    /// at its byte `at`: in the mirror ([`IN_MEMORY`], offset into the data area; see
-    /// [`copy_in_memory`](Self::copy_in_memory)) when it holds the block, else in the file.
-    pub fn piece(&self, block: u64, skip: u64, len: u64, at: u64) -> Piece {
+    /// Where `len` bytes from byte `skip` of spare block `block` live, as an extent of a request
+    /// at its byte `at`: in memory when the mirror holds the block, else in the file.
+    pub fn extent(&self, block: u64, skip: u64, len: u64, at: u64) -> Extent<'_> {
         let bs = u64::from(self.header.block_size);
-        let (fd, file_offset) = match &self.mirror {
-            Some(m) if m.holds(block) => (IN_MEMORY, block * bs + skip),
-            _ => (self.file.as_raw_fd(), self.block_offset(block) + skip),
+        let source = match &self.mirror {
+            Some(m) if m.holds(block) => Source::Memory {
+                from: m,
+                offset: block * bs + skip,
+            },
+            _ => Source::File {
+                fd: self.file.as_fd(),
+                offset: self.block_offset(block) + skip,
+                align: 1,
+            },
         };
-        Piece {
-            fd,
-            file_offset,
-            at,
-            len,
-            align: 1,
-        }
-    }
-
-    /// Copies an [`IN_MEMORY`] piece's bytes into `iov` (as many as it holds); false when the
-    /// mirror no longer holds them all (the caller then reads the file, by `read_block`).
-    ///
-    /// # Safety
-    /// Every iovec must point to memory valid for writes of its length.
-    pub unsafe fn copy_in_memory(&self, piece: &Piece, iov: &[libc::iovec]) -> bool {
-        piece.fd == IN_MEMORY
-            && self
-                .mirror
-                .as_ref()
-                // SAFETY: the caller's promise.
-                .is_some_and(|m| unsafe { m.read(piece.file_offset, iov) })
+        Extent { at, len, source }
     }
 
     pub fn read_block(&self, block: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -400,6 +381,7 @@ impl Inspection {
 mod tests {
     use super::super::metadata::Cause;
     use super::*;
+    use std::os::fd::AsRawFd;
 
     fn header() -> Header {
         Header {
@@ -418,20 +400,29 @@ mod tests {
         }
     }
 
-    /// Reads `len` bytes of `piece` the way the engine does: from memory, else from the file.
-    fn read_piece(s: &Spare, piece: &Piece) -> Vec<u8> {
-        let mut buf = vec![0u8; piece.len as usize];
-        if piece.fd == IN_MEMORY {
-            let iov = [libc::iovec {
-                iov_base: buf.as_mut_ptr().cast(),
-                iov_len: buf.len(),
-            }];
-            assert!(unsafe { s.copy_in_memory(piece, &iov) });
-        } else {
-            assert_eq!(piece.fd, s.fd());
-            s.file.read_exact_at(&mut buf, piece.file_offset).unwrap();
+    /// Reads an extent's bytes the way an engine does: from memory, else from the file.
+    fn read_extent(s: &Spare, e: &Extent) -> Vec<u8> {
+        let mut buf = vec![0u8; e.len as usize];
+        match e.source {
+            Source::Memory { from, offset } => {
+                let iov = [libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: buf.len(),
+                }];
+                // SAFETY: `buf` outlives the call.
+                assert!(unsafe { from.copy_to(offset, &iov) });
+            }
+            Source::File { fd, offset, .. } => {
+                assert_eq!(fd.as_raw_fd(), s.file.as_raw_fd());
+                s.file.read_exact_at(&mut buf, offset).unwrap();
+            }
+            Source::Zeros => panic!("a spare block is never zeros"),
         }
         buf
+    }
+
+    fn in_memory(e: &Extent) -> bool {
+        matches!(e.source, Source::Memory { .. })
     }
 
     #[test]
@@ -439,25 +430,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s");
         let s = Spare::create(&p, header()).unwrap();
-        assert_eq!(s.piece(3, 0, 512, 0).fd, s.fd(), "never written: the file");
+        assert!(!in_memory(&s.extent(3, 0, 512, 0)), "never written: the file");
         s.write_block(3, &[5; 512]).unwrap();
         s.write_block(4, &[6; 512]).unwrap();
-        let piece = s.piece(3, 100, 600, 0);
-        assert_eq!(piece.fd, IN_MEMORY);
+        let e = s.extent(3, 100, 600, 0);
+        assert!(in_memory(&e));
         let want: Vec<u8> = [[5u8; 412].as_slice(), &[6u8; 188]].concat();
-        assert_eq!(read_piece(&s, &piece), want);
+        assert_eq!(read_extent(&s, &e), want);
         s.write_block(3, &[7; 512]).unwrap();
-        assert_eq!(read_piece(&s, &s.piece(3, 0, 512, 0)), [7; 512]);
+        assert_eq!(read_extent(&s, &s.extent(3, 0, 512, 0)), [7; 512]);
         // After a restart the blocks the table uses are in memory again, and only those.
         s.commit(&[entry(9, 3)]).unwrap();
         drop(s);
         let o = Spare::open(&p, 512, 1 << 20).unwrap();
-        let piece = o.spare.piece(3, 0, 512, 0);
-        assert_eq!(piece.fd, IN_MEMORY);
-        assert_eq!(read_piece(&o.spare, &piece), [7; 512]);
-        let piece = o.spare.piece(4, 0, 512, 0);
-        assert_eq!(piece.fd, o.spare.fd(), "block 4 is not in the table");
-        assert_eq!(read_piece(&o.spare, &piece), [6; 512]);
+        let e = o.spare.extent(3, 0, 512, 0);
+        assert!(in_memory(&e));
+        assert_eq!(read_extent(&o.spare, &e), [7; 512]);
+        let e = o.spare.extent(4, 0, 512, 0);
+        assert!(!in_memory(&e), "block 4 is not in the table");
+        assert_eq!(read_extent(&o.spare, &e), [6; 512]);
     }
 
     #[test]
@@ -470,9 +461,9 @@ mod tests {
         };
         let s = Spare::create(&dir.path().join("s"), h).unwrap();
         s.write_block(3, &[5; 4096]).unwrap();
-        let piece = s.piece(3, 0, 4096, 0);
-        assert_eq!(piece.fd, s.fd());
-        assert_eq!(read_piece(&s, &piece), [5; 4096]);
+        let e = s.extent(3, 0, 4096, 0);
+        assert!(!in_memory(&e));
+        assert_eq!(read_extent(&s, &e), [5; 4096]);
     }
 
     #[test]

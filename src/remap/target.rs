@@ -14,7 +14,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use super::metadata::{Cause, Entry};
 use super::table::RemapTable;
 use crate::storage::iov::{gather, scatter};
-use crate::storage::{BlockIo, Dir, MediaError, Piece, Route, IN_MEMORY};
+use super::table::Snapshot;
+use crate::inline_vec::InlineVec;
+use crate::storage::{BlockIo, Dir, Extent, MapIo, Mapping, MediaError, Pass, PerIo};
 
 pub struct RemapTarget {
     main: Arc<dyn BlockIo>,
@@ -333,22 +335,25 @@ impl BlockIo for RemapTarget {
         let (first, last) = self.blocks(offset, len as u64);
         let snap = self.table.snapshot();
         if snap.remapped(first, last).next().is_none() {
-            return self.main.readv(offset, iov).inspect_err(|e| {
+            // SAFETY: the caller vouches for `iov`.
+            return unsafe { self.main.readv(offset, iov) }.inspect_err(|e| {
                 let bad = self.bad_blocks(e, first, last, |b| self.main_read_block(b).is_ok());
                 self.table.add_pending(bad);
             });
         }
         let mut buf = vec![0u8; len];
         self.read_split(first, &mut buf)?;
-        scatter(iov, &buf);
+        // SAFETY: the caller vouches for `iov`; `buf` holds their total length.
+        unsafe { scatter(iov, &buf) };
         Ok(())
     }
 
     unsafe fn writev(&self, offset: u64, iov: &[libc::iovec]) -> io::Result<()> {
         let len: usize = iov.iter().map(|v| v.iov_len).sum();
         let (first, last) = self.blocks(offset, len as u64);
+        // SAFETY: the caller vouches for `iov`.
         self.moves
-            .write(first, last, || self.write_once(offset, iov))
+            .write(first, last, || unsafe { self.write_once(offset, iov) })
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -376,111 +381,88 @@ impl BlockIo for RemapTarget {
         })
     }
 
-    /// Reads are split into runs of the main image and of the spare file. Writes go straight
-    /// only where no block is remapped or pending: a write to a remapped block would land in a
-    /// spare block that a concurrent remap-remove may hand to another block before the write
-    /// runs. Either way the ticket is the move counters of the request's blocks, checked again
-    /// at the end ([`MoveGuard::write`]'s rule, for I/O that someone else carries out): a read
-    /// of a spare block that changed hands meanwhile is done again.
-    fn route(&self, dir: Dir, offset: u64, len: u64, at: u64, route: &mut Route) -> bool {
-        let start = route.pieces.len();
-        if !self.route_split(dir, offset, len, at, route) {
+    /// Reads are split into runs of the main image and of the spare. Writes go straight only
+    /// where no block is remapped or pending: a write to a remapped block would land in a spare
+    /// block that a concurrent remap-remove may hand to another block before the write runs.
+    /// Either way the move counters of the request's blocks are kept in the per-I/O data and
+    /// checked again by `end_io` ([`MoveGuard::write`]'s rule, for I/O that an engine carries
+    /// out): a read of a spare block that changed hands meanwhile is done again.
+    fn map<'a>(&'a self, io: MapIo, out: &mut Mapping<'a>) -> bool {
+        let (first, last) = self.blocks(io.offset, io.len);
+        let (gen, moving) = self.moves.state(first, last);
+        if moving || !out.per_io_mut().keep(self, gen) {
             return false;
         }
-        if !route.may_overlay || dir != Dir::Read {
-            return true;
+        let snap = self.table.view();
+        match io.dir {
+            Dir::Write => !snap.touches(first, last) && self.main.map(io, out),
+            Dir::Read => self.map_read(io, &snap, out),
         }
-        // A remapped block inside a read cuts the image's part in two, so the split costs three
-        // calls. Read the whole range from the image and the spare's runs over it instead: two.
-        // The caller runs overlaid pieces in order and from the page cache only, so the image's
-        // copy of a remapped block is only read when it is cached, never from a failing disk.
-        let spare_fd = self.table.spare().fd();
-        let is_spare = |p: &Piece| p.fd == spare_fd || p.fd == IN_MEMORY;
-        let pieces = &mut route.pieces;
-        if pieces[start..].iter().filter(|p| !is_spare(p)).count() < 2 {
-            return true;
-        }
-        let mut kept = start;
-        for i in start..pieces.len() {
-            if is_spare(&pieces[i]) {
-                pieces[kept] = pieces[i];
-                kept += 1;
-            }
-        }
-        pieces.truncate(kept);
-        if self.main.route(dir, offset, len, at, route) {
-            let whole = route.pieces.len() - kept;
-            route.pieces[start..].rotate_right(whole);
-            route.overlaid = true;
-            return true;
-        }
-        // The image will not take the whole range (a fault on a remapped block): split after all.
-        route.pieces.truncate(start);
-        self.route_split(dir, offset, len, at, route)
     }
 
-    fn route_valid(&self, ticket: u64, offset: u64, len: u64) -> bool {
+    fn end_io(&self, io: MapIo, per_io: &PerIo) -> bool {
         // Pairs with the mover's increment before it copies, as in MoveGuard::write.
         std::sync::atomic::fence(Ordering::SeqCst);
-        let (first, last) = self.blocks(offset, len);
-        self.moves.state(first, last).0 == ticket
-    }
-
-    /// The spare's blocks in memory: a copy, where the file would take a system call. A
-    /// spare block that changes hands meanwhile is caught by the ticket like a file read.
-    unsafe fn copy_in_memory(&self, piece: &Piece, iov: &[libc::iovec]) -> bool {
-        self.table.spare().copy_in_memory(piece, iov)
+        let (first, last) = self.blocks(io.offset, io.len);
+        self.main.end_io(io, per_io) && per_io.get(self) == Some(self.moves.state(first, last).0)
     }
 }
 
 impl RemapTarget {
-    /// [`BlockIo::route`] with every piece in its own place: runs of the image and of the spare.
-    fn route_split(&self, dir: Dir, offset: u64, len: u64, at: u64, route: &mut Route) -> bool {
-        let (first, last) = self.blocks(offset, len);
-        let (gen, moving) = self.moves.state(first, last);
-        if moving {
-            return false;
-        }
-        route.ticket = gen;
-        let snap = self.table.view();
-        if dir == Dir::Write {
-            return !snap.touches(first, last) && self.main.route(dir, offset, len, at, route);
-        }
-        let end = offset + len;
-        let mut pos = offset;
+    /// [`BlockIo::map`] of a read: the spare's runs of the remapped blocks, and the image's runs
+    /// between them.
+    fn map_read<'a>(&'a self, io: MapIo, snap: &Snapshot, out: &mut Mapping<'a>) -> bool {
+        let (first, last) = self.blocks(io.offset, io.len);
+        let end = io.offset + io.len;
+        // Neighbouring blocks often sit in neighbouring spare blocks: one run.
+        let mut runs = InlineVec::<Extent<'a>, 4>::default();
         for (&b, e) in snap.remapped(first, last) {
-            let start = (b * self.bs).max(offset);
-            if pos < start
-                && !self
-                    .main
-                    .route(dir, pos, start - pos, at + pos - offset, route)
-            {
-                return false;
-            }
+            let start = (b * self.bs).max(io.offset);
             let stop = ((b + 1) * self.bs).min(end);
-            let piece = self.table.spare().piece(
+            let run = self.table.spare().extent(
                 e.spare_block,
                 start - b * self.bs,
                 stop - start,
-                at + start - offset,
+                io.at + start - io.offset,
             );
-            match route.pieces.last_mut() {
-                // Neighbouring blocks often sit in neighbouring spare blocks: one run.
-                Some(prev)
-                    if prev.fd == piece.fd
-                        && prev.file_offset + prev.len == piece.file_offset
-                        && prev.at + prev.len == piece.at =>
-                {
-                    prev.len += piece.len
-                }
-                _ => route.pieces.push(piece),
+            if !runs.last_mut().is_some_and(|prev| prev.absorb(&run)) {
+                runs.push(run);
             }
-            pos = stop;
         }
-        pos == end
-            || self
-                .main
-                .route(dir, pos, end - pos, at + pos - offset, route)
+        let offset_of = |e: &Extent| io.offset + (e.at - io.at);
+        // The image's runs: the gaps around the spare's.
+        let mut gaps = 0;
+        let mut pos = io.offset;
+        for r in runs.iter() {
+            gaps += usize::from(pos < offset_of(r));
+            pos = offset_of(r) + r.len;
+        }
+        gaps += usize::from(pos < end);
+        // A remapped block inside a read cuts the image's part in two, so the split costs three
+        // calls. When the engine runs the extents in order and from the page cache only, read
+        // the whole range from the image and the spare's runs over it instead: two. The image's
+        // copy of a remapped block is then only read when it is cached, never from a failing
+        // disk. The image may refuse the whole range (a fault on a remapped block): split.
+        if io.pass == Pass::NoWait && gaps >= 2 {
+            let mark = out.len();
+            if self.main.map(io, out) {
+                for r in runs.iter() {
+                    out.push(*r);
+                }
+                return true;
+            }
+            out.truncate(mark);
+        }
+        let mut pos = io.offset;
+        for r in runs.iter() {
+            let start = offset_of(r);
+            if pos < start && !self.main.map(io.part(pos, start - pos), out) {
+                return false;
+            }
+            out.push(*r);
+            pos = start + r.len;
+        }
+        pos == end || self.main.map(io.part(pos, end - pos), out)
     }
 }
 
@@ -493,20 +475,22 @@ impl RemapTarget {
         let len: usize = iov.iter().map(|v| v.iov_len).sum();
         let (first, last) = self.blocks(offset, len as u64);
         let snap = self.table.snapshot();
+        // Only the slow paths need the data in one buffer of our own.
+        let copy = || {
+            let mut buf = vec![0u8; len];
+            // SAFETY: the caller vouches for `iov`; `buf` holds their total length.
+            unsafe { gather(iov, &mut buf) };
+            buf
+        };
         if !snap.touches(first, last) {
-            return match self.main.writev(offset, iov) {
+            // SAFETY: the caller vouches for `iov`.
+            return match unsafe { self.main.writev(offset, iov) } {
                 Ok(()) => Ok(()),
                 Err(e) if !self.auto_remap => Err(e),
-                Err(e) => {
-                    let mut buf = vec![0u8; len];
-                    gather(iov, &mut buf);
-                    self.recover_write(first, &buf, e)
-                }
+                Err(e) => self.recover_write(first, &copy(), e),
             };
         }
-        let mut buf = vec![0u8; len];
-        gather(iov, &mut buf);
-        self.write_split(first, &buf)
+        self.write_split(first, &copy())
     }
 
     fn zero_split(&self, first: u64, last: u64, unmap: bool) -> io::Result<()> {
@@ -528,22 +512,23 @@ mod tests {
     use super::super::metadata::Header;
     use super::super::spare::Spare;
     use super::*;
+    use crate::storage::Source;
     use std::collections::BTreeSet;
+    use std::os::fd::AsFd;
 
-    const MAIN_FD: i32 = 1000;
-
-    /// An image that routes every range to `MAIN_FD` except ranges holding a `refused` block
-    /// (as the fault layer refuses a range with a fault in it).
+    /// An image that maps every range to its file except ranges holding a `refused` block (as
+    /// the fault layer refuses a range with a fault in it).
     struct FakeImage {
+        file: std::fs::File,
         refused: BTreeSet<u64>,
     }
 
     impl BlockIo for FakeImage {
         unsafe fn readv(&self, _: u64, _: &[libc::iovec]) -> io::Result<()> {
-            unreachable!("routing only")
+            Ok(())
         }
         unsafe fn writev(&self, _: u64, _: &[libc::iovec]) -> io::Result<()> {
-            unreachable!("routing only")
+            Ok(())
         }
         fn flush(&self) -> io::Result<()> {
             Ok(())
@@ -554,21 +539,19 @@ mod tests {
         fn write_zeroes(&self, _: u64, _: u64, _: bool) -> io::Result<()> {
             Ok(())
         }
-        fn route(&self, _: Dir, offset: u64, len: u64, at: u64, route: &mut Route) -> bool {
-            if self
-                .refused
-                .range(offset / 512..(offset + len).div_ceil(512))
-                .next()
-                .is_some()
-            {
+        fn map<'a>(&'a self, io: MapIo, out: &mut Mapping<'a>) -> bool {
+            let blocks = io.offset / 512..(io.offset + io.len).div_ceil(512);
+            if self.refused.range(blocks).next().is_some() {
                 return false;
             }
-            route.pieces.push(Piece {
-                fd: MAIN_FD,
-                file_offset: offset,
-                at,
-                len,
-                align: 1,
+            out.push(Extent {
+                at: io.at,
+                len: io.len,
+                source: Source::File {
+                    fd: self.file.as_fd(),
+                    offset: io.offset,
+                    align: 1,
+                },
             });
             true
         }
@@ -590,63 +573,56 @@ mod tests {
                 .unwrap();
         }
         let main = Arc::new(FakeImage {
+            file: tempfile::tempfile().unwrap(),
             refused: refused.iter().copied().collect(),
         });
         (dir, RemapTarget::new(main, table, 512, true))
     }
 
-    fn route(t: &RemapTarget, dir: Dir, offset: u64, len: u64, may_overlay: bool) -> Route {
-        let mut r = Route {
-            may_overlay,
-            ..Route::default()
-        };
-        assert!(t.route(dir, offset, len, 0, &mut r));
-        r
+    /// Each extent as (kind, request byte, length, source offset): 'F' the image's file, 'M'
+    /// the spare's blocks in memory.
+    fn map(t: &RemapTarget, dir: Dir, offset: u64, len: u64, pass: Pass) -> Vec<(char, u64, u64, u64)> {
+        let mut m = Mapping::default();
+        assert!(t.map(MapIo::new(dir, offset, len, pass), &mut m));
+        m.extents()
+            .iter()
+            .map(|e| match e.source {
+                Source::File { offset, .. } => ('F', e.at, e.len, offset),
+                Source::Memory { offset, .. } => ('M', e.at, e.len, offset),
+                Source::Zeros => ('Z', e.at, e.len, 0),
+            })
+            .collect()
     }
 
     #[test]
     fn a_read_around_remapped_blocks_is_one_image_read_with_the_spare_over_it() {
         let (_dir, t) = target(&[10, 12], &[]);
-        let split = route(&t, Dir::Read, 8 * 512, 4096, false);
-        assert!(!split.overlaid);
-        let fds: Vec<i32> = split.pieces.iter().map(|p| p.fd).collect();
-        assert_eq!(fds, [MAIN_FD, IN_MEMORY, MAIN_FD, IN_MEMORY, MAIN_FD]);
+        let split = map(&t, Dir::Read, 8 * 512, 4096, Pass::Queued);
+        let kinds: String = split.iter().map(|e| e.0).collect();
+        assert_eq!(kinds, "FMFMF");
+        assert_eq!(split[0], ('F', 0, 1024, 8 * 512));
+        assert_eq!(split[2], ('F', 1536, 512, 11 * 512));
 
-        let over = route(&t, Dir::Read, 8 * 512, 4096, true);
-        assert!(over.overlaid);
-        assert_eq!(over.ticket, split.ticket);
-        assert_eq!(
-            over.pieces[0],
-            Piece {
-                fd: MAIN_FD,
-                file_offset: 8 * 512,
-                at: 0,
-                len: 4096,
-                align: 1,
-            }
-        );
+        let over = map(&t, Dir::Read, 8 * 512, 4096, Pass::NoWait);
+        assert_eq!(over[0], ('F', 0, 4096, 8 * 512));
         // The spare's runs follow, the same as in the split, so they land over the image's copy.
-        let spare_runs: Vec<Piece> = split
-            .pieces
-            .iter()
-            .filter(|p| p.fd == IN_MEMORY)
-            .copied()
-            .collect();
-        assert_eq!(over.pieces[1..], spare_runs[..]);
+        let spare_runs: Vec<_> = split.iter().filter(|e| e.0 == 'M').copied().collect();
+        assert_eq!(over[1..], spare_runs[..]);
     }
 
     #[test]
     fn overlay_only_where_it_saves_a_call() {
         // A remapped block at the edge leaves one image run: the split is as short.
         let (_dir, t) = target(&[8], &[]);
-        let r = route(&t, Dir::Read, 8 * 512, 4096, true);
-        assert!(!r.overlaid);
-        assert_eq!(r.pieces.len(), 2);
-        // Writes never overlay (they do not route around remapped blocks at all).
+        let r = map(&t, Dir::Read, 8 * 512, 4096, Pass::NoWait);
+        assert_eq!(r.iter().map(|e| e.0).collect::<String>(), "MF");
+        // Writes never overlay (they do not map around remapped blocks at all).
         let (_dir, t) = target(&[], &[]);
-        let r = route(&t, Dir::Write, 0, 4096, true);
-        assert!(!r.overlaid);
-        assert_eq!(r.pieces.len(), 1);
+        let r = map(&t, Dir::Write, 0, 4096, Pass::NoWait);
+        assert_eq!(r, [('F', 0, 4096, 0)]);
+        let (_dir, t) = target(&[3], &[]);
+        let mut m = Mapping::default();
+        assert!(!t.map(MapIo::new(Dir::Write, 0, 4096, Pass::NoWait), &mut m));
     }
 
     #[test]
@@ -654,10 +630,28 @@ mod tests {
         // Block 10 is remapped and the image refuses it (a fault on it): only the runs around
         // it may go to the image.
         let (_dir, t) = target(&[10], &[10]);
-        let split = route(&t, Dir::Read, 8 * 512, 4096, false);
-        let r = route(&t, Dir::Read, 8 * 512, 4096, true);
-        assert!(!r.overlaid);
-        assert_eq!(r.pieces, split.pieces);
-        assert_eq!(r.pieces.len(), 3);
+        let split = map(&t, Dir::Read, 8 * 512, 4096, Pass::Queued);
+        let r = map(&t, Dir::Read, 8 * 512, 4096, Pass::NoWait);
+        assert_eq!(r, split);
+        assert_eq!(r.len(), 3);
+    }
+
+    /// A mapping made before a move of one of its blocks is refused at `end_io`; one made after
+    /// it, or of other blocks, is not.
+    #[test]
+    fn end_io_refuses_a_mapping_a_move_overtook() {
+        let (_dir, t) = target(&[], &[]);
+        let io = MapIo::new(Dir::Read, 8 * 512, 4096, Pass::Queued);
+        let far = MapIo::new(Dir::Read, 1 << 19, 4096, Pass::Queued);
+        let (mut before, mut elsewhere) = (Mapping::default(), Mapping::default());
+        assert!(t.map(io, &mut before) && t.map(far, &mut elsewhere));
+        assert!(t.end_io(io, before.per_io()), "nothing moved yet");
+        t.remap_add([9u64].into_iter()).unwrap();
+        assert!(!t.end_io(io, before.per_io()), "block 9 moved under the mapping");
+        assert!(t.end_io(far, elsewhere.per_io()), "the move was elsewhere");
+        let mut after = Mapping::default();
+        assert!(t.map(io, &mut after));
+        assert!(t.end_io(io, after.per_io()));
+        assert!(!t.end_io(io, Mapping::default().per_io()), "no word kept: not mapped here");
     }
 }

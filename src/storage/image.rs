@@ -3,7 +3,7 @@
 
 use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
@@ -11,7 +11,7 @@ use log::info;
 use thiserror::Error;
 
 use super::iov::{gather, scatter};
-use super::{open_noatime, BlockIo, Dir, Piece, Route};
+use super::{open_noatime, BlockIo, Dir, Extent, MapIo, Mapping, Source};
 
 /// `BLKGETSIZE64`, `_IOR(0x12, 114, size_t)`.
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -269,34 +269,46 @@ impl BlockIo for Image {
                 iov_base: buf.ptr.cast(),
                 iov_len: total,
             }];
-            transfer(self.fd(), offset, &biov, Dir::Read)?;
-            scatter(iov, std::slice::from_raw_parts(buf.ptr, total));
+            // SAFETY: `buf` is a live allocation of at least `total` bytes; the caller vouches
+            // for `iov`.
+            unsafe {
+                transfer(self.fd(), offset, &biov, Dir::Read)?;
+                scatter(iov, std::slice::from_raw_parts(buf.ptr, total));
+            }
             return Ok(());
         }
-        transfer(self.fd(), offset, iov, Dir::Read)
+        // SAFETY: the caller vouches for `iov`.
+        unsafe { transfer(self.fd(), offset, iov, Dir::Read) }
     }
 
     unsafe fn writev(&self, offset: u64, iov: &[libc::iovec]) -> io::Result<()> {
         if self.needs_bounce(iov) {
             let total: usize = iov.iter().map(|v| v.iov_len).sum();
             let buf = AlignedBuf::new(total.next_multiple_of(DIRECT_ALIGN))?;
-            gather(iov, std::slice::from_raw_parts_mut(buf.ptr, total));
             let biov = [libc::iovec {
                 iov_base: buf.ptr.cast(),
                 iov_len: total,
             }];
-            return transfer(self.fd(), offset, &biov, Dir::Write);
+            // SAFETY: `buf` is a live allocation of at least `total` bytes; the caller vouches
+            // for `iov`.
+            unsafe {
+                gather(iov, std::slice::from_raw_parts_mut(buf.ptr, total));
+                return transfer(self.fd(), offset, &biov, Dir::Write);
+            }
         }
-        transfer(self.fd(), offset, iov, Dir::Write)
+        // SAFETY: the caller vouches for `iov`.
+        unsafe { transfer(self.fd(), offset, iov, Dir::Write) }
     }
 
-    fn route(&self, _dir: Dir, offset: u64, len: u64, at: u64, route: &mut Route) -> bool {
-        route.pieces.push(Piece {
-            fd: self.fd(),
-            file_offset: offset,
-            at,
-            len,
-            align: if self.direct { DIRECT_ALIGN as u64 } else { 1 },
+    fn map<'a>(&'a self, io: MapIo, out: &mut Mapping<'a>) -> bool {
+        out.push(Extent {
+            at: io.at,
+            len: io.len,
+            source: Source::File {
+                fd: self.file.as_fd(),
+                offset: io.offset,
+                align: if self.direct { DIRECT_ALIGN as u64 } else { 1 },
+            },
         });
         true
     }
@@ -395,9 +407,12 @@ unsafe fn transfer(fd: libc::c_int, offset: u64, iov: &[libc::iovec], dir: Dir) 
         let cur: &[libc::iovec] = owned.as_deref().unwrap_or(iov);
         let n = cur.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
         let pos = (offset + done as u64) as libc::off_t;
-        let r = match dir {
-            Dir::Read => libc::preadv(fd, cur.as_ptr(), n, pos),
-            Dir::Write => libc::pwritev(fd, cur.as_ptr(), n, pos),
+        // SAFETY: `cur` holds `n` iovecs the caller vouches for (or a suffix of them).
+        let r = unsafe {
+            match dir {
+                Dir::Read => libc::preadv(fd, cur.as_ptr(), n, pos),
+                Dir::Write => libc::pwritev(fd, cur.as_ptr(), n, pos),
+            }
         };
         if r < 0 {
             let e = io::Error::last_os_error();

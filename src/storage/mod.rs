@@ -1,15 +1,25 @@
-//! The image underneath everything: opening it, and the I/O engines behind one trait.
+//! The block stack's common language: the trait every layer implements (the remap layer, the
+//! fault layer, the image, the null target), and how a layer says where a request's bytes live
+//! so that an engine can move them itself.
+//!
+//! The trait follows device-mapper's target interface: the synchronous operations carry a
+//! request out through the layer; [`BlockIo::map`] says where a plain read or write lives, as
+//! [`Extent`]s, and [`BlockIo::end_io`] tells, once an engine has moved those bytes, whether
+//! they were still in the right place, with what the layer kept in the mapping's [`PerIo`]
+//! (device-mapper's per-bio data). Each layer owns its own ordering rules behind these two
+//! calls; the engines know nothing of what the layers are.
 
+mod extent;
 pub mod image;
 pub mod iov;
 pub mod null;
 
 use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::io;
-use std::os::fd::RawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+pub use extent::{Extent, Mapping, MemoryExtent, PerIo, Source};
 pub use image::{Image, ImageError, ImageKind, OpenOptions};
 pub use null::NullTarget;
 
@@ -45,50 +55,70 @@ impl MediaError {
     }
 }
 
-/// Which way data moves, for [`BlockIo::route`].
+/// Which way data moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dir {
     Read,
     Write,
 }
 
-/// The `fd` of a [`Piece`] that moves no data (the null engine): reads of it return zeros,
-/// writes to it are dropped, and it never waits for anything.
-pub const NO_FILE: RawFd = -1;
-
-/// The `fd` of a [`Piece`] whose bytes the target holds in memory: a read of it is done by
-/// [`BlockIo::copy_in_memory`], never by the ring. Its `file_offset` means what the target wants.
-pub const IN_MEMORY: RawFd = -2;
-
-/// A run of a request that can go straight to a file: `len` bytes at byte `at` of the
-/// request's data live at `file_offset` in `fd`.
+/// How an engine will run the extents of a mapping; a layer may map a request differently for
+/// each (it is the engine's promise, not a request of the layer's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Piece {
-    pub fd: RawFd,
-    pub file_offset: u64,
-    pub at: u64,
+pub enum Pass {
+    /// One extent after the other, at once, and only from memory or the page cache: an extent
+    /// that would have to wait for the device ends the attempt, and the engine maps the request
+    /// again for a [`Pass::Queued`] run. Extents may overlap; a later one's bytes replace an
+    /// earlier one's.
+    NoWait,
+    /// Possibly all at the same time, waiting on the device as long as it takes: extents must
+    /// not overlap.
+    Queued,
+}
+
+/// A plain read or write of `len` bytes at byte `offset` of the device, as an engine asks the
+/// stack where it lives. `at` is the byte of the request the range starts at: a layer that maps
+/// part of a request through the layer below passes that part's position ([`MapIo::part`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapIo {
+    pub dir: Dir,
+    pub offset: u64,
     pub len: u64,
-    /// O_DIRECT files need buffers, offsets and lengths aligned to this; 1 for none.
-    pub align: u64,
+    pub at: u64,
+    pub pass: Pass,
 }
 
-/// Where a request's data lives, as found by [`BlockIo::route`]. Reused between requests so
-/// routing allocates nothing.
-#[derive(Debug, Default)]
-pub struct Route {
-    pub pieces: Vec<Piece>,
-    /// Handed back to [`BlockIo::route_valid`] once the pieces are done.
-    pub ticket: u64,
-    /// Set by the caller: a read's pieces may overlap, a later piece overwriting part of an
-    /// earlier one, because the caller runs them one after another, from the page cache only.
-    pub may_overlay: bool,
-    /// Set by `route` when it made use of `may_overlay`: the pieces are only right in order.
-    pub overlaid: bool,
+impl MapIo {
+    /// The whole of a request: `len` bytes at `offset`.
+    pub fn new(dir: Dir, offset: u64, len: u64, pass: Pass) -> MapIo {
+        MapIo {
+            dir,
+            offset,
+            len,
+            at: 0,
+            pass,
+        }
+    }
+
+    /// The `len` bytes at device byte `offset`, a part of this range.
+    pub fn part(&self, offset: u64, len: u64) -> MapIo {
+        MapIo {
+            offset,
+            len,
+            at: self.at + (offset - self.offset),
+            ..*self
+        }
+    }
+
+    /// The same range for another pass.
+    pub fn with_pass(self, pass: Pass) -> MapIo {
+        MapIo { pass, ..self }
+    }
 }
 
-/// A place guest data lives. Offsets and lengths are in bytes; callers have validated them
-/// against the capacity. Implementations complete the whole transfer or fail: a short read or
-/// write is retried, never returned.
+/// A place guest data lives: a layer of the block stack. Offsets and lengths are in bytes;
+/// callers have validated them against the capacity. Implementations complete the whole
+/// transfer or fail: a short read or write is retried, never returned.
 pub trait BlockIo: Send + Sync {
     /// Reads `iov`'s total length from `offset` into the buffers.
     ///
@@ -113,30 +143,20 @@ pub trait BlockIo: Send + Sync {
     /// Zeroes a range, deallocating it when `unmap` allows.
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
 
-    /// For an engine that does the I/O itself (io_uring): the file runs a plain read or write
-    /// of `len` bytes at `offset` would touch, appended to `route.pieces` with request
-    /// positions starting at `at`. False when this layer must see the request itself (an
-    /// injected fault, a block being repaired...): then [`readv`](Self::readv) /
-    /// [`writev`](Self::writev) must be used.
-    fn route(&self, _dir: Dir, _offset: u64, _len: u64, _at: u64, _route: &mut Route) -> bool {
+    /// device-mapper's `map`: appends to `out` where the bytes of `io` live, so an engine can
+    /// move them itself. False when this layer must see the request itself (an injected fault,
+    /// a block being moved...): the engine then uses [`readv`](Self::readv) /
+    /// [`writev`](Self::writev). A layer that must check its mapping once the bytes are moved
+    /// keeps what it needs in `out`'s [`PerIo`].
+    fn map<'a>(&'a self, _io: MapIo, _out: &mut Mapping<'a>) -> bool {
         false
     }
 
-    /// Whether pieces found by [`route`](Self::route) for `len` bytes at `offset` with
-    /// `ticket` are still where the data lives now that the I/O is done (a remap may have moved
-    /// it meanwhile). When false the request must be done again through `readv` / `writev`.
-    fn route_valid(&self, _ticket: u64, _offset: u64, _len: u64) -> bool {
+    /// device-mapper's `end_io`: once an engine has moved every extent of a mapping `map` made
+    /// for `io`, whether they were where the data lives (a layer whose mapping changes while
+    /// I/O runs looks at what it kept in `per_io`). False: the request must be done again
+    /// through `readv` / `writev`. A layer that maps through the layer below asks it too.
+    fn end_io(&self, _io: MapIo, _per_io: &PerIo) -> bool {
         true
-    }
-
-    /// Copies the bytes of an [`IN_MEMORY`] read piece found by [`route`](Self::route) into
-    /// `iov` (the piece's part of the request). False when they are no longer in memory: the
-    /// caller then hands the request to [`readv`](Self::readv). Like every routed piece it is
-    /// checked by [`route_valid`](Self::route_valid) once the request is done.
-    ///
-    /// # Safety
-    /// Every iovec must point to memory valid for writes of its length.
-    unsafe fn copy_in_memory(&self, _piece: &Piece, _iov: &[libc::iovec]) -> bool {
-        false
     }
 }

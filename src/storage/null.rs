@@ -3,7 +3,7 @@
 
 use std::io;
 
-use super::{BlockIo, Dir, Piece, Route, NO_FILE};
+use super::{BlockIo, Extent, MapIo, Mapping, Source};
 
 pub struct NullTarget;
 
@@ -32,13 +32,11 @@ impl BlockIo for NullTarget {
         Ok(())
     }
 
-    fn route(&self, _dir: Dir, offset: u64, len: u64, at: u64, route: &mut Route) -> bool {
-        route.pieces.push(Piece {
-            fd: NO_FILE,
-            file_offset: offset,
-            at,
-            len,
-            align: 1,
+    fn map<'a>(&'a self, io: MapIo, out: &mut Mapping<'a>) -> bool {
+        out.push(Extent {
+            at: io.at,
+            len: io.len,
+            source: Source::Zeros,
         });
         true
     }

@@ -16,6 +16,10 @@ use vm_memory::{
 /// LOG_ALL, so migration logging never applies).
 pub type GuestMem = GuestMemoryMmap<()>;
 
+/// A view of guest memory as it was when loaded: keeps every region of that memory table mapped
+/// while it lives, whatever the frontend changes meanwhile.
+pub type GuestMemView = vm_memory::GuestMemoryLoadGuard<GuestMem>;
+
 /// The 16 bytes at `offset` of `slice`, as two little-endian 64-bit words.
 pub fn read16(slice: &VolatileSlice<'_, ()>, offset: usize) -> Option<[u64; 2]> {
     let sub = slice.subslice(offset, 16).ok()?;

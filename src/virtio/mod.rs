@@ -4,10 +4,9 @@
 pub mod chain;
 pub mod config;
 pub mod guest;
-mod inline_vec;
 pub mod request;
 
-pub use guest::GuestMem;
+pub use guest::{GuestMem, GuestMemView};
 
 pub use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,

@@ -14,7 +14,7 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::guest::{self, in_memory, GuestMem};
-use super::inline_vec::InlineVec;
+use crate::inline_vec::InlineVec;
 use super::{Status, SECTOR_SHIFT};
 
 const HEADER_LEN: usize = 16;
@@ -43,7 +43,7 @@ impl RequestType {
         }
     }
 
-    fn changes_data(self) -> bool {
+    pub fn changes_data(self) -> bool {
         matches!(
             self,
             RequestType::Out | RequestType::Discard | RequestType::WriteZeroes

@@ -1,6 +1,6 @@
 //! A vector that keeps its first `N` items inline. What a request is made of (its descriptors,
-//! its data buffers) is nearly always a few items, and parsing one per request should not
-//! allocate.
+//! its data buffers, the extents it maps to) is nearly always a few items, and handling one
+//! request should not allocate.
 
 use std::ops::{Deref, DerefMut};
 
@@ -33,6 +33,25 @@ impl<T: Copy, const N: usize> InlineVec<T, N> {
             self.spilled.push(item);
         }
         self.len += 1;
+    }
+
+    /// Keeps the first `len` items.
+    pub fn truncate(&mut self, len: usize) {
+        if len >= self.len {
+            return;
+        }
+        if self.len > N {
+            self.spilled.truncate(len);
+            if len <= N {
+                self.inline[..len].copy_from_slice(&self.spilled[..len]);
+                self.spilled.clear();
+            }
+        }
+        self.len = len;
+    }
+
+    pub fn clear(&mut self) {
+        self.truncate(0);
     }
 }
 
@@ -91,5 +110,14 @@ mod tests {
         v[4] += 1;
         assert_eq!(v.last(), Some(&41));
         assert_eq!(v.clone(), v);
+        v.truncate(3);
+        assert_eq!(v[..], [0, 10, 20]);
+        v.push(7);
+        assert_eq!(v[..], [0, 10, 20, 7]);
+        v.truncate(1);
+        v.push(9);
+        assert_eq!(v[..], [0, 9]);
+        v.clear();
+        assert!(v.is_empty());
     }
 }
