@@ -423,6 +423,7 @@ fn write_racing_remap_remove_does_not_land_in_a_reused_spare_block() {
             .unwrap(),
         1
     );
+    // SAFETY: the wait above returned one completion, so the first is filled.
     assert_eq!(unsafe { comps[0].assume_init_ref() }.ret, 0);
     assert_eq!(c.read(0, 10 * 512, 1024).unwrap(), data);
     assert!(
@@ -465,6 +466,7 @@ fn read_racing_remap_remove_does_not_return_another_blocks_data() {
             .unwrap(),
         1
     );
+    // SAFETY: the wait above returned one completion, so the first is filled.
     assert_eq!(unsafe { comps[0].assume_init_ref() }.ret, 0);
     assert!(
         c.slot_mut(0, 1024).to_vec() == mine,

@@ -54,8 +54,10 @@ struct Guest {
 }
 
 fn memfd(size: usize) -> File {
+    // SAFETY: memfd_create with a NUL-terminated name.
     let fd = unsafe { libc::memfd_create(c"remapblk-guest".as_ptr(), libc::MFD_CLOEXEC) };
     assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: a descriptor memfd_create just gave us, owned by nobody else.
     let f = unsafe { File::from_raw_fd(fd) };
     f.set_len(size as u64).unwrap();
     f

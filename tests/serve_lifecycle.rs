@@ -69,6 +69,7 @@ fn twenty_connections_one_client_killed_mid_write_then_full_verify() {
     for cycle in 0..20 {
         if cycle == 10 {
             let mut w = start_writer(&s.socket);
+            // SAFETY: kill(2) with a pid of our own child.
             unsafe { libc::kill(w.id() as i32, libc::SIGKILL) };
             w.wait().unwrap();
         } else {

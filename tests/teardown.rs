@@ -75,6 +75,7 @@ fn stuck_request_at_disconnect_is_abandoned_and_the_next_client_is_served() {
     let s = server_with_stuck_block(&events);
     let mut client = stuck_client(&s);
     let t0 = Instant::now();
+    // SAFETY: kill(2) with a pid of our own child.
     unsafe { libc::kill(client.id() as i32, libc::SIGKILL) };
     client.wait().unwrap();
     wait_until("the drain to give up", Duration::from_secs(10), || {

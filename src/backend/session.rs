@@ -36,13 +36,7 @@ impl Session {
     pub fn new(dev: Arc<Device>, mem: Gm) -> Session {
         let n = usize::from(dev.cfg.num_queues);
         let engines = (0..n)
-            .map(|q| {
-                Mutex::new(
-                    dev.cfg
-                        .engine
-                        .build(&dev.target, q, dev.cfg.queue_size),
-                )
-            })
+            .map(|q| Mutex::new(dev.cfg.engine.build(&dev.target, q, dev.cfg.queue_size)))
             .collect();
         Session {
             queues: (0..n).map(QueueCtl::new).collect(),

@@ -80,7 +80,10 @@ impl BlockIo for MemTarget {
         let data = self.data.lock().unwrap();
         let mut at = offset as usize;
         for v in iov {
-            std::ptr::copy_nonoverlapping(data[at..].as_ptr(), v.iov_base.cast(), v.iov_len);
+            // SAFETY: the caller vouches for the iovecs; the image holds the whole range.
+            unsafe {
+                std::ptr::copy_nonoverlapping(data[at..].as_ptr(), v.iov_base.cast(), v.iov_len)
+            };
             at += v.iov_len;
         }
         Ok(())
@@ -89,7 +92,10 @@ impl BlockIo for MemTarget {
         let mut data = self.data.lock().unwrap();
         let mut at = offset as usize;
         for v in iov {
-            std::ptr::copy_nonoverlapping(v.iov_base.cast(), data[at..].as_mut_ptr(), v.iov_len);
+            // SAFETY: the caller vouches for the iovecs; the image holds the whole range.
+            unsafe {
+                std::ptr::copy_nonoverlapping(v.iov_base.cast(), data[at..].as_mut_ptr(), v.iov_len)
+            };
             at += v.iov_len;
         }
         Ok(())

@@ -127,9 +127,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.s.dev.cfg.num_queues)
-            .map(|i| 1u64 << i)
-            .collect()
+        (0..self.s.dev.cfg.num_queues).map(|i| 1u64 << i).collect()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {

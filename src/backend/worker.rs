@@ -237,8 +237,13 @@ impl<'a> Worker<'a> {
             let since = blocking.since;
             let done = self.s.dev.target.run(blocking);
             let c = self.outcome(done);
-            self.ctl
-                .complete(self.vring, &self.s.mem.memory(), c.head, c.status, c.used_len);
+            self.ctl.complete(
+                self.vring,
+                &self.s.mem.memory(),
+                c.head,
+                c.status,
+                c.used_len,
+            );
             group.clock = Instant::now();
             self.stats
                 .latency
@@ -391,7 +396,10 @@ impl<'a> Worker<'a> {
     /// one, else just its used entry.
     fn reject(&self, head: u16, rej: Rejected) {
         self.stats.count_rejected(&rej);
-        debug!("queue {}: rejected descriptor {head}: {}", self.q, rej.error);
+        debug!(
+            "queue {}: rejected descriptor {head}: {}",
+            self.q, rej.error
+        );
         let status = rej.status_addr.map(|a| (a, rej.error.status()));
         let used_len = u32::from(status.is_some());
         self.ctl

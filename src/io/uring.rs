@@ -139,8 +139,8 @@ impl UringEngine {
                 // SAFETY: guest memory the job keeps mapped, checked by the parser.
                 Source::Zeros if dir == Dir::Read => unsafe { zero(part) },
                 Source::Zeros => {}
-                // SAFETY: as above.
                 Source::Memory { from, offset } if dir == Dir::Read => {
+                    // SAFETY: as above.
                     if !unsafe { from.copy_to(offset, part) } {
                         return Started::Blocking(job);
                     }

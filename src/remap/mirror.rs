@@ -38,6 +38,7 @@ pub struct Mirror {
 // SAFETY: the mapping is owned by the mirror and every access to its bytes is made under the
 // lock of the block's stripe (shared for reads, exclusive for writes).
 unsafe impl Send for Mirror {}
+// SAFETY: as for Send.
 unsafe impl Sync for Mirror {}
 
 impl Mirror {
@@ -194,6 +195,7 @@ mod tests {
         // 1,000 bytes from the middle of block 2 into three buffers of odd sizes.
         let mut bufs = vec![vec![0u8; 100], vec![0u8; 700], vec![0u8; 200]];
         let iov = iov_of(&mut bufs);
+        // SAFETY: the buffers behind the iovecs outlive the call.
         assert!(unsafe { m.read(2 * 512 + 300, &iov) });
         let flat: Vec<u8> = bufs.concat();
         let want: Vec<u8> = (2 * 512 + 300..2 * 512 + 1300)
@@ -208,10 +210,13 @@ mod tests {
         let mut bufs = vec![vec![0u8; 1024]];
         let iov = iov_of(&mut bufs);
         m.store(1, &[1; 512]);
+        // SAFETY: the buffers behind the iovecs outlive the call.
         assert!(!unsafe { m.read(512, &iov) }, "block 2 was never stored");
         m.store(2, &[2; 512]);
+        // SAFETY: the buffers behind the iovecs outlive the call.
         assert!(unsafe { m.read(512, &iov) });
         m.forget(2);
+        // SAFETY: the buffers behind the iovecs outlive the call.
         assert!(!m.holds(2) && !unsafe { m.read(512, &iov) });
         m.store(3, &[3; 100]);
         assert!(!m.holds(3), "a partial block is not held");
@@ -236,6 +241,7 @@ mod tests {
         let mut buf = vec![0u8; 4096];
         let iov = iov_of(std::slice::from_mut(&mut buf));
         while !w.is_finished() {
+            // SAFETY: the buffers behind the iovecs outlive the call.
             assert!(unsafe { m.read(4096, &iov) });
             assert!(buf.iter().all(|&x| x == buf[0]), "torn read");
         }

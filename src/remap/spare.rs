@@ -430,7 +430,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s");
         let s = Spare::create(&p, header()).unwrap();
-        assert!(!in_memory(&s.extent(3, 0, 512, 0)), "never written: the file");
+        assert!(
+            !in_memory(&s.extent(3, 0, 512, 0)),
+            "never written: the file"
+        );
         s.write_block(3, &[5; 512]).unwrap();
         s.write_block(4, &[6; 512]).unwrap();
         let e = s.extent(3, 100, 600, 0);

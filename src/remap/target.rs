@@ -13,9 +13,9 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use super::metadata::{Cause, Entry};
 use super::table::RemapTable;
-use crate::storage::iov::{gather, scatter};
 use super::table::Snapshot;
 use crate::inline_vec::InlineVec;
+use crate::storage::iov::{gather, scatter};
 use crate::storage::{BlockIo, Dir, Extent, MapIo, Mapping, MediaError, Pass, PerIo};
 
 pub struct RemapTarget {
@@ -581,7 +581,13 @@ mod tests {
 
     /// Each extent as (kind, request byte, length, source offset): 'F' the image's file, 'M'
     /// the spare's blocks in memory.
-    fn map(t: &RemapTarget, dir: Dir, offset: u64, len: u64, pass: Pass) -> Vec<(char, u64, u64, u64)> {
+    fn map(
+        t: &RemapTarget,
+        dir: Dir,
+        offset: u64,
+        len: u64,
+        pass: Pass,
+    ) -> Vec<(char, u64, u64, u64)> {
         let mut m = Mapping::default();
         assert!(t.map(MapIo::new(dir, offset, len, pass), &mut m));
         m.extents()
@@ -647,11 +653,17 @@ mod tests {
         assert!(t.map(io, &mut before) && t.map(far, &mut elsewhere));
         assert!(t.end_io(io, before.per_io()), "nothing moved yet");
         t.remap_add([9u64].into_iter()).unwrap();
-        assert!(!t.end_io(io, before.per_io()), "block 9 moved under the mapping");
+        assert!(
+            !t.end_io(io, before.per_io()),
+            "block 9 moved under the mapping"
+        );
         assert!(t.end_io(far, elsewhere.per_io()), "the move was elsewhere");
         let mut after = Mapping::default();
         assert!(t.map(io, &mut after));
         assert!(t.end_io(io, after.per_io()));
-        assert!(!t.end_io(io, Mapping::default().per_io()), "no word kept: not mapped here");
+        assert!(
+            !t.end_io(io, Mapping::default().per_io()),
+            "no word kept: not mapped here"
+        );
     }
 }

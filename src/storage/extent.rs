@@ -106,7 +106,11 @@ impl<'a> Extent<'a> {
                     offset: offset2,
                     align: align2,
                 },
-            ) => fd.as_raw_fd() == fd2.as_raw_fd() && offset + self.len == *offset2 && align == align2,
+            ) => {
+                fd.as_raw_fd() == fd2.as_raw_fd()
+                    && offset + self.len == *offset2
+                    && align == align2
+            }
             (Source::Zeros, Source::Zeros) => true,
             (
                 Source::Memory { from, offset },
@@ -229,7 +233,11 @@ mod tests {
         let file = |at, offset| Extent {
             at,
             len: 512,
-            source: Source::File { fd, offset, align: 1 },
+            source: Source::File {
+                fd,
+                offset,
+                align: 1,
+            },
         };
         let mut a = file(0, 4096);
         assert!(a.absorb(&file(512, 4608)));
@@ -257,7 +265,10 @@ mod tests {
         assert!(p.keep(&a, 10));
         assert!(p.keep(&b, 20));
         assert!(p.keep(&a, 11), "a layer mapped twice keeps its first word");
-        assert_eq!((p.get(&a), p.get(&b), p.get(&c)), (Some(10), Some(20), None));
+        assert_eq!(
+            (p.get(&a), p.get(&b), p.get(&c)),
+            (Some(10), Some(20), None)
+        );
         assert!(!p.keep(&c, 30), "full");
     }
 }

@@ -550,22 +550,27 @@ mod tests {
                 iov_len: b.len(),
             },
         ];
+        // SAFETY: the buffers behind the iovecs outlive the call.
         unsafe { img.writev(8192, &iov).unwrap() };
         let mut back = vec![0u8; 4096];
         let riov = [libc::iovec {
             iov_base: back.as_mut_ptr().cast(),
             iov_len: back.len(),
         }];
+        // SAFETY: the buffers behind the iovecs outlive the call.
         unsafe { img.readv(8192, &riov).unwrap() };
         assert!(back[..1024].iter().all(|&x| x == 0xaa));
         assert!(back[1024..].iter().all(|&x| x == 0x55));
 
         img.discard(8192, 4096).unwrap();
+        // SAFETY: the buffers behind the iovecs outlive the call.
         unsafe { img.readv(8192, &riov).unwrap() };
         assert!(back.iter().all(|&x| x == 0));
 
+        // SAFETY: the buffers behind the iovecs outlive the call.
         unsafe { img.writev(8192, &iov).unwrap() };
         img.write_zeroes(8192, 4096, false).unwrap();
+        // SAFETY: the buffers behind the iovecs outlive the call.
         unsafe { img.readv(8192, &riov).unwrap() };
         assert!(back.iter().all(|&x| x == 0));
     }
@@ -580,6 +585,7 @@ mod tests {
                 iov_len: 16,
             },
             libc::iovec {
+                // SAFETY: 16 bytes into the 64-byte `buf`.
                 iov_base: unsafe { base.add(16) }.cast(),
                 iov_len: 48,
             },

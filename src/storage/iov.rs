@@ -94,14 +94,17 @@ mod tests {
                 iov_len: b.len(),
             })
             .collect();
+        // SAFETY: the buffers behind the iovecs outlive the call.
         unsafe { scatter(&iov, &data) };
         assert_eq!(bufs.concat(), data);
         let mut back = vec![0u8; 1000];
+        // SAFETY: the buffers behind the iovecs outlive the call.
         unsafe { gather(&iov, &mut back) };
         assert_eq!(back, data);
         // In pieces that do not line up with the buffers.
         let mut w = IovWriter::new(&iov);
         for chunk in data.rchunks(7).rev() {
+            // SAFETY: the buffers behind the iovecs outlive the call.
             unsafe { w.fill(chunk.as_ptr(), chunk.len()) };
         }
         assert_eq!(w.left(), 0);

@@ -14,8 +14,8 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::guest::{self, in_memory, GuestMem};
-use crate::inline_vec::InlineVec;
 use super::{Status, SECTOR_SHIFT};
+use crate::inline_vec::InlineVec;
 
 const HEADER_LEN: usize = 16;
 /// `struct virtio_blk_discard_write_zeroes`.

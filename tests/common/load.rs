@@ -182,6 +182,7 @@ pub fn buf(c: &Client, i: usize) -> *mut u8 {
 }
 
 pub fn buf_mut(c: &mut Client, i: usize) -> &mut [u8] {
+    // SAFETY: each slot is CHUNK bytes of the client's registered buffer, alive as long as the client.
     unsafe { std::slice::from_raw_parts_mut(buf(c, i), CHUNK) }
 }
 
@@ -232,6 +233,7 @@ pub fn round(
                 Ok(n) => n,
             };
             for comp in &comps[..n] {
+                // SAFETY: the client filled the first `n` completions.
                 let comp = unsafe { comp.assume_init_ref() };
                 on_done(q, comp.user_data, comp.ret);
             }

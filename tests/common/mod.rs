@@ -128,6 +128,7 @@ impl Server {
     }
 
     pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) with a pid of our own child.
         unsafe { libc::kill(self.pid(), sig) };
     }
 
@@ -276,6 +277,7 @@ impl Client {
 
     pub fn slot_mut(&mut self, i: usize, len: usize) -> &mut [u8] {
         assert!(len <= SLOT);
+        // SAFETY: a slot is SLOT bytes of the client's registered buffer, alive as long as the client.
         unsafe { std::slice::from_raw_parts_mut(self.slot(i), len) }
     }
 
@@ -326,6 +328,7 @@ impl Client {
                 return None;
             }
             for c in &comps[..n] {
+                // SAFETY: the client filled the first `n` completions.
                 let c = unsafe { c.assume_init_ref() };
                 results[c.user_data] = c.ret;
             }
