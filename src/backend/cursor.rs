@@ -58,18 +58,13 @@ impl Cursor {
     }
 
     /// The descriptor table of `size` entries at `addr`, found in the memory table that
-    /// `ahead` or `saw` returned last (None if neither did): a chain walked with it must use
-    /// that memory table (see [`Chain::with_map`](crate::virtio::chain::Chain::with_map)).
-    pub fn table(&mut self, addr: GuestAddress, size: u16) -> Option<TableMap> {
+    /// `ahead` or `saw` returned last (None if neither did).
+    pub fn table(&mut self, addr: GuestAddress, size: u16) -> Option<&TableMap> {
         let seen = self.seen.as_mut()?;
-        match seen.table {
-            Some(t) if t.is(addr, size) => Some(t),
-            _ => {
-                let t = TableMap::new(&seen.mem, addr, size);
-                seen.table = Some(t);
-                Some(t)
-            }
+        if !seen.table.as_ref().is_some_and(|t| t.is(addr, size)) {
+            seen.table = Some(TableMap::new(seen.mem.clone(), addr, size));
         }
+        seen.table.as_ref()
     }
 
     /// The entry at `at` was popped.

@@ -236,24 +236,22 @@ impl QueueCtl {
         inner.phase == Phase::Running
     }
 
-    /// Pops one chain if the queue is running. `next` gets the ring and the number of the
-    /// current run (see `Inner::runs`); `accept` turns the chain into the worker's request and
-    /// describes it for the in-flight table. Both run inside the critical section.
-    pub fn pop<C, T>(
+    /// Pops one chain if the queue is running: `take` gets the ring and the number of the
+    /// current run (see `Inner::runs`), and turns the next chain into the worker's request and
+    /// its description for the in-flight table, inside the critical section.
+    pub fn pop<T>(
         &self,
         vring: &Vring,
-        next: impl FnOnce(&mut VringState<Gm>, u64) -> Option<C>,
-        accept: impl FnOnce(C) -> (T, InflightReq),
+        take: impl FnOnce(&mut VringState<Gm>, u64) -> Option<(T, InflightReq)>,
     ) -> Pop<T> {
         let mut state = vring.get_mut();
         let mut inner = self.lock();
         if inner.phase != Phase::Running {
             return Pop::NotRunning;
         }
-        let Some(chain) = next(&mut state, inner.runs) else {
+        let Some((item, req)) = take(&mut state, inner.runs) else {
             return Pop::Empty;
         };
-        let (item, req) = accept(chain);
         inner.inflight.insert(req.head, req);
         Pop::Popped(item)
     }

@@ -42,7 +42,7 @@ impl<'m> UsedBatch<'m> {
             return None;
         }
         let len = HEADER + ENTRY * usize::from(size);
-        let ring = guest::host_range(mem, GuestAddress(queue.used_ring()), len as u64)?;
+        let ring = guest::host_range(mem, GuestAddress(queue.used_ring()), len as u64)?.as_ptr();
         if !(ring as usize).is_multiple_of(4) {
             return None;
         }

@@ -19,7 +19,6 @@ use super::session::Session;
 use super::used::{avail_u16, used_event};
 use crate::io::{Done, Engine, Job, Reaped, Started};
 use crate::stats::QueueStats;
-use crate::virtio::chain::Chain;
 use crate::virtio::request::{self, Rejected, Request, RequestType};
 use crate::virtio::{GuestMem, GuestMemView, Status};
 
@@ -323,73 +322,65 @@ impl<'a> Worker<'a> {
     fn pop(&self, now: Instant, cursor: &mut Cursor) -> Pop<Popped> {
         let limits = self.s.dev.limits();
         let mem = &self.s.mem;
-        self.ctl.pop(
-            self.vring,
-            |state, run| {
-                let queue = state.get_queue_mut();
-                // A ring stopped or reset and not set up again has nothing to take (the check
-                // virtio-queue's iterator makes).
-                if !queue.ready() || queue.avail_ring() == 0 {
-                    return None;
-                }
-                let next = Wrapping(queue.next_avail());
-                let view = match cursor.ahead(run, next) {
-                    Some(view) => view,
-                    None => {
-                        // See an entry first, then load the memory table. A load that began
-                        // before the frontend added a region may linearise before that change
-                        // even if it returns after it (ArcSwap); a load that begins after we
-                        // saw an entry the frontend made available once the region was
-                        // acknowledged cannot miss it, nor any entry before that one.
-                        let avail = queue.avail_idx(&*mem.memory(), Ordering::Acquire).ok()?;
-                        // More entries than the ring holds: a broken driver; take nothing (as
-                        // virtio-queue's iterator does) rather than process entries twice.
-                        if avail == next || (avail - next).0 > queue.size() {
-                            return None;
-                        }
-                        cursor.saw(run, avail, next, mem.memory())
+        self.ctl.pop(self.vring, |state, run| {
+            let queue = state.get_queue_mut();
+            // A ring stopped or reset and not set up again has nothing to take (the check
+            // virtio-queue's iterator makes).
+            if !queue.ready() || queue.avail_ring() == 0 {
+                return None;
+            }
+            let next = Wrapping(queue.next_avail());
+            let view = match cursor.ahead(run, next) {
+                Some(view) => view,
+                None => {
+                    // See an entry first, then load the memory table. A load that began
+                    // before the frontend added a region may linearise before that change
+                    // even if it returns after it (ArcSwap); a load that begins after we
+                    // saw an entry the frontend made available once the region was
+                    // acknowledged cannot miss it, nor any entry before that one.
+                    let avail = queue.avail_idx(&*mem.memory(), Ordering::Acquire).ok()?;
+                    // More entries than the ring holds: a broken driver; take nothing (as
+                    // virtio-queue's iterator does) rather than process entries twice.
+                    if avail == next || (avail - next).0 > queue.size() {
+                        return None;
                     }
-                };
-                let guest_waiting = queue.event_idx_enabled()
-                    && used_event(queue, &view) == Some(Wrapping(queue.next_used()));
-                let table = cursor.table(GuestAddress(queue.desc_table()), queue.size())?;
-                let head = avail_entry(queue, &view, next)?;
-                queue.set_next_avail(next.0.wrapping_add(1));
-                cursor.took(next);
-                Some((head, table, view, guest_waiting))
-            },
-            |(head, table, view, guest_waiting)| {
-                // SAFETY: the cursor found `table` in the memory table `view` is a view of.
-                let chain = unsafe { Chain::with_map(&view, table, head) };
-                let parsed = request::parse(chain, &view, &limits);
-                let entry = match &parsed {
-                    Ok(r) => InflightReq {
-                        head,
-                        kind: r.kind.name(),
-                        sector: r.sector,
-                        len: r.data_len,
-                        since: now,
-                        status_addr: Some(r.status_addr),
-                    },
-                    Err(rej) => InflightReq {
-                        head,
-                        kind: rej.kind.map_or("malformed", RequestType::name),
-                        sector: 0,
-                        len: 0,
-                        since: now,
-                        status_addr: rej.status_addr,
-                    },
-                };
-                let popped = Popped {
+                    cursor.saw(run, avail, next, mem.memory())
+                }
+            };
+            let guest_waiting = queue.event_idx_enabled()
+                && used_event(queue, &view) == Some(Wrapping(queue.next_used()));
+            let head = avail_entry(queue, &view, next)?;
+            let table = cursor.table(GuestAddress(queue.desc_table()), queue.size())?;
+            let parsed = request::parse(table.chain(head), &view, &limits);
+            queue.set_next_avail(next.0.wrapping_add(1));
+            cursor.took(next);
+            let entry = match &parsed {
+                Ok(r) => InflightReq {
                     head,
-                    parsed,
+                    kind: r.kind.name(),
+                    sector: r.sector,
+                    len: r.data_len,
                     since: now,
-                    mem: view,
-                    guest_waiting,
-                };
-                (popped, entry)
-            },
-        )
+                    status_addr: Some(r.status_addr),
+                },
+                Err(rej) => InflightReq {
+                    head,
+                    kind: rej.kind.map_or("malformed", RequestType::name),
+                    sector: 0,
+                    len: 0,
+                    since: now,
+                    status_addr: rej.status_addr,
+                },
+            };
+            let popped = Popped {
+                head,
+                parsed,
+                since: now,
+                mem: view,
+                guest_waiting,
+            };
+            Some((popped, entry))
+        })
     }
 
     /// Completes a chain the parser refused: IOERR or UNSUPP in its status byte when it has

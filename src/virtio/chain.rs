@@ -12,7 +12,7 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{GuestAddress, VolatileSlice};
 
 use super::guest;
-use super::guest::GuestMem;
+use super::guest::{GuestMem, GuestMemView, HostRange};
 
 const DESC_SIZE: u64 = size_of::<Descriptor>() as u64;
 
@@ -31,22 +31,25 @@ pub struct Chain<'m> {
 }
 
 /// Where a queue's descriptor table lies in the host, found once for many chains (the lookup
-/// cost about 50 instructions per chain). Only valid with the memory table it was made from.
-#[derive(Clone, Copy)]
+/// cost about 50 instructions per chain). It keeps its own view of the memory table it was
+/// found in, so the chains it walks ([`TableMap::chain`]) borrow memory that stays mapped.
 pub struct TableMap {
+    mem: GuestMemView,
     addr: GuestAddress,
     size: u16,
-    /// The table's host address and length, when it lies in one region.
+    /// The table's host address and length in `mem`, when it lies in one region.
     host: Option<(*mut u8, usize)>,
 }
 
 impl TableMap {
     /// The table of `size` descriptors at `addr` in `mem`.
-    pub fn new(mem: &GuestMem, addr: GuestAddress, size: u16) -> TableMap {
+    pub fn new(mem: GuestMemView, addr: GuestAddress, size: u16) -> TableMap {
+        let host = map(&mem, addr, size).map(|r| (r.as_ptr(), r.len()));
         TableMap {
+            mem,
             addr,
             size,
-            host: map(mem, addr, size),
+            host,
         }
     }
 
@@ -54,31 +57,36 @@ impl TableMap {
     pub fn is(&self, addr: GuestAddress, size: u16) -> bool {
         self.addr == addr && self.size == size
     }
+
+    /// The chain starting at `head`, walked in the map's memory table.
+    pub fn chain(&self, head: u16) -> Chain<'_> {
+        Chain {
+            mem: &self.mem,
+            table_addr: self.addr,
+            // SAFETY: `host` was found in one region of `self.mem`, which this map keeps mapped
+            // for as long as it is borrowed.
+            table: self
+                .host
+                .map(|(p, len)| unsafe { VolatileSlice::new(p, len) }),
+            size: self.size,
+            next: head,
+            ttl: self.size,
+            yielded_bytes: 0,
+            indirect: false,
+        }
+    }
 }
 
 impl<'m> Chain<'m> {
     /// The chain starting at `head` in the descriptor table at `table` of a queue of `size`.
     pub fn new(mem: &'m GuestMem, table: GuestAddress, size: u16, head: u16) -> Chain<'m> {
-        // SAFETY: the map was just made from `mem`.
-        unsafe { Chain::with_map(mem, TableMap::new(mem, table, size), head) }
-    }
-
-    /// [`Chain::new`] with the table found already.
-    ///
-    /// # Safety
-    /// `table` was made from `mem`, or from another view of the same memory table (a clone of
-    /// the same `GuestMemoryAtomic` load), which keeps the same mappings alive.
-    pub unsafe fn with_map(mem: &'m GuestMem, table: TableMap, head: u16) -> Chain<'m> {
         Chain {
             mem,
-            table_addr: table.addr,
-            // SAFETY: per the contract, the range is mapped for as long as `mem` is borrowed.
-            table: table
-                .host
-                .map(|(p, len)| unsafe { VolatileSlice::new(p, len) }),
-            size: table.size,
+            table_addr: table,
+            table: map(mem, table, size).map(|r| r.slice()),
+            size,
             next: head,
-            ttl: table.size,
+            ttl: size,
             yielded_bytes: 0,
             indirect: false,
         }
@@ -110,9 +118,7 @@ impl<'m> Chain<'m> {
         }
         let size = u16::try_from(u64::from(d.len()) / DESC_SIZE).ok()?;
         self.table_addr = d.addr();
-        // SAFETY: `map` found the range in a region of `self.mem`, mapped for `'m`.
-        self.table = map(self.mem, self.table_addr, size)
-            .map(|(p, len)| unsafe { VolatileSlice::new(p, len) });
+        self.table = map(self.mem, self.table_addr, size).map(|r| r.slice());
         self.size = size;
         self.next = 0;
         self.ttl = size;
@@ -121,14 +127,13 @@ impl<'m> Chain<'m> {
     }
 }
 
-/// The host address and length of the table of `size` descriptors at `addr`, when it is in
-/// one region; valid while `mem` is borrowed.
-fn map(mem: &GuestMem, addr: GuestAddress, size: u16) -> Option<(*mut u8, usize)> {
-    let len = usize::from(size) * DESC_SIZE as usize;
+/// The table of `size` descriptors at `addr`, when it is in one region.
+fn map(mem: &GuestMem, addr: GuestAddress, size: u16) -> Option<HostRange<'_>> {
+    let len = u64::from(size) * DESC_SIZE;
     if len == 0 {
         return None;
     }
-    Some((guest::host_range(mem, addr, len as u64)?, len))
+    guest::host_range(mem, addr, len)
 }
 
 impl Iterator for Chain<'_> {
@@ -163,7 +168,7 @@ mod tests {
     use proptest::prelude::*;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{QueueOwnedT, QueueT};
-    use vm_memory::{Bytes, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
     const QSIZE: u16 = 16;
     /// Where indirect tables go in the tests' guest memory.
@@ -258,7 +263,11 @@ mod tests {
             let ours: Vec<_> = Chain::new(&mem, GuestAddress(q.desc_table()), q.size(), head)
                 .map(|d| raw(&d))
                 .collect();
-            prop_assert_eq!(ours, theirs);
+            let view = GuestMemoryAtomic::new(mem.clone()).memory();
+            let map = TableMap::new(view, GuestAddress(q.desc_table()), q.size());
+            let mapped: Vec<_> = map.chain(head).map(|d| raw(&d)).collect();
+            prop_assert_eq!(&ours, &theirs);
+            prop_assert_eq!(mapped, theirs);
         }
     }
 }

@@ -4,6 +4,7 @@
 //! per copy) was about a tenth of a worker's time under the null engine. Same answers as the
 //! generic path; it stays the fallback for what the fast path does not cover.
 
+use std::marker::PhantomData;
 use std::ptr;
 use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 
@@ -69,7 +70,7 @@ pub fn read16_at(mem: &GuestMem, addr: GuestAddress) -> Option<[u64; 2]> {
     match host_range(mem, addr, 16) {
         // SAFETY: `host_range` checked that the 16 bytes lie in one region, which stays mapped
         // while `mem` is borrowed.
-        Some(p) => Some(unsafe { read16_raw(p) }),
+        Some(r) => Some(unsafe { read16_raw(r.as_ptr()) }),
         // Across two regions, or outside memory: the generic copy tells which.
         None => {
             let mut raw = [0u8; 16];
@@ -83,7 +84,7 @@ pub fn read16_at(mem: &GuestMem, addr: GuestAddress) -> Option<[u64; 2]> {
 /// lookup, where vm-memory's `write_obj` walks its slice iterator. Relaxed: the used index is
 /// stored with release ordering after it. False outside memory.
 pub fn store_u8(mem: &GuestMem, addr: GuestAddress, v: u8) -> bool {
-    let Some(p) = host_range(mem, addr, 1) else {
+    let Some(p) = host_range(mem, addr, 1).map(|r| r.as_ptr()) else {
         return false;
     };
     // SAFETY: `host_range` checked that the byte lies in a region, which stays mapped while `mem`
@@ -97,7 +98,7 @@ pub fn store_u8(mem: &GuestMem, addr: GuestAddress, v: u8) -> bool {
 /// vm-memory's `load` walks its slice iterator. `None` where vm-memory's `load` fails too
 /// (outside memory, misaligned).
 pub fn load_u16(mem: &GuestMem, addr: GuestAddress, order: Ordering) -> Option<u16> {
-    let p = host_range(mem, addr, 2)?;
+    let p = host_range(mem, addr, 2)?.as_ptr();
     if !(p as usize).is_multiple_of(2) {
         return None;
     }
@@ -108,18 +109,54 @@ pub fn load_u16(mem: &GuestMem, addr: GuestAddress, order: Ordering) -> Option<u
     Some(u16::from_le(v))
 }
 
-/// The host address of the `len` bytes at `addr`, when they lie in one region: one region
-/// lookup and a bounds check, where vm-memory's `Bytes` methods build a slice and check it
-/// again (about a hundred instructions per call, several calls per request). The one lookup
-/// the request path uses to turn a guest range into a host pointer (headers, ring fields, the
-/// descriptor table, the used ring); the pointer is valid while `mem` is borrowed.
-pub(crate) fn host_range(mem: &GuestMem, addr: GuestAddress, len: u64) -> Option<*mut u8> {
+/// `len` bytes of guest memory that lie in one region, mapped at `ptr` for as long as the
+/// memory table `'m` borrows is.
+#[derive(Debug, Clone, Copy)]
+pub struct HostRange<'m> {
+    ptr: *mut u8,
+    len: usize,
+    _mem: PhantomData<&'m GuestMem>,
+}
+
+impl<'m> HostRange<'m> {
+    /// The first byte's host address; the range's bytes stay mapped for `'m`.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The range as a volatile slice (the guest may write it at any time).
+    pub fn slice(&self) -> VolatileSlice<'m, ()> {
+        // SAFETY: `host_range` found the `len` bytes at `ptr` in one region of the memory table
+        // borrowed for `'m`, which keeps them mapped that long.
+        unsafe { VolatileSlice::new(self.ptr, self.len) }
+    }
+}
+
+/// The `len` bytes at `addr`, when they lie in one region: one region lookup and a bounds
+/// check, where vm-memory's `Bytes` methods build a slice and check it again (about a hundred
+/// instructions per call, several calls per request). The one lookup the request path uses to
+/// turn a guest range into a host pointer (headers, ring fields, the descriptor table, the used
+/// ring).
+pub fn host_range(mem: &GuestMem, addr: GuestAddress, len: u64) -> Option<HostRange<'_>> {
     let region = mem.find_region(addr)?;
     let at = addr.0 - region.start_addr().0;
     if at.checked_add(len)? > region.len() {
         return None;
     }
-    region.get_host_address(MemoryRegionAddress(at)).ok()
+    let ptr = region.get_host_address(MemoryRegionAddress(at)).ok()?;
+    Some(HostRange {
+        ptr,
+        len: usize::try_from(len).ok()?,
+        _mem: PhantomData,
+    })
 }
 
 /// Whether the `len` bytes at `addr` are all guest memory. One region lookup for a range
@@ -186,7 +223,7 @@ mod tests {
                 .get_slice(GuestAddress(addr), len as usize)
                 .ok()
                 .map(|s| s.ptr_guard_mut().as_ptr());
-            prop_assert_eq!(host_range(&mem, GuestAddress(addr), len), theirs);
+            prop_assert_eq!(host_range(&mem, GuestAddress(addr), len).map(|r| r.as_ptr()), theirs);
         }
 
         /// The fast store writes where vm-memory's `write_obj` writes, and fails where it fails.
