@@ -21,8 +21,8 @@ use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
-use super::used::{needs_notification, UsedBatch};
-use crate::virtio::guest;
+use crate::virtio::ring::guest;
+use crate::virtio::ring::used::{needs_notification, UsedBatch};
 use crate::virtio::GuestMem;
 use crate::virtio::Status;
 

@@ -3,14 +3,12 @@
 //!
 //! The public API is what this file exports; the rest is the module's own.
 
-mod cursor;
 mod device;
 mod inflight;
 mod live;
 mod relay;
 mod server;
 mod session;
-mod used;
 mod vhu_blk;
 mod worker;
 

@@ -13,13 +13,13 @@ use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace};
 
-use super::cursor::Cursor;
 use super::inflight::{Completion, InflightReq, Pop, QueueCtl, Vring};
 use super::session::Session;
-use super::used::{avail_u16, used_event};
 use crate::io::{Done, Engine, Job, Reaped, Started};
 use crate::stats::QueueStats;
 use crate::virtio::request::{self, Rejected, Request, RequestType};
+use crate::virtio::ring::cursor::Cursor;
+use crate::virtio::ring::used::{avail_u16, used_event};
 use crate::virtio::{GuestMem, GuestMemView, Status};
 
 /// Requests done at once are completed in groups of at most this many.

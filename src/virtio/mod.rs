@@ -1,12 +1,12 @@
-//! The virtio-blk wire format: request header, descriptor-chain walk and validation, config
-//! space layout, status codes. Nothing here does I/O or decides policy.
+//! The virtio-blk wire format: the request (header, data, status) and its validation, the
+//! config space layout, status codes, and the split ring (`ring`). Nothing here does I/O or
+//! decides policy.
 
-pub mod chain;
 pub mod config;
-pub mod guest;
 pub mod request;
+pub mod ring;
 
-pub use guest::{GuestMem, GuestMemView};
+pub use ring::guest::{GuestMem, GuestMemView};
 
 pub use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,

@@ -13,7 +13,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::guest::{self, in_memory, GuestMem};
+use super::ring::guest::{self, in_memory, GuestMem};
 use super::{Status, SECTOR_SHIFT};
 use crate::inline_vec::InlineVec;
 

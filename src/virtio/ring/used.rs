@@ -14,8 +14,7 @@ use std::sync::atomic::{fence, AtomicU16, AtomicU32, Ordering};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 
-use crate::virtio::guest;
-use crate::virtio::GuestMem;
+use super::guest::{self, GuestMem};
 
 /// Flags and index, before the entries.
 const HEADER: usize = 4;

@@ -3,10 +3,10 @@
 
 use std::num::Wrapping;
 
-use vm_memory::{GuestAddress, GuestMemoryLoadGuard};
+use vm_memory::GuestAddress;
 
-use crate::virtio::chain::TableMap;
-use crate::virtio::GuestMem;
+use super::chain::TableMap;
+use super::guest::GuestMemView;
 
 /// What `pop_available` knows of the avail ring between two pops: the avail index it read
 /// last, and the memory table it loaded after that read, which holds the buffers of every
@@ -25,14 +25,14 @@ struct Seen {
     /// The queue's next avail index we expect: anything else (a reset, another popper) and
     /// what was seen no longer applies.
     next: Wrapping<u16>,
-    mem: GuestMemoryLoadGuard<GuestMem>,
+    mem: GuestMemView,
     /// The descriptor table found in `mem`, for the chains popped with it.
     table: Option<TableMap>,
 }
 
 impl Cursor {
     /// The memory table to pop the entry at `next` with, if that entry was seen already.
-    pub fn ahead(&self, run: u64, next: Wrapping<u16>) -> Option<GuestMemoryLoadGuard<GuestMem>> {
+    pub fn ahead(&self, run: u64, next: Wrapping<u16>) -> Option<GuestMemView> {
         let seen = self.seen.as_ref()?;
         (seen.run == run && seen.next == next && seen.avail != next).then(|| seen.mem.clone())
     }
@@ -44,8 +44,8 @@ impl Cursor {
         run: u64,
         avail: Wrapping<u16>,
         next: Wrapping<u16>,
-        mem: GuestMemoryLoadGuard<GuestMem>,
-    ) -> GuestMemoryLoadGuard<GuestMem> {
+        mem: GuestMemView,
+    ) -> GuestMemView {
         let out = mem.clone();
         self.seen = Some(Seen {
             run,
@@ -77,10 +77,11 @@ impl Cursor {
 
 #[cfg(test)]
 mod tests {
+    use super::super::guest::GuestMem;
     use super::*;
     use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
-    fn table() -> GuestMemoryLoadGuard<GuestMem> {
+    fn table() -> GuestMemView {
         let mem: GuestMem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
         GuestMemoryAtomic::new(mem).memory()
     }
