@@ -184,3 +184,6 @@ impl EngineKind {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;
