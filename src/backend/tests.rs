@@ -18,6 +18,7 @@ use super::inflight::Phase;
 use super::vhu_blk::BlkBackend;
 use crate::io::EngineKind;
 use crate::stats::QueueStats;
+use crate::storage::iov::{gather, scatter};
 use crate::storage::BlockIo;
 use crate::virtio::GuestMem;
 use crate::virtio::ID_BYTES;
@@ -77,27 +78,13 @@ impl BlockIo for MemTarget {
             let mut g = self.gate_cv.wait_while(g, |g| g.closed).unwrap();
             g.waiting -= 1;
         }
-        let data = self.data.lock().unwrap();
-        let mut at = offset as usize;
-        for v in iov {
-            // SAFETY: the caller vouches for the iovecs; the image holds the whole range.
-            unsafe {
-                std::ptr::copy_nonoverlapping(data[at..].as_ptr(), v.iov_base.cast(), v.iov_len)
-            };
-            at += v.iov_len;
-        }
+        // SAFETY: the caller vouches for the iovecs; the image holds the whole range.
+        unsafe { scatter(iov, &self.data.lock().unwrap()[offset as usize..]) };
         Ok(())
     }
     unsafe fn writev(&self, offset: u64, iov: &[libc::iovec]) -> std::io::Result<()> {
-        let mut data = self.data.lock().unwrap();
-        let mut at = offset as usize;
-        for v in iov {
-            // SAFETY: the caller vouches for the iovecs; the image holds the whole range.
-            unsafe {
-                std::ptr::copy_nonoverlapping(v.iov_base.cast(), data[at..].as_mut_ptr(), v.iov_len)
-            };
-            at += v.iov_len;
-        }
+        // SAFETY: the caller vouches for the iovecs; the image holds the whole range.
+        unsafe { gather(iov, &mut self.data.lock().unwrap()[offset as usize..]) };
         Ok(())
     }
     fn flush(&self) -> std::io::Result<()> {

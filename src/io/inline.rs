@@ -8,7 +8,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 
 use super::iovec::{guest_iovecs, sub_iovecs};
-use super::Job;
+use super::{Done, Job, Started};
 use crate::storage::{BlockIo, Dir, Extent, MapIo, Mapping, Pass, Source};
 use crate::virtio::request::RequestType;
 
@@ -18,8 +18,16 @@ pub const MAX_EXTENTS: usize = 64;
 /// Most iovecs one preadv2/pwritev2 call takes.
 const IOV_MAX: usize = 1024;
 
+/// What [`Inline::start`] made of a job.
+pub enum Inlined {
+    Started(Started),
+    /// A plain read or write that would have to wait: the engine queues it, or hands it to
+    /// the blocking path.
+    WouldWait(Job, Dir),
+}
+
 /// How an inline attempt ended.
-pub enum Attempt {
+enum Attempt {
     /// Every extent was moved, and the layers agree they were the right places.
     Done,
     /// Every extent was moved, but a layer's mapping changed meanwhile (`end_io`).
@@ -56,7 +64,7 @@ impl Default for Inline {
 
 /// The direction of a job an engine may move itself: a plain read or write (in writethrough
 /// mode a write must be flushed after it, which only the blocking path does).
-pub fn movable(job: &Job) -> Option<Dir> {
+fn movable(job: &Job) -> Option<Dir> {
     let req = &job.req;
     if req.data_len == 0 || req.data_len > u64::from(u32::MAX) {
         return None;
@@ -69,6 +77,20 @@ pub fn movable(job: &Job) -> Option<Dir> {
 }
 
 impl Inline {
+    /// Starts `job` the way every engine that moves bytes itself does: a job only the blocking
+    /// path can run is handed back for it; a plain read or write is tried inline.
+    pub fn start(&mut self, stack: &dyn BlockIo, job: Job) -> Inlined {
+        let Some(dir) = movable(&job) else {
+            return Inlined::Started(Started::Blocking(job));
+        };
+        Inlined::Started(match self.attempt(stack, &job, dir) {
+            Attempt::Done => Started::Done(Done::ok(job)),
+            Attempt::Stale => Started::Redo(job),
+            Attempt::Blocking => Started::Blocking(job),
+            Attempt::WouldWait => return Inlined::WouldWait(job, dir),
+        })
+    }
+
     /// Maps the current job (whose buffers `attempt` put in `iov`) for `io`'s pass. False:
     /// only the blocking path can do it.
     pub fn map<'a>(&mut self, stack: &'a dyn BlockIo, io: MapIo, out: &mut Mapping<'a>) -> bool {
@@ -94,7 +116,7 @@ impl Inline {
     }
 
     /// Tries `job` inline: maps it for a no-wait pass and runs the extents in order.
-    pub fn attempt(&mut self, stack: &dyn BlockIo, job: &Job, dir: Dir) -> Attempt {
+    fn attempt(&mut self, stack: &dyn BlockIo, job: &Job, dir: Dir) -> Attempt {
         let io = MapIo::new(dir, job.req.offset(), job.req.data_len, Pass::NoWait);
         let mut m = Mapping::default();
         if guest_iovecs(&job.req, &job.mem, &mut self.iov).is_err() || !self.map(stack, io, &mut m)

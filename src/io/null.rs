@@ -3,8 +3,8 @@
 //! target (reads give zeros, writes are dropped) it measures what the ring handling costs on
 //! its own; faults and remaps still apply, since jobs still go through the stack.
 
-use super::inline::{movable, Attempt, Inline};
-use super::{Done, Engine, Job, Started, Target};
+use super::inline::{Inline, Inlined};
+use super::{Engine, Job, Started, Target};
 
 pub struct NullEngine {
     target: Target,
@@ -22,13 +22,9 @@ impl NullEngine {
 
 impl Engine for NullEngine {
     fn start(&mut self, job: Job) -> Started {
-        let Some(dir) = movable(&job) else {
-            return Started::Blocking(job);
-        };
-        match self.inline.attempt(&*self.target.stack, &job, dir) {
-            Attempt::Done => Started::Done(Done::ok(job)),
-            Attempt::Stale => Started::Redo(job),
-            Attempt::WouldWait | Attempt::Blocking => Started::Blocking(job),
+        match self.inline.start(&*self.target.stack, job) {
+            Inlined::Started(started) => started,
+            Inlined::WouldWait(job, _) => Started::Blocking(job),
         }
     }
 }

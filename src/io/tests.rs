@@ -8,6 +8,7 @@ use std::time::Instant;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
 use super::*;
+use crate::storage::iov::{gather, scatter};
 use crate::storage::{BlockIo, Dir, Extent, MapIo, Mapping, MemoryExtent, PerIo, Source};
 use crate::virtio::request::{DataSegment, RequestType, Segments};
 use crate::virtio::GuestMem;
@@ -37,15 +38,8 @@ impl Layer {
 
 impl MemoryExtent for Layer {
     unsafe fn copy_to(&self, offset: u64, iov: &[libc::iovec]) -> bool {
-        let data = self.data.lock().unwrap();
-        let mut at = offset as usize;
-        for v in iov {
-            // SAFETY: the caller vouches for the iovecs; the tests read inside the disk.
-            unsafe {
-                std::ptr::copy_nonoverlapping(data[at..].as_ptr(), v.iov_base.cast(), v.iov_len)
-            };
-            at += v.iov_len;
-        }
+        // SAFETY: the caller vouches for the iovecs; the tests read inside the disk.
+        unsafe { scatter(iov, &self.data.lock().unwrap()[offset as usize..]) };
         true
     }
 }
@@ -58,15 +52,8 @@ impl BlockIo for Layer {
     }
     unsafe fn writev(&self, offset: u64, iov: &[libc::iovec]) -> std::io::Result<()> {
         self.writes.fetch_add(1, Ordering::SeqCst);
-        let mut data = self.data.lock().unwrap();
-        let mut at = offset as usize;
-        for v in iov {
-            // SAFETY: as above.
-            unsafe {
-                std::ptr::copy_nonoverlapping(v.iov_base.cast(), data[at..].as_mut_ptr(), v.iov_len)
-            };
-            at += v.iov_len;
-        }
+        // SAFETY: the caller vouches for the iovecs; the tests write inside the disk.
+        unsafe { gather(iov, &mut self.data.lock().unwrap()[offset as usize..]) };
         Ok(())
     }
     fn flush(&self) -> std::io::Result<()> {

@@ -16,7 +16,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use log::{error, warn};
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag};
 
-use super::inline::{movable, zero, Attempt, Inline};
+use super::inline::{zero, Inline, Inlined};
 use super::{Done, Engine, Job, Reaped, Started, Target};
 use crate::storage::{Dir, MapIo, Mapping, Pass, PerIo, Source};
 
@@ -239,14 +239,9 @@ impl UringEngine {
 
 impl Engine for UringEngine {
     fn start(&mut self, job: Job) -> Started {
-        let Some(dir) = movable(&job) else {
-            return Started::Blocking(job);
-        };
-        match self.inline.attempt(&*self.target.stack, &job, dir) {
-            Attempt::Done => Started::Done(Done::ok(job)),
-            Attempt::Stale => Started::Redo(job),
-            Attempt::Blocking => Started::Blocking(job),
-            Attempt::WouldWait => self.queue(job, dir),
+        match self.inline.start(&*self.target.stack, job) {
+            Inlined::Started(started) => started,
+            Inlined::WouldWait(job, dir) => self.queue(job, dir),
         }
     }
 
