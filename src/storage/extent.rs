@@ -5,8 +5,8 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 use crate::inline_vec::InlineVec;
 
-/// Bytes a layer keeps in memory (the remap layer's copy of its spare blocks in use), handed
-/// out as [`Source::Memory`] extents of read mappings.
+/// Bytes a layer keeps in memory (a copy of what it stores elsewhere, say), handed out as
+/// [`Source::Memory`] extents of read mappings.
 pub trait MemoryExtent: Sync {
     /// Copies the bytes from `offset` on (the extent's own offset) into `iov`, as many as the
     /// iovecs hold. False, with part of them perhaps copied, when they are no longer all held:

@@ -1,6 +1,6 @@
-//! The block stack's common language: the trait every layer implements (the remap layer, the
-//! fault layer, the image, the null target), and how a layer says where a request's bytes live
-//! so that an engine can move them itself.
+//! The block stack's common language: the trait every layer implements, and how a layer says
+//! where a request's bytes live so that an engine can move them itself. The bottom layers live
+//! here too: the image file or block device, and the null target.
 //!
 //! The trait follows device-mapper's target interface: the synchronous operations carry a
 //! request out through the layer; [`BlockIo::map`] says where a plain read or write lives, as
