@@ -62,6 +62,27 @@ pub struct DrainReport {
     pub duration: Duration,
 }
 
+impl DrainReport {
+    /// Says in the log what the drain on `why` did: an error when it gave up on requests
+    /// (each was named when it was given up on), else a line of information.
+    pub fn log(&self, why: &str) {
+        if self.abandoned.is_empty() {
+            log::info!(
+                "drain on {why}: waited for {} requests, {:?}",
+                self.waited_for,
+                self.duration
+            );
+        } else {
+            log::error!(
+                "drain on {why}: gave up on {} of {} requests after {:?} (completed with IOERR)",
+                self.abandoned.len(),
+                self.waited_for,
+                self.duration
+            );
+        }
+    }
+}
+
 struct Inner {
     phase: Phase,
     /// How many times the queue started running: what a worker learned of the ring in one

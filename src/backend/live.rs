@@ -45,20 +45,7 @@ impl Live {
     /// Reports a finished drain, in the log and the event log: why, how long, how many
     /// requests, how many abandoned.
     pub(crate) fn drain_done(&self, why: &str, report: &DrainReport) {
-        if report.abandoned.is_empty() {
-            log::info!(
-                "drain on {why}: waited for {} requests, {:?}",
-                report.waited_for,
-                report.duration
-            );
-        } else {
-            log::error!(
-                "drain on {why}: gave up on {} of {} requests after {:?} (completed with IOERR)",
-                report.abandoned.len(),
-                report.waited_for,
-                report.duration
-            );
-        }
+        report.log(why);
         self.events.emit(
             "drain",
             json!({

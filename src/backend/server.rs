@@ -209,7 +209,9 @@ fn run_sessions(
         for (q, fd, token) in backend.engine_fds() {
             if let Some(h) = handlers.get(q) {
                 h.register_listener(fd, EventSet::IN, token).map_err(|e| {
-                    ServeError::Daemon(format!("queue {q}: cannot watch the engine's completions: {e}"))
+                    ServeError::Daemon(format!(
+                        "queue {q}: cannot watch the engine's completions: {e}"
+                    ))
                 })?;
             }
         }

@@ -7,7 +7,7 @@ use std::ops::Deref;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use log::{debug, info, warn};
+use log::{debug, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::VhostUserBackend;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_CONFIG_WCE;
@@ -73,11 +73,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn reset_device(&self) {
-        let report = self.s.drain_all(Phase::Stopped);
-        debug!(
-            "device reset: drained {} requests in {:?}",
-            report.waited_for, report.duration
-        );
+        self.s.drain_all(Phase::Stopped).log("device reset");
         self.s.writeback.store(true, Ordering::Relaxed);
     }
 
@@ -136,22 +132,9 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        let Some(report) = self.s.drain_queue(queue_index as usize) else {
-            return Ok(());
-        };
-        info!(
-            "queue {queue_index} stopped by the frontend: drained {} requests in {:?}{}",
-            report.waited_for,
-            report.duration,
-            if report.abandoned.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    ", {} completed with IOERR after the timeout",
-                    report.abandoned.len()
-                )
-            }
-        );
+        if let Some(report) = self.s.drain_queue(queue_index as usize) {
+            report.log(&format!("queue {queue_index} stopped by the frontend"));
+        }
         Ok(())
     }
 

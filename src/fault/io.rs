@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::spec::FaultOp;
 use super::table::{FaultTable, Verdict};
-use crate::storage::{BlockIo, Dir, MapIo, Mapping, MediaError, PerIo};
+use crate::storage::{block_span, BlockIo, Dir, MapIo, Mapping, MediaError, PerIo};
 
 pub struct FaultyTarget {
     inner: Arc<dyn BlockIo>,
@@ -27,8 +27,7 @@ impl FaultyTarget {
         if len == 0 {
             return Ok(());
         }
-        let first = offset / self.block_size;
-        let last = (offset + len - 1) / self.block_size;
+        let (first, last) = block_span(offset, len, self.block_size);
         match self.table.check(op, first, last) {
             Verdict::Pass => Ok(()),
             Verdict::Delay(d) => {
@@ -77,8 +76,7 @@ impl BlockIo for FaultyTarget {
             Dir::Read => FaultOp::Read,
             Dir::Write => FaultOp::Write,
         };
-        let first = io.offset / self.block_size;
-        let last = (io.offset + io.len.max(1) - 1) / self.block_size;
+        let (first, last) = block_span(io.offset, io.len, self.block_size);
         // A fault that could fire must see the request: only readv/writev consult it.
         !self.table.may_apply(op, first, last) && self.inner.map(io, out)
     }

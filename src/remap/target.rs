@@ -16,7 +16,7 @@ use super::table::RemapTable;
 use super::table::Snapshot;
 use crate::inline_vec::InlineVec;
 use crate::storage::iov::{gather, scatter};
-use crate::storage::{BlockIo, Dir, Extent, MapIo, Mapping, MediaError, Pass, PerIo};
+use crate::storage::{block_span, BlockIo, Dir, Extent, MapIo, Mapping, MediaError, Pass, PerIo};
 
 pub struct RemapTarget {
     main: Arc<dyn BlockIo>,
@@ -221,7 +221,7 @@ impl RemapTarget {
     }
 
     fn blocks(&self, offset: u64, len: u64) -> (u64, u64) {
-        (offset / self.bs, (offset + len.max(1) - 1) / self.bs)
+        block_span(offset, len, self.bs)
     }
 
     /// The blocks of `[first, last]` that failed with `e`: named by an injected fault, or

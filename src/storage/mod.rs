@@ -55,6 +55,12 @@ impl MediaError {
     }
 }
 
+/// The first and last of the `block_size`-byte blocks that `len` bytes at byte `offset` touch
+/// (the first block alone for an empty range).
+pub fn block_span(offset: u64, len: u64, block_size: u64) -> (u64, u64) {
+    (offset / block_size, (offset + len.max(1) - 1) / block_size)
+}
+
 /// Which way data moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dir {
