@@ -115,11 +115,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "STR", value_parser = parse_serial)]
     pub serial: Option<String>,
 
-    /// I/O engine: `io_uring` (page-cache hits done at once, the rest on one ring per queue,
-    /// a batch per kick), `sync` (blocking
-    /// preadv/pwritev on the queue's worker) or `null` (reads return zeros, writes are
-    /// dropped: measures the ring handling alone). Default: io_uring where the kernel allows
-    /// it, else sync (the start-up log says which). Also read from REMAPBLK_ENGINE.
+    /// I/O engine (see the values below). Default: io_uring where the kernel allows it, else
+    /// sync (the start-up log says which). Also read from REMAPBLK_ENGINE.
     #[arg(long, value_name = "ENGINE", value_enum, env = "REMAPBLK_ENGINE")]
     pub engine: Option<EngineKind>,
 

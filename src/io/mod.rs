@@ -131,7 +131,7 @@ pub trait Engine: Send {
     fn cancel_all(&mut self) {}
 }
 
-/// The engines `--engine` picks from.
+/// The engines `--engine` picks from (the variants' comments are its help).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 pub enum EngineKind {
     /// Blocking preadv/pwritev on the queue's worker.
@@ -142,8 +142,8 @@ pub enum EngineKind {
     #[value(name = "io_uring")]
     #[serde(rename = "io_uring")]
     IoUring,
-    /// Done at once where the stack allows, else on the blocking path; over the null target
-    /// (reads give zeros, writes are dropped) it measures the ring handling alone.
+    /// A disk that stores nothing: reads return zeros, writes are dropped; measures the ring
+    /// handling alone (requests done at once on the worker, faults and remaps still apply).
     #[value(name = "null")]
     #[serde(rename = "null")]
     Null,
