@@ -1,6 +1,7 @@
 //! The control socket: QMP-shaped JSON, one object per line, for labs to query and steer a
 //! running server (`remapblk ctl` is its client).
 
+pub mod args;
 pub mod client;
 pub mod commands;
 pub mod protocol;
