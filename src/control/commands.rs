@@ -43,7 +43,10 @@ impl Commands {
             "quiesce" => no_args(args).and_then(|_| self.quiesce()),
             "resume" => no_args(args).and_then(|_| self.resume()),
             "fault-add" => self.fault_add(args),
-            "fault-list" => no_args(args).map(|_| Value::Array(self.faults.list())),
+            "fault-list" => no_args(args).and_then(|_| {
+                serde_json::to_value(self.faults.list())
+                    .map_err(|e| CommandError::generic(e.to_string()))
+            }),
             "fault-remove" => self.fault_remove(args),
             "fault-clear" => no_args(args).map(|_| json!({ "removed": self.faults.clear() })),
             "remap-list" => no_args(args).map(|_| entries_json(&self.remap.table().entries())),
