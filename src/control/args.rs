@@ -171,7 +171,11 @@ impl<'a> Args<'a> {
     /// [`ArgError::explain_missing`]); a field with a value of the wrong type or an unknown
     /// enum name, `FIELD: must be ..., got VALUE`.
     pub fn take<T: Deserialize<'a>>(&mut self) -> Result<T, ArgError> {
-        T::deserialize(Fields { args: self }).map_err(|e| e.at("arguments"))
+        T::deserialize(Claim {
+            args: self,
+            variant: None,
+        })
+        .map_err(|e| e.at("arguments"))
     }
 
     /// Takes enum `E` by the variant that argument `tag` names (`default` when it is absent):
@@ -209,9 +213,9 @@ impl<'a> Args<'a> {
                     .extend(fields.iter().map(|&f| (f, tag, *variant)));
             }
         }
-        E::deserialize(Tagged {
+        E::deserialize(Claim {
             args: self,
-            variant: name,
+            variant: Some(name),
         })
         .map_err(|e| {
             e.at(tag)
@@ -275,18 +279,21 @@ impl<'a> Args<'a> {
     }
 }
 
-/// The deserializer [`Args::take`] hands to `T::deserialize`: it serves structs only.
-struct Fields<'s, 'a> {
+/// The deserializer [`Args::take`] and [`Args::take_tagged`] hand to serde's derive: a struct
+/// is filled from the keys it declares; with `variant`, an enum is that variant, and its fields
+/// are filled the same way.
+struct Claim<'s, 'a> {
     args: &'s mut Args<'a>,
+    variant: Option<&'a str>,
 }
 
-impl<'de> Deserializer<'de> for Fields<'_, 'de> {
+impl<'de> Deserializer<'de> for Claim<'_, 'de> {
     type Error = ArgError;
 
     fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ArgError> {
-        // A programming error, not the client's: only structs are taken from arguments.
+        // A programming error, not the client's.
         Err(ArgError::custom(format_args!(
-            "internal error: {} cannot be taken from arguments, only a struct",
+            "internal error: {} cannot be taken from arguments, only a struct or an enum by a tag",
             Expecting(&visitor)
         )))
     }
@@ -300,9 +307,21 @@ impl<'de> Deserializer<'de> for Fields<'_, 'de> {
         visitor.visit_map(self.args.claim(fields))
     }
 
+    fn deserialize_enum<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _variants: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, ArgError> {
+        match self.variant {
+            Some(_) => visitor.visit_enum(self),
+            None => self.deserialize_any(visitor),
+        }
+    }
+
     forward_to_deserialize_any! {
         bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
-        option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+        option unit unit_struct newtype_struct seq tuple tuple_struct map identifier
         ignored_any
     }
 }
@@ -316,53 +335,21 @@ impl Display for Expecting<'_> {
     }
 }
 
-/// The deserializer [`Args::take_tagged`] hands to `E::deserialize`: the enum is the variant
-/// `variant`, its fields are claimed from the arguments.
-struct Tagged<'s, 'a> {
-    args: &'s mut Args<'a>,
-    variant: &'a str,
-}
-
-impl<'de> Deserializer<'de> for Tagged<'_, 'de> {
+impl<'s, 'de> EnumAccess<'de> for Claim<'s, 'de> {
     type Error = ArgError;
-
-    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ArgError> {
-        Err(ArgError::custom(format_args!(
-            "internal error: {} cannot be taken by a tag, only an enum",
-            Expecting(&visitor)
-        )))
-    }
-
-    fn deserialize_enum<V: Visitor<'de>>(
-        self,
-        _name: &'static str,
-        _variants: &'static [&'static str],
-        visitor: V,
-    ) -> Result<V::Value, ArgError> {
-        visitor.visit_enum(self)
-    }
-
-    forward_to_deserialize_any! {
-        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
-        option unit unit_struct newtype_struct seq tuple tuple_struct map struct identifier
-        ignored_any
-    }
-}
-
-impl<'s, 'de> EnumAccess<'de> for Tagged<'s, 'de> {
-    type Error = ArgError;
-    type Variant = Tagged<'s, 'de>;
+    type Variant = Claim<'s, 'de>;
 
     fn variant_seed<V: DeserializeSeed<'de>>(
         self,
         seed: V,
     ) -> Result<(V::Value, Self::Variant), ArgError> {
-        let variant = seed.deserialize(BorrowedStrDeserializer::new(self.variant))?;
+        let name = self.variant.unwrap_or_default();
+        let variant = seed.deserialize(BorrowedStrDeserializer::new(name))?;
         Ok((variant, self))
     }
 }
 
-impl<'de> VariantAccess<'de> for Tagged<'_, 'de> {
+impl<'de> VariantAccess<'de> for Claim<'_, 'de> {
     type Error = ArgError;
 
     fn unit_variant(self) -> Result<(), ArgError> {
@@ -370,7 +357,10 @@ impl<'de> VariantAccess<'de> for Tagged<'_, 'de> {
     }
 
     fn newtype_variant_seed<T: DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, ArgError> {
-        seed.deserialize(Fields { args: self.args })
+        seed.deserialize(Claim {
+            args: self.args,
+            variant: None,
+        })
     }
 
     fn tuple_variant<V: Visitor<'de>>(self, _len: usize, visitor: V) -> Result<V::Value, ArgError> {
