@@ -23,6 +23,7 @@ pub enum FaultMode {
     Error,
     /// The request is held this long, then carried out.
     Delay {
+        /// `delay_ms` on the wire; `ms` here because the I/O side matches on that name.
         #[serde(rename = "delay_ms")]
         ms: u64,
     },
@@ -87,6 +88,9 @@ struct CommonArgs {
     times: Option<u64>,
 }
 
+/// One fault, serialized as the `fault-add` arguments that make it. Not `Deserialize` on
+/// purpose: [`from_args`](Self::from_args) is the one way in, as it names the field at fault
+/// and checks the ranges against the disk.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FaultSpec {
     pub op: FaultOp,
