@@ -1,8 +1,6 @@
 //! What each control command does. Commands act on the process-wide device and on the
 //! frontend session being served, never on the I/O path's locks.
 
-use std::iter::StepBy;
-use std::ops::Range;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -83,7 +81,7 @@ struct BlockRange {
 
 impl BlockRange {
     /// The blocks, checked against a disk of `blocks` blocks.
-    fn blocks(self, blocks: u64) -> Result<StepBy<Range<u64>>, ArgError> {
+    fn blocks(self, blocks: u64) -> Result<impl Iterator<Item = u64>, ArgError> {
         let BlockRange { lba, count, stride } = self;
         if lba >= blocks {
             return Err(ArgError::new(
@@ -97,20 +95,19 @@ impl BlockRange {
                 "must be at least 1 (1 = consecutive blocks)",
             ));
         }
-        let last = count
+        let fits = count
             .checked_sub(1)
             .and_then(|n| n.checked_mul(stride))
             .and_then(|span| span.checked_add(lba))
-            .filter(|&last| last < blocks)
-            .ok_or_else(|| {
-                ArgError::new(
-                    "count",
-                    format!("{count} blocks from lba {lba} every {stride} do not fit the disk ({blocks} blocks)"),
-                )
-            })?;
-        // A stride past usize::MAX on a 32-bit host could only reach one block: count is 1.
-        let step = usize::try_from(stride).unwrap_or(usize::MAX);
-        Ok((lba..last + 1).step_by(step))
+            .is_some_and(|last| last < blocks);
+        if !fits {
+            return Err(ArgError::new(
+                "count",
+                format!("{count} blocks from lba {lba} every {stride} do not fit the disk ({blocks} blocks)"),
+            ));
+        }
+        // No overflow: the last block, lba + (count - 1) * stride, was computed checked.
+        Ok((0..count).map(move |i| lba + i * stride))
     }
 }
 
@@ -174,7 +171,7 @@ impl Commands {
         &self,
         map: &Map<String, Value>,
         name: CommandName,
-    ) -> Result<StepBy<Range<u64>>, ArgError> {
+    ) -> Result<impl Iterator<Item = u64>, ArgError> {
         let mut args = Args::new(map);
         let range: BlockRange = args
             .take()
