@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::backend::{MAX_NUM_QUEUES, MAX_QUEUE_SIZE};
+use crate::control::protocol::CommandName;
 use crate::io::EngineKind;
 use crate::virtio::ID_BYTES;
 
@@ -51,25 +52,42 @@ pub enum MetadataAction {
 }
 
 #[derive(Debug, Args)]
-#[command(
-    after_help = "Commands: query-status, query-stats, quiesce, resume, fault-add, fault-list,\n\
-fault-remove, fault-clear, remap-add, remap-remove, remap-list, pending-list.\n\
-Example: remapblk ctl fault-add op=read lba=1000 mode=error\n\
-Example: remapblk ctl query-stats\n\
-Values are JSON where they parse (lba=1000), else strings (op=read).\n\
-Exit codes: 0 success, 1 the command failed or nothing listens, 2 bad usage."
-)]
+#[command(after_help = ctl_after_help())]
 pub struct CtlArgs {
     /// The server's control socket.
     #[arg(long, value_name = "PATH", default_value = "remapblk.sock.ctl")]
     pub control: PathBuf,
 
-    /// Command name, e.g. query-status.
+    /// Command name, e.g. query-status (the commands are listed below).
     pub name: String,
 
     /// Arguments as key=value.
     #[arg(value_name = "KEY=VALUE")]
     pub args: Vec<String>,
+}
+
+/// `remapblk ctl --help`'s text after the options: the commands, from the list the server
+/// dispatches on, so the help cannot miss one.
+fn ctl_after_help() -> String {
+    use clap::ValueEnum;
+    let commands: Vec<(String, String)> = CommandName::value_variants()
+        .iter()
+        .filter_map(|c| c.to_possible_value())
+        .map(|v| {
+            let help = v.get_help().map(ToString::to_string).unwrap_or_default();
+            (v.get_name().to_string(), help)
+        })
+        .collect();
+    let width = commands.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+    let mut text = String::from("Commands:\n");
+    for (name, help) in &commands {
+        text += &format!("  {name:width$}  {help}\n");
+    }
+    text + "\n\
+Example: remapblk ctl fault-add op=read lba=1000 mode=error\n\
+Example: remapblk ctl query-stats\n\
+Values are JSON where they parse (lba=1000), else strings (op=read).\n\
+Exit codes: 0 success, 1 the command failed or nothing listens, 2 bad usage."
 }
 
 #[derive(Debug, Args)]
@@ -252,6 +270,27 @@ mod tests {
         assert!(parse_queue_size("2048").is_err());
         assert!(parse_queue_size("100").is_err());
         assert!(parse_queue_size("2").is_err());
+    }
+
+    #[test]
+    fn ctl_help_lists_every_command_and_names_still_reach_the_server() {
+        use clap::{CommandFactory, ValueEnum};
+        let mut cli = Cli::command();
+        let help = cli
+            .find_subcommand_mut("ctl")
+            .expect("the ctl subcommand")
+            .render_long_help()
+            .to_string();
+        for c in CommandName::value_variants() {
+            assert!(help.contains(&format!("  {}  ", c.name())), "{help}");
+        }
+        assert!(help.contains("Inject a fault"), "{help}");
+        // An unknown name is the server's to refuse (exit 1), not clap's (exit 2).
+        let cli = Cli::try_parse_from(["remapblk", "ctl", "no-such-command"]).unwrap();
+        let Command::Ctl(a) = cli.command else {
+            panic!("not ctl")
+        };
+        assert_eq!(a.name, "no-such-command");
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod backend;
 pub mod control;
 pub mod events;
 pub mod fault;
+pub mod fields;
 pub mod inline_vec;
 pub mod io;
 pub mod remap;

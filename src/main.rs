@@ -44,7 +44,7 @@ fn run_metadata(action: MetadataAction) -> ExitCode {
             Ok(i) => {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&i.to_json()).unwrap_or_default()
+                    serde_json::to_string_pretty(&i.dump()).unwrap_or_default()
                 );
                 ExitCode::SUCCESS
             }

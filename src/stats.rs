@@ -3,6 +3,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use serde::Serialize;
+
 use crate::virtio::request::{Rejected, RequestError, RequestType};
 
 #[derive(Debug, Default)]
@@ -89,6 +91,71 @@ impl QueueStats {
     }
 }
 
+/// Declares [`Counters`] with the named [`QueueStats`] counters as fields, so that the list of
+/// what `query-stats` reports is written once: the snapshot and the sum follow it.
+macro_rules! counters {
+    ($($name:ident),* $(,)?) => {
+        /// One queue's counters (or their sum over the queues) at one moment, as
+        /// `query-stats` reports them.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+        pub struct Counters {
+            $(pub $name: u64,)*
+        }
+
+        impl QueueStats {
+            /// The counters now. Each is read on its own (relaxed), as the I/O path writes
+            /// them: a snapshot under load is not one instant.
+            pub fn snapshot(&self) -> Counters {
+                Counters {
+                    $($name: QueueStats::get(&self.$name),)*
+                }
+            }
+        }
+
+        impl std::ops::Add for Counters {
+            type Output = Counters;
+
+            /// Field by field, saturating: a total never wraps round to small.
+            fn add(self, other: Counters) -> Counters {
+                Counters {
+                    $($name: self.$name.saturating_add(other.$name),)*
+                }
+            }
+        }
+    };
+}
+
+counters!(
+    reads,
+    writes,
+    flushes,
+    discards,
+    write_zeroes,
+    bytes_read,
+    bytes_written,
+    errors,
+    malformed,
+    unsupported,
+    abandoned,
+    ring_io,
+    ring_inline,
+    ring_redone,
+);
+
+impl std::iter::Sum for Counters {
+    fn sum<I: Iterator<Item = Counters>>(iter: I) -> Counters {
+        iter.fold(Counters::default(), |a, b| a + b)
+    }
+}
+
+/// A latency summary in microseconds, as `query-stats` reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Latency {
+    pub p50: u64,
+    pub p99: u64,
+    pub max: u64,
+}
+
 /// Latency histogram with power-of-two microsecond buckets: bucket `i` holds samples in
 /// `[2^(i-1), 2^i)` us (bucket 0: under 1 us). Recording is one relaxed atomic add; quantiles
 /// are read as the upper bound of the bucket they fall in, which is within a factor of two.
@@ -121,6 +188,14 @@ impl Histogram {
 
     pub fn max_us(&self) -> u64 {
         self.max_us.load(Ordering::Relaxed)
+    }
+
+    pub fn summary(&self) -> Latency {
+        Latency {
+            p50: self.quantile_us(0.5),
+            p99: self.quantile_us(0.99),
+            max: self.max_us(),
+        }
     }
 
     /// The latency (us) below which a fraction `q` of the samples fall; 0 with no samples.
@@ -167,6 +242,11 @@ impl Stats {
         &self.queues
     }
 
+    /// The counters summed over all queues.
+    pub fn totals(&self) -> Counters {
+        self.queues.iter().map(QueueStats::snapshot).sum()
+    }
+
     /// Sum of one counter over all queues.
     pub fn total(&self, pick: impl Fn(&QueueStats) -> &AtomicU64) -> u64 {
         self.queues.iter().map(|q| QueueStats::get(pick(q))).sum()
@@ -197,5 +277,46 @@ mod tests {
         );
         assert_eq!(h.max_us(), 250_000);
         assert!(h.quantile_us(0.99) <= 250_000);
+        assert_eq!(
+            h.summary(),
+            Latency {
+                p50: 16,
+                p99: h.quantile_us(0.99),
+                max: 250_000
+            }
+        );
+    }
+
+    #[test]
+    fn totals_add_up_the_queues_under_the_names_query_stats_uses() {
+        let s = Stats::new(2);
+        QueueStats::inc(&s.queue(0).reads);
+        QueueStats::add(&s.queue(1).reads, 2);
+        QueueStats::add(&s.queue(1).bytes_written, 4096);
+        QueueStats::inc(&s.queue(1).get_ids);
+        let t = s.totals();
+        assert_eq!((t.reads, t.bytes_written, t.writes), (3, 4096, 0));
+        let v = serde_json::to_value(t).unwrap();
+        let mut names: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "abandoned",
+                "bytes_read",
+                "bytes_written",
+                "discards",
+                "errors",
+                "flushes",
+                "malformed",
+                "reads",
+                "ring_inline",
+                "ring_io",
+                "ring_redone",
+                "unsupported",
+                "write_zeroes",
+                "writes"
+            ]
+        );
     }
 }

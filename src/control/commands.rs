@@ -3,29 +3,16 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::protocol::{CommandError, CommandResult, Request};
+use super::protocol::{CommandError, CommandName, CommandResult, Request};
 use crate::backend::{Device, Live};
 use crate::fault::{FaultSpec, FaultTable};
-use crate::remap::metadata::Entry;
+use crate::fields::{one, ArgError, Args};
+use crate::io::EngineKind;
 use crate::remap::RemapTarget;
-use crate::stats::QueueStats;
-
-pub const COMMANDS: [&str; 12] = [
-    "query-status",
-    "query-stats",
-    "quiesce",
-    "resume",
-    "fault-add",
-    "fault-list",
-    "fault-remove",
-    "fault-clear",
-    "remap-list",
-    "pending-list",
-    "remap-add",
-    "remap-remove",
-];
+use crate::stats::{Counters, Latency};
 
 pub struct Commands {
     pub dev: Arc<Device>,
@@ -34,215 +21,276 @@ pub struct Commands {
     pub remap: Arc<RemapTarget>,
 }
 
+/// `query-status`.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub state: &'static str,
+    pub image: String,
+    pub capacity_bytes: u64,
+    pub block_size: u32,
+    pub num_queues: u16,
+    pub connected: bool,
+    pub inflight: usize,
+    pub readonly: bool,
+    pub engine: EngineKind,
+    pub remaps: usize,
+    pub spare_total: u64,
+    pub spare_free: u64,
+    pub pending: usize,
+}
+
+/// `query-stats`.
+#[derive(Debug, Serialize)]
+pub struct StatsReport {
+    pub totals: Totals,
+    pub queues: Vec<QueueReport>,
+}
+
+/// `query-stats`' totals: the counters summed over the queues.
+#[derive(Debug, Serialize)]
+pub struct Totals {
+    #[serde(flatten)]
+    pub counters: Counters,
+    pub inflight: usize,
+}
+
+/// One queue in `query-stats`.
+#[derive(Debug, Serialize)]
+pub struct QueueReport {
+    #[serde(flatten)]
+    pub counters: Counters,
+    pub inflight: usize,
+    pub latency_us: Latency,
+}
+
+/// `fault-remove`'s arguments.
+#[derive(Deserialize)]
+struct FaultId {
+    id: u64,
+}
+
+/// The blocks `lba`, `lba + stride`, ... (`count` of them; stride 1 by default: a run) of
+/// remap-add and remap-remove.
+#[derive(Deserialize)]
+struct BlockRange {
+    lba: u64,
+    #[serde(default = "one")]
+    count: u64,
+    #[serde(default = "one")]
+    stride: u64,
+}
+
+impl BlockRange {
+    /// The blocks, checked against a disk of `blocks` blocks.
+    fn blocks(self, blocks: u64) -> Result<impl Iterator<Item = u64>, ArgError> {
+        let BlockRange { lba, count, stride } = self;
+        if lba >= blocks {
+            return Err(ArgError::new(
+                "lba",
+                format!("{lba} is past the end of the disk ({blocks} blocks)"),
+            ));
+        }
+        if stride == 0 {
+            return Err(ArgError::new(
+                "stride",
+                "must be at least 1 (1 = consecutive blocks)",
+            ));
+        }
+        let fits = count
+            .checked_sub(1)
+            .and_then(|n| n.checked_mul(stride))
+            .and_then(|span| span.checked_add(lba))
+            .is_some_and(|last| last < blocks);
+        if !fits {
+            return Err(ArgError::new(
+                "count",
+                format!("{count} blocks from lba {lba} every {stride} do not fit the disk ({blocks} blocks)"),
+            ));
+        }
+        // No overflow: the last block, lba + (count - 1) * stride, was computed checked.
+        Ok((0..count).map(move |i| lba + i * stride))
+    }
+}
+
 impl Commands {
     pub fn dispatch(&self, req: &Request) -> CommandResult {
-        let args = &req.arguments;
-        match req.execute.as_str() {
-            "query-status" => no_args(args).and_then(|_| self.query_status()),
-            "query-stats" => no_args(args).and_then(|_| self.query_stats()),
-            "quiesce" => no_args(args).and_then(|_| self.quiesce()),
-            "resume" => no_args(args).and_then(|_| self.resume()),
-            "fault-add" => self.fault_add(args),
-            "fault-list" => no_args(args).map(|_| Value::Array(self.faults.list())),
-            "fault-remove" => self.fault_remove(args),
-            "fault-clear" => no_args(args).map(|_| json!({ "removed": self.faults.clear() })),
-            "remap-list" => no_args(args).map(|_| entries_json(&self.remap.table().entries())),
-            "pending-list" => no_args(args).map(|_| json!(self.remap.table().pending())),
-            "remap-add" => self.block_range(args).and_then(|blocks| {
-                self.remap
-                    .remap_add(blocks)
-                    .map(|e| entries_json(&e))
-                    .map_err(|e| CommandError::generic(e.to_string()))
-            }),
-            "remap-remove" => self.block_range(args).and_then(|blocks| {
-                self.remap
-                    .remap_remove(blocks)
-                    .map(|e| entries_json(&e))
-                    .map_err(|e| CommandError::generic(e.to_string()))
-            }),
-            other => Err(CommandError {
-                class: "CommandNotFound",
-                desc: format!(
-                    "unknown command \"{other}\"; known: {}",
-                    COMMANDS.join(", ")
-                ),
-            }),
-        }
-    }
-
-    fn fault_add(&self, args: &Map<String, Value>) -> CommandResult {
-        let blocks = self.dev.cfg.capacity / u64::from(self.dev.cfg.block_size);
-        let spec =
-            FaultSpec::from_args(args, blocks).map_err(|e| CommandError::generic(e.to_string()))?;
-        Ok(json!({ "id": self.faults.add(spec) }))
-    }
-
-    fn fault_remove(&self, args: &Map<String, Value>) -> CommandResult {
-        if let Some(k) = args.keys().find(|k| *k != "id") {
-            return Err(CommandError::generic(format!(
-                "{k}: unknown argument; fault-remove takes id"
-            )));
-        }
-        let id = match args.get("id") {
-            None => {
-                return Err(CommandError::generic(
-                    "id: missing: the fault's id from fault-add",
-                ))
-            }
-            Some(v) => v.as_u64().ok_or_else(|| {
-                CommandError::generic(format!("id: must be a non-negative integer, got {v}"))
-            })?,
+        let name = CommandName::parse(&req.execute)?;
+        // Every command takes its arguments, refusing stray ones, before it acts; these take
+        // none.
+        let none = || {
+            Args::new(&req.arguments)
+                .finish(&name.name())
+                .map_err(CommandError::from)
         };
+        match name {
+            CommandName::QueryStatus => none().and_then(|_| reply(self.query_status())),
+            CommandName::QueryStats => none().and_then(|_| reply(self.query_stats())),
+            CommandName::Quiesce => none().and_then(|_| reply(self.live.quiesce(&self.dev))),
+            CommandName::Resume => {
+                none().map(|_| json!({ "was_quiesced": self.live.resume(&self.dev) }))
+            }
+            CommandName::FaultAdd => {
+                let spec = FaultSpec::from_args(&req.arguments, self.blocks())?;
+                Ok(json!({ "id": self.faults.add(spec) }))
+            }
+            CommandName::FaultList => none().and_then(|_| reply(self.faults.list())),
+            CommandName::FaultRemove => self.fault_remove(&req.arguments),
+            CommandName::FaultClear => none().map(|_| json!({ "removed": self.faults.clear() })),
+            CommandName::RemapList => none().and_then(|_| reply(self.remap.table().entries())),
+            CommandName::PendingList => none().and_then(|_| reply(self.remap.table().pending())),
+            CommandName::RemapAdd => {
+                let blocks = self.block_range(&req.arguments, name)?;
+                reply(self.remap.remap_add(blocks).map_err(generic)?)
+            }
+            CommandName::RemapRemove => {
+                let blocks = self.block_range(&req.arguments, name)?;
+                reply(self.remap.remap_remove(blocks).map_err(generic)?)
+            }
+        }
+    }
+
+    /// Blocks on the disk.
+    fn blocks(&self) -> u64 {
+        self.dev.cfg.capacity / u64::from(self.dev.cfg.block_size)
+    }
+
+    fn fault_remove(&self, map: &Map<String, Value>) -> CommandResult {
+        let mut args = Args::new(map);
+        let FaultId { id } = args
+            .take()
+            .map_err(|e| e.explain_missing("id", "the fault's id from fault-add"))?;
+        args.finish(&CommandName::FaultRemove.name())?;
         if self.faults.remove(id) {
             Ok(json!({}))
         } else {
-            Err(CommandError::generic(format!(
-                "id: no fault with id {id}; see fault-list"
-            )))
+            Err(ArgError::new("id", format!("no fault with id {id}; see fault-list")).into())
         }
     }
 
-    /// `lba=N [count=M]` of remap-add and remap-remove, checked against the capacity.
-    /// The blocks `lba`, `lba + stride`, ... (`count` of them; stride 1 by default: a run).
+    /// The `lba=N [count=M] [stride=S]` of remap-add and remap-remove.
     fn block_range(
         &self,
-        args: &Map<String, Value>,
-    ) -> Result<std::iter::StepBy<std::ops::Range<u64>>, CommandError> {
-        if let Some(k) = args
-            .keys()
-            .find(|k| !["lba", "count", "stride"].contains(&k.as_str()))
-        {
-            return Err(CommandError::generic(format!(
-                "{k}: unknown argument; this command takes lba, count and stride"
-            )));
-        }
-        let num = |field: &str| -> Result<Option<u64>, CommandError> {
-            match args.get(field) {
-                None => Ok(None),
-                Some(v) => v.as_u64().map(Some).ok_or_else(|| {
-                    CommandError::generic(format!(
-                        "{field}: must be a non-negative integer, got {v}"
-                    ))
-                }),
-            }
-        };
-        let blocks = self.dev.cfg.capacity / u64::from(self.dev.cfg.block_size);
-        let lba = num("lba")?
-            .ok_or_else(|| CommandError::generic("lba: missing: the first logical block"))?;
-        if lba >= blocks {
-            return Err(CommandError::generic(format!(
-                "lba: {lba} is past the end of the disk ({blocks} blocks)"
-            )));
-        }
-        let count = num("count")?.unwrap_or(1);
-        let stride = num("stride")?.unwrap_or(1);
-        if stride == 0 {
-            return Err(CommandError::generic(
-                "stride: must be at least 1 (1 = consecutive blocks)",
-            ));
-        }
-        let end = count
-            .saturating_sub(1)
-            .checked_mul(stride)
-            .and_then(|span| span.checked_add(lba));
-        if count == 0 || end.is_none_or(|last| last >= blocks) {
-            return Err(CommandError::generic(format!(
-                "count: {count} blocks from lba {lba} every {stride} do not fit the disk ({blocks} blocks)"
-            )));
-        }
-        let last = end.unwrap_or(lba);
-        Ok((lba..last + 1).step_by(stride as usize))
+        map: &Map<String, Value>,
+        name: CommandName,
+    ) -> Result<impl Iterator<Item = u64>, ArgError> {
+        let mut args = Args::new(map);
+        let range: BlockRange = args
+            .take()
+            .map_err(|e| e.explain_missing("lba", "the first logical block"))?;
+        args.finish(&name.name())?;
+        range.blocks(self.blocks())
     }
 
-    fn inflight(&self) -> usize {
-        self.live.inflight()
-    }
-
-    fn query_status(&self) -> CommandResult {
+    fn query_status(&self) -> Status {
         let cfg = &self.dev.cfg;
-        Ok(json!({
-            "state": self.live.state(&self.dev),
-            "image": cfg.image.display().to_string(),
-            "capacity_bytes": cfg.capacity,
-            "block_size": cfg.block_size,
-            "num_queues": cfg.num_queues,
-            "connected": self.live.connected(),
-            "inflight": self.inflight(),
-            "readonly": cfg.readonly,
-            "engine": cfg.engine,
-            "remaps": self.remap.table().entries().len(),
-            "spare_total": self.remap.table().spare_total(),
-            "spare_free": self.remap.table().spare_free(),
-            "pending": self.remap.table().pending().len(),
-        }))
+        let table = self.remap.table();
+        Status {
+            state: self.live.state(&self.dev),
+            image: cfg.image.display().to_string(),
+            capacity_bytes: cfg.capacity,
+            block_size: cfg.block_size,
+            num_queues: cfg.num_queues,
+            connected: self.live.connected(),
+            inflight: self.live.inflight(),
+            readonly: cfg.readonly,
+            engine: cfg.engine,
+            remaps: table.entries().len(),
+            spare_total: table.spare_total(),
+            spare_free: table.spare_free(),
+            pending: table.pending().len(),
+        }
     }
 
-    fn query_stats(&self) -> CommandResult {
-        let queues: Vec<Value> = self
-            .dev
-            .stats
-            .queues()
-            .iter()
-            .enumerate()
-            .map(|(i, q)| {
-                let mut v = counters(|pick| QueueStats::get(pick(q)));
-                v["inflight"] = json!(self.live.queue_inflight(i));
-                v["latency_us"] = json!({
-                    "p50": q.latency.quantile_us(0.5),
-                    "p99": q.latency.quantile_us(0.99),
-                    "max": q.latency.max_us(),
-                });
-                v
-            })
-            .collect();
-        let mut totals = counters(|pick| self.dev.stats.total(pick));
-        totals["inflight"] = json!(self.inflight());
-        Ok(json!({ "totals": totals, "queues": queues }))
-    }
-
-    fn quiesce(&self) -> CommandResult {
-        Ok(json!(self.live.quiesce(&self.dev)))
-    }
-
-    fn resume(&self) -> CommandResult {
-        Ok(json!({ "was_quiesced": self.live.resume(&self.dev) }))
+    fn query_stats(&self) -> StatsReport {
+        let stats = &self.dev.stats;
+        StatsReport {
+            totals: Totals {
+                counters: stats.totals(),
+                inflight: self.live.inflight(),
+            },
+            queues: stats
+                .queues()
+                .iter()
+                .enumerate()
+                .map(|(i, q)| QueueReport {
+                    counters: q.snapshot(),
+                    inflight: self.live.queue_inflight(i),
+                    latency_us: q.latency.summary(),
+                })
+                .collect(),
+        }
     }
 }
 
-fn entries_json(entries: &[Entry]) -> Value {
-    Value::Array(
-        entries
-            .iter()
-            .map(|e| json!({ "lba": e.lba, "spare_block": e.spare_block, "cause": e.cause.name(), "since": e.since }))
-            .collect(),
-    )
+/// A command's reply object.
+fn reply(value: impl Serialize) -> CommandResult {
+    // Replies are structs of numbers and strings: serde_json cannot fail on them (it fails
+    // only on maps with non-string keys), but say so rather than panic if one ever does.
+    serde_json::to_value(value)
+        .map_err(|e| CommandError::generic(format!("internal error: the reply: {e}")))
 }
 
-/// The per-queue counters as JSON, read through `get`.
-fn counters(get: impl Fn(&dyn Fn(&QueueStats) -> &std::sync::atomic::AtomicU64) -> u64) -> Value {
-    json!({
-        "reads": get(&|q| &q.reads),
-        "writes": get(&|q| &q.writes),
-        "flushes": get(&|q| &q.flushes),
-        "discards": get(&|q| &q.discards),
-        "write_zeroes": get(&|q| &q.write_zeroes),
-        "bytes_read": get(&|q| &q.bytes_read),
-        "bytes_written": get(&|q| &q.bytes_written),
-        "errors": get(&|q| &q.errors),
-        "malformed": get(&|q| &q.malformed),
-        "unsupported": get(&|q| &q.unsupported),
-        "abandoned": get(&|q| &q.abandoned),
-        "ring_io": get(&|q| &q.ring_io),
-        "ring_inline": get(&|q| &q.ring_inline),
-        "ring_redone": get(&|q| &q.ring_redone),
-    })
+fn generic(e: impl std::fmt::Display) -> CommandError {
+    CommandError::generic(e.to_string())
 }
 
-fn no_args(args: &Map<String, Value>) -> Result<(), CommandError> {
-    match args.keys().next() {
-        None => Ok(()),
-        Some(k) => Err(CommandError::generic(format!(
-            "unexpected argument \"{k}\": this command takes none"
-        ))),
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remap::metadata::{Cause, Entry};
+
+    fn range(v: Value, blocks: u64) -> Result<Vec<u64>, String> {
+        let Value::Object(map) = v else {
+            panic!("not an object")
+        };
+        let mut args = Args::new(&map);
+        let r: BlockRange = args.take().map_err(|e| e.to_string())?;
+        args.finish("remap-add").map_err(|e| e.to_string())?;
+        r.blocks(blocks)
+            .map(Iterator::collect)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn block_ranges_default_to_one_block_and_must_fit_the_disk() {
+        assert_eq!(range(json!({"lba": 3}), 10), Ok(vec![3]));
+        assert_eq!(
+            range(json!({"lba": 1, "count": 3, "stride": 4}), 10),
+            Ok(vec![1, 5, 9])
+        );
+        for (v, field) in [
+            (json!({"count": 2}), "lba: missing"),
+            (json!({"lba": 10}), "lba: 10 is past the end"),
+            (
+                json!({"lba": 1, "count": 3, "stride": 5}),
+                "count: 3 blocks",
+            ),
+            (json!({"lba": 1, "count": 0}), "count: 0 blocks"),
+            (json!({"lba": 1, "count": u64::MAX}), "count: "),
+            (json!({"lba": 1, "stride": 0}), "stride: must be at least 1"),
+            (
+                json!({"lba": 1, "id": 0}),
+                "id: unknown argument; remap-add takes lba, count, stride",
+            ),
+        ] {
+            let e = range(v.clone(), 10).unwrap_err();
+            assert!(e.starts_with(field), "{v}: {e}");
+        }
+    }
+
+    #[test]
+    fn entries_serialize_as_remap_list_shows_them() {
+        for cause in [Cause::Manual, Cause::WriteError] {
+            let e = Entry {
+                lba: 7,
+                spare_block: 2,
+                cause,
+                since: 100,
+            };
+            assert_eq!(
+                serde_json::to_value(e).unwrap(),
+                json!({"lba": 7, "spare_block": 2, "cause": cause.name(), "since": 100})
+            );
+        }
     }
 }

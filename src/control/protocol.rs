@@ -1,7 +1,73 @@
 //! The wire format: `{"execute": NAME, "arguments": {...}}` in, `{"return": {...}}` or
 //! `{"error": {"class": ..., "desc": ...}}` out, one JSON object per line.
 
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
+
+use crate::fields::ArgError;
+
+/// The commands the control socket knows. This is the one list: the server dispatches on it
+/// and `remapblk ctl --help` prints it, each with the first line of its doc comment. serde
+/// (the wire) and clap (the help) both spell the names in kebab-case, e.g. `query-status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum CommandName {
+    /// State, image, geometry, connection, in-flight requests, engine and remap counts.
+    QueryStatus,
+    /// Request counters in total and per queue, with per-queue latency.
+    QueryStats,
+    /// Stop taking requests and return once none is in flight; lasts until resume.
+    Quiesce,
+    /// Take requests again after quiesce.
+    Resume,
+    /// Inject a fault: lba=N [op=read|write|any] [count=N] [times=N] [mode=error|delay|flaky with delay_ms=N or probability=P seed=N].
+    FaultAdd,
+    /// The faults in place, with how often each fired.
+    FaultList,
+    /// Remove one fault: id=N.
+    FaultRemove,
+    /// Remove every fault.
+    FaultClear,
+    /// The remap table: lba, spare_block, cause and since of each remapped block.
+    RemapList,
+    /// Blocks whose read failed, waiting for a write to remap them.
+    PendingList,
+    /// Copy blocks to the spare and remap them: lba=N [count=N] [stride=N].
+    RemapAdd,
+    /// Copy remapped blocks back to the image and free their spare: lba=N [count=N] [stride=N].
+    RemapRemove,
+}
+
+impl CommandName {
+    /// The command `name` names on the wire, or CommandNotFound listing those there are.
+    pub fn parse(name: &str) -> Result<CommandName, CommandError> {
+        use serde::de::value::{Error, StrDeserializer};
+        CommandName::deserialize(StrDeserializer::<Error>::new(name)).map_err(|_| CommandError {
+            class: "CommandNotFound",
+            desc: format!(
+                "unknown command \"{name}\"; known: {}",
+                CommandName::names().join(", ")
+            ),
+        })
+    }
+
+    /// Every command's name, in the order of the enum.
+    pub fn names() -> Vec<String> {
+        use clap::ValueEnum;
+        CommandName::value_variants()
+            .iter()
+            .map(CommandName::name)
+            .collect()
+    }
+
+    /// The name, e.g. `query-status`.
+    pub fn name(&self) -> String {
+        use clap::ValueEnum;
+        self.to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+    }
+}
 
 /// An error a command reports to its client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +82,12 @@ impl CommandError {
             class: "GenericError",
             desc: desc.into(),
         }
+    }
+}
+
+impl From<ArgError> for CommandError {
+    fn from(e: ArgError) -> CommandError {
+        CommandError::generic(e.to_string())
     }
 }
 
@@ -83,6 +155,24 @@ mod tests {
             .unwrap_err()
             .desc
             .contains("bogus"));
+    }
+
+    #[test]
+    fn command_names_are_the_same_on_the_wire_and_in_the_help() {
+        use clap::ValueEnum;
+        for c in CommandName::value_variants() {
+            assert_eq!(serde_json::to_value(c).unwrap(), json!(c.name()));
+            assert_eq!(CommandName::parse(&c.name()), Ok(*c));
+        }
+        assert_eq!(CommandName::QueryStatus.name(), "query-status");
+        let e = CommandName::parse("query_status").unwrap_err();
+        assert_eq!(e.class, "CommandNotFound");
+        assert!(e.desc.contains("\"query_status\""), "{}", e.desc);
+        assert!(
+            e.desc.contains("query-status, query-stats, quiesce"),
+            "{}",
+            e.desc
+        );
     }
 
     #[test]

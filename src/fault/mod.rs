@@ -8,4 +8,4 @@ pub mod table;
 
 pub use io::FaultyTarget;
 pub use spec::{FaultArgError, FaultMode, FaultOp, FaultSpec};
-pub use table::FaultTable;
+pub use table::{FaultListing, FaultTable};

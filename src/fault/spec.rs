@@ -1,71 +1,112 @@
-//! A fault's description as `fault-add` takes it, validated field by field.
+//! A fault's description as `fault-add` takes it and `fault-list` shows it.
 
-use serde_json::{json, Map, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+use crate::fields::{one, ArgError, Args};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum FaultOp {
     Read,
     Write,
+    #[default]
     Any,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// What a fault does to a request. Serialized with its arguments' names:
+/// `{"mode": "delay", "delay_ms": 200}`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "mode", rename_all = "kebab-case")]
 pub enum FaultMode {
     /// The request fails as a media error (VIRTIO_BLK_S_IOERR).
     Error,
     /// The request is held this long, then carried out.
-    Delay { ms: u64 },
+    Delay {
+        /// `delay_ms` on the wire; `ms` here because the I/O side matches on that name.
+        #[serde(rename = "delay_ms")]
+        ms: u64,
+    },
     /// The request fails with this probability, from a PRNG seeded with `seed`.
     Flaky { probability: f64, seed: u64 },
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// What each mode takes besides the common arguments, picked by `mode`. Adding a mode: its
+/// variant here, its variant in [`FaultMode`], and its arm in [`ModeArgs::check`].
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum ModeArgs {
+    Error,
+    Delay {
+        delay_ms: u64,
+    },
+    Flaky {
+        probability: f64,
+        #[serde(default)]
+        seed: u64,
+    },
+}
+
+impl ModeArgs {
+    /// The ranges serde cannot check.
+    fn check(self) -> Result<FaultMode, ArgError> {
+        Ok(match self {
+            ModeArgs::Error => FaultMode::Error,
+            ModeArgs::Delay { delay_ms } => {
+                if !(1..=3_600_000).contains(&delay_ms) {
+                    return Err(ArgError::new(
+                        "delay_ms",
+                        format!("must be 1 to 3600000, got {delay_ms}"),
+                    ));
+                }
+                FaultMode::Delay { ms: delay_ms }
+            }
+            ModeArgs::Flaky { probability, seed } => {
+                if !(0.0..=1.0).contains(&probability) {
+                    return Err(ArgError::new(
+                        "probability",
+                        format!(
+                            "must be a number from 0 to 1, got {}",
+                            Value::from(probability)
+                        ),
+                    ));
+                }
+                FaultMode::Flaky { probability, seed }
+            }
+        })
+    }
+}
+
+/// The arguments every mode takes.
+#[derive(Deserialize)]
+struct CommonArgs {
+    #[serde(default)]
+    op: FaultOp,
+    lba: u64,
+    #[serde(default = "one")]
+    count: u64,
+    times: Option<u64>,
+}
+
+/// One fault, serialized as the `fault-add` arguments that make it. Not `Deserialize` on
+/// purpose: [`from_args`](Self::from_args) is the one way in, as it names the field at fault
+/// and checks the ranges against the disk.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FaultSpec {
     pub op: FaultOp,
     /// First logical block.
     pub lba: u64,
     /// Blocks covered.
     pub count: u64,
+    #[serde(flatten)]
     pub mode: FaultMode,
     /// Fire this many times, then expire; None: forever.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub times: Option<u64>,
 }
 
 /// A bad `fault-add` argument; `field` names it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {desc}")]
-pub struct FaultArgError {
-    pub field: String,
-    pub desc: String,
-}
-
-fn bad(field: &str, desc: impl Into<String>) -> FaultArgError {
-    FaultArgError {
-        field: field.to_string(),
-        desc: desc.into(),
-    }
-}
-
-const FIELDS: [&str; 8] = [
-    "op",
-    "lba",
-    "count",
-    "mode",
-    "delay_ms",
-    "probability",
-    "seed",
-    "times",
-];
-
-fn uint(args: &Map<String, Value>, field: &str) -> Result<Option<u64>, FaultArgError> {
-    match args.get(field) {
-        None => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| bad(field, format!("must be a non-negative integer, got {v}"))),
-    }
-}
+pub type FaultArgError = ArgError;
 
 impl FaultSpec {
     /// Validates `fault-add` arguments against a disk of `capacity_blocks` blocks.
@@ -73,140 +114,52 @@ impl FaultSpec {
         args: &Map<String, Value>,
         capacity_blocks: u64,
     ) -> Result<FaultSpec, FaultArgError> {
-        if let Some(k) = args.keys().find(|k| !FIELDS.contains(&k.as_str())) {
-            return Err(bad(
-                k,
-                format!("unknown argument; fault-add takes {}", FIELDS.join(", ")),
-            ));
-        }
-        let op = match args.get("op").map(|v| v.as_str()) {
-            None => FaultOp::Any,
-            Some(Some("read")) => FaultOp::Read,
-            Some(Some("write")) => FaultOp::Write,
-            Some(Some("any")) => FaultOp::Any,
-            Some(_) => {
-                return Err(bad(
-                    "op",
-                    format!("must be read, write or any, got {}", args["op"]),
-                ))
-            }
-        };
-        let lba = uint(args, "lba")?
-            .ok_or_else(|| bad("lba", "missing: the first logical block of the fault"))?;
+        let mut args = Args::new(args);
+        let common: CommonArgs = args
+            .take()
+            .map_err(|e| e.explain_missing("lba", "the first logical block of the fault"))?;
+        let mode: ModeArgs = args.take_tagged("mode", "error")?;
+        args.finish("fault-add")?;
+        let CommonArgs {
+            op,
+            lba,
+            count,
+            times,
+        } = common;
         if lba >= capacity_blocks {
-            return Err(bad(
+            return Err(ArgError::new(
                 "lba",
                 format!("{lba} is past the end of the disk ({capacity_blocks} blocks)"),
             ));
         }
-        let count = uint(args, "count")?.unwrap_or(1);
         if count == 0 {
-            return Err(bad("count", "must be at least 1"));
+            return Err(ArgError::new("count", "must be at least 1"));
         }
         if lba
             .checked_add(count)
             .is_none_or(|end| end > capacity_blocks)
         {
-            return Err(bad("count", format!("lba {lba} + count {count} reaches past the end of the disk ({capacity_blocks} blocks)")));
+            return Err(ArgError::new("count", format!("lba {lba} + count {count} reaches past the end of the disk ({capacity_blocks} blocks)")));
         }
-        let times = uint(args, "times")?;
         if times == Some(0) {
-            return Err(bad(
+            return Err(ArgError::new(
                 "times",
                 "must be at least 1 (omit it for a fault that never expires)",
             ));
         }
-        let mode_name = match args.get("mode") {
-            None => "error",
-            Some(v) => v
-                .as_str()
-                .ok_or_else(|| bad("mode", format!("must be error, delay or flaky, got {v}")))?,
-        };
-        let only_for = |field: &str, mode: &str| -> Result<(), FaultArgError> {
-            if args.contains_key(field) {
-                Err(bad(field, format!("only applies to mode {mode}")))
-            } else {
-                Ok(())
-            }
-        };
-        let mode = match mode_name {
-            "error" => {
-                only_for("delay_ms", "delay")?;
-                only_for("probability", "flaky")?;
-                only_for("seed", "flaky")?;
-                FaultMode::Error
-            }
-            "delay" => {
-                only_for("probability", "flaky")?;
-                only_for("seed", "flaky")?;
-                let ms = uint(args, "delay_ms")?
-                    .ok_or_else(|| bad("delay_ms", "missing: mode delay needs delay_ms"))?;
-                if ms == 0 || ms > 3_600_000 {
-                    return Err(bad("delay_ms", format!("must be 1 to 3600000, got {ms}")));
-                }
-                FaultMode::Delay { ms }
-            }
-            "flaky" => {
-                only_for("delay_ms", "delay")?;
-                let p = args.get("probability").ok_or_else(|| {
-                    bad(
-                        "probability",
-                        "missing: mode flaky needs a probability from 0 to 1",
-                    )
-                })?;
-                let probability =
-                    p.as_f64()
-                        .filter(|p| (0.0..=1.0).contains(p))
-                        .ok_or_else(|| {
-                            bad(
-                                "probability",
-                                format!("must be a number from 0 to 1, got {p}"),
-                            )
-                        })?;
-                FaultMode::Flaky {
-                    probability,
-                    seed: uint(args, "seed")?.unwrap_or(0),
-                }
-            }
-            other => {
-                return Err(bad(
-                    "mode",
-                    format!("must be error, delay or flaky, got \"{other}\""),
-                ))
-            }
-        };
         Ok(FaultSpec {
             op,
             lba,
             count,
-            mode,
+            mode: mode.check()?,
             times,
         })
     }
 
     /// The arguments back, as `fault-list` shows them.
     pub fn to_json(&self) -> Value {
-        let mut v = json!({
-            "op": match self.op { FaultOp::Read => "read", FaultOp::Write => "write", FaultOp::Any => "any" },
-            "lba": self.lba,
-            "count": self.count,
-        });
-        match self.mode {
-            FaultMode::Error => v["mode"] = json!("error"),
-            FaultMode::Delay { ms } => {
-                v["mode"] = json!("delay");
-                v["delay_ms"] = json!(ms);
-            }
-            FaultMode::Flaky { probability, seed } => {
-                v["mode"] = json!("flaky");
-                v["probability"] = json!(probability);
-                v["seed"] = json!(seed);
-            }
-        }
-        if let Some(t) = self.times {
-            v["times"] = json!(t);
-        }
-        v
+        // Cannot fail: a struct of numbers and names, no map with non-string keys.
+        serde_json::to_value(self).unwrap_or_default()
     }
 
     pub fn applies_to(&self, op: FaultOp) -> bool {
@@ -222,6 +175,7 @@ impl FaultSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn args(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()
@@ -274,5 +228,52 @@ mod tests {
         assert_eq!(field(json!({"lba": 1, "times": 0})), "times");
         assert_eq!(field(json!({"lba": 1, "delay_ms": 5})), "delay_ms");
         assert_eq!(field(json!({"lba": 1, "colour": "red"})), "colour");
+    }
+
+    #[test]
+    fn an_argument_of_another_mode_is_refused_by_name() {
+        let e = FaultSpec::from_args(
+            &args(json!({"lba": 1, "mode": "delay", "delay_ms": 5, "probability": 0.5})),
+            1000,
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "probability: only applies to mode flaky");
+        let e = FaultSpec::from_args(&args(json!({"lba": 1, "seed": 3})), 1000).unwrap_err();
+        assert_eq!(e.to_string(), "seed: only applies to mode flaky");
+        let e = FaultSpec::from_args(&args(json!({"lba": 1, "colour": "red"})), 1000).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "colour: unknown argument; fault-add takes op, lba, count, times, mode, delay_ms, probability, seed"
+        );
+    }
+
+    #[test]
+    fn specs_serialize_as_fault_add_takes_them() {
+        let spec = |mode, times| FaultSpec {
+            op: FaultOp::Write,
+            lba: 4,
+            count: 2,
+            mode,
+            times,
+        };
+        assert_eq!(
+            spec(FaultMode::Error, None).to_json(),
+            json!({"op": "write", "lba": 4, "count": 2, "mode": "error"})
+        );
+        assert_eq!(
+            spec(FaultMode::Delay { ms: 9 }, Some(3)).to_json(),
+            json!({"op": "write", "lba": 4, "count": 2, "mode": "delay", "delay_ms": 9, "times": 3})
+        );
+        assert_eq!(
+            spec(
+                FaultMode::Flaky {
+                    probability: 0.5,
+                    seed: 1
+                },
+                None
+            )
+            .to_json(),
+            json!({"op": "write", "lba": 4, "count": 2, "mode": "flaky", "probability": 0.5, "seed": 1})
+        );
     }
 }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::spec::{FaultMode, FaultOp, FaultSpec};
@@ -52,6 +53,18 @@ impl Fault {
         let x = s.wrapping_mul(0x2545_f491_4f6c_dd1d);
         (x >> 11) as f64 / (1u64 << 53) as f64
     }
+}
+
+/// One fault as `fault-list` shows it: its `fault-add` arguments, and how it fared.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FaultListing {
+    pub id: u64,
+    /// Times it decided a request's fate.
+    pub fired: u64,
+    /// Whether it fired its `times` and no longer applies.
+    pub expired: bool,
+    #[serde(flatten)]
+    pub spec: FaultSpec,
 }
 
 /// What the fault layer does with a request.
@@ -152,16 +165,15 @@ impl FaultTable {
         self.count.store(n, Ordering::SeqCst);
     }
 
-    pub fn list(&self) -> Vec<Value> {
+    pub fn list(&self) -> Vec<FaultListing> {
         self.faults
             .load()
             .iter()
-            .map(|f| {
-                let mut v = f.spec.to_json();
-                v["id"] = json!(f.id);
-                v["fired"] = json!(f.fired.load(Ordering::Acquire));
-                v["expired"] = json!(f.expired());
-                v
+            .map(|f| FaultListing {
+                id: f.id,
+                fired: f.fired.load(Ordering::Acquire),
+                expired: f.expired(),
+                spec: f.spec.clone(),
             })
             .collect()
     }
@@ -259,8 +271,19 @@ mod tests {
             .filter(|_| t.check(FaultOp::Write, 1, 1) != Verdict::Pass)
             .count();
         assert_eq!(fired, 3);
-        assert_eq!(t.list()[0]["fired"], 3);
-        assert_eq!(t.list()[0]["expired"], true);
+        assert_eq!(t.list()[0].fired, 3);
+        assert!(t.list()[0].expired);
+    }
+
+    #[test]
+    fn the_list_shows_each_fault_with_its_arguments() {
+        let t = FaultTable::new(Arc::new(EventLog::disabled()));
+        let id = t.add(spec(FaultOp::Read, 5, FaultMode::Delay { ms: 20 }, None));
+        assert_eq!(
+            serde_json::to_value(t.list()).unwrap(),
+            json!([{"id": id, "fired": 0, "expired": false, "op": "read", "lba": 5, "count": 1,
+                    "mode": "delay", "delay_ms": 20}])
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! A slot is as large as a table that fills the whole spare, so the table has no cap of its
 //! own. The newest slot whose checksum holds is the table; a torn write leaves the other.
 
+use serde::Serialize;
 use thiserror::Error;
 
 pub const HEADER_MAGIC: [u8; 8] = *b"RMPBLKSP";
@@ -20,14 +21,15 @@ const HEADER_USED: usize = 36;
 pub const SLOT_HEADER_LEN: usize = 40;
 pub const ENTRY_LEN: usize = 32;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Header {
     pub block_size: u32,
     pub image_size: u64,
     pub spare_blocks: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Cause {
     Manual,
     WriteError,
@@ -42,7 +44,7 @@ impl Cause {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Entry {
     pub lba: u64,
     pub spare_block: u64,

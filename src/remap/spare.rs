@@ -306,46 +306,133 @@ pub fn inspect(path: &Path) -> Result<Inspection, SpareError> {
     Ok(Inspection { header, slots })
 }
 
+/// `remapblk metadata dump`'s output: the header and each slot, the newest valid one marked,
+/// and that slot's entries.
+#[derive(Debug, serde::Serialize)]
+pub struct Dump<'a> {
+    pub header: HeaderDump,
+    pub slots: Vec<SlotDump>,
+    /// The slot that holds the table, if either is valid.
+    pub current: Option<char>,
+    pub entries: &'a [Entry],
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct HeaderDump {
+    pub version: u32,
+    #[serde(flatten)]
+    pub header: Header,
+    pub slot_size: u64,
+    pub data_offset: u64,
+}
+
+/// One metadata slot: `valid` says which of the two shapes it has.
+#[derive(Debug, serde::Serialize)]
+#[serde(untagged)]
+pub enum SlotDump {
+    Valid {
+        slot: char,
+        valid: bool,
+        seq: u64,
+        entries: usize,
+    },
+    Bad {
+        slot: char,
+        valid: bool,
+        error: String,
+    },
+}
+
 impl Inspection {
-    /// `remapblk metadata dump`: the header and each slot, the newest valid one marked.
-    pub fn to_json(&self) -> serde_json::Value {
-        use serde_json::json;
+    /// `remapblk metadata dump`.
+    pub fn dump(&self) -> Dump<'_> {
         let newest = newest_valid(&self.slots);
-        let slots: Vec<_> = self
+        let slots = self
             .slots
             .iter()
             .enumerate()
             .map(|(i, s)| match s {
-                Ok(slot) => json!({
-                    "slot": slot_name(i).to_string(),
-                    "valid": true,
-                    "seq": slot.seq,
-                    "entries": slot.entries.len(),
-                }),
-                Err(e) => json!({ "slot": slot_name(i).to_string(), "valid": false, "error": e.to_string() }),
+                Ok(slot) => SlotDump::Valid {
+                    slot: slot_name(i),
+                    valid: true,
+                    seq: slot.seq,
+                    entries: slot.entries.len(),
+                },
+                Err(e) => SlotDump::Bad {
+                    slot: slot_name(i),
+                    valid: false,
+                    error: e.to_string(),
+                },
             })
             .collect();
-        let table: Vec<_> = newest
-            .map(|(_, s)| {
-                s.entries
-                    .iter()
-                    .map(|e| json!({ "lba": e.lba, "spare_block": e.spare_block, "cause": e.cause.name(), "since": e.since }))
-                    .collect()
-            })
-            .unwrap_or_default();
-        json!({
-            "header": {
-                "version": super::metadata::VERSION,
-                "block_size": self.header.block_size,
-                "image_size": self.header.image_size,
-                "spare_blocks": self.header.spare_blocks,
-                "slot_size": self.header.slot_size(),
-                "data_offset": self.header.data_offset(),
+        Dump {
+            header: HeaderDump {
+                version: super::metadata::VERSION,
+                header: self.header,
+                slot_size: self.header.slot_size(),
+                data_offset: self.header.data_offset(),
             },
-            "slots": slots,
-            "current": newest.map(|(i, _)| slot_name(i).to_string()),
-            "entries": table,
-        })
+            slots,
+            current: newest.map(|(i, _)| slot_name(i)),
+            entries: newest.map_or(&[], |(_, s)| &s.entries),
+        }
+    }
+}
+
+#[cfg(test)]
+mod dump_tests {
+    use super::super::metadata::Cause;
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_dump_has_the_shape_scripts_read() {
+        let header = Header {
+            block_size: 512,
+            image_size: 1 << 20,
+            spare_blocks: 64,
+        };
+        let entry = Entry {
+            lba: 9,
+            spare_block: 3,
+            cause: Cause::WriteError,
+            since: 5,
+        };
+        let i = Inspection {
+            header,
+            slots: [
+                Err(MetaError::Checksum),
+                Ok(Slot {
+                    seq: 2,
+                    entries: vec![entry],
+                }),
+            ],
+        };
+        assert_eq!(
+            serde_json::to_value(i.dump()).unwrap(),
+            json!({
+                "header": {
+                    "version": super::super::metadata::VERSION,
+                    "block_size": 512,
+                    "image_size": 1 << 20,
+                    "spare_blocks": 64,
+                    "slot_size": header.slot_size(),
+                    "data_offset": header.data_offset(),
+                },
+                "slots": [
+                    {"slot": "A", "valid": false, "error": "checksum mismatch"},
+                    {"slot": "B", "valid": true, "seq": 2, "entries": 1},
+                ],
+                "current": "B",
+                "entries": [{"lba": 9, "spare_block": 3, "cause": "write-error", "since": 5}],
+            })
+        );
+        let none = Inspection {
+            header,
+            slots: [Err(MetaError::Magic), Err(MetaError::Checksum)],
+        };
+        let v = serde_json::to_value(none.dump()).unwrap();
+        assert_eq!((&v["current"], &v["entries"]), (&json!(null), &json!([])));
     }
 }
 
