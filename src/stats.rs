@@ -246,11 +246,6 @@ impl Stats {
     pub fn totals(&self) -> Counters {
         self.queues.iter().map(QueueStats::snapshot).sum()
     }
-
-    /// Sum of one counter over all queues.
-    pub fn total(&self, pick: impl Fn(&QueueStats) -> &AtomicU64) -> u64 {
-        self.queues.iter().map(|q| QueueStats::get(pick(q))).sum()
-    }
 }
 
 #[cfg(test)]
