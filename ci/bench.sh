@@ -89,7 +89,11 @@ PAIRS_PER_RUN=6 PAIR_RUNTIME=1 PAIR_RAMP=0.2
 declare -A PAIR_PID=() PAIR_SOCK=() PAIR_DIR=()
 
 log "building release binaries"
-cargo build --release >&2
+# Two builds: the daemon alone is built as `cargo build --release` builds it (without the load
+# generator's dependencies in its feature set); the load generator, a workspace member, lands
+# in the same target/release/.
+cargo build --release -p remapblk >&2
+cargo build --release -p remapblk-bench >&2
 mkdir -p "$OUT"
 rm -rf "$RUN_DIR"
 : >"$RAW"
