@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Benchmark: remapblk against qemu-storage-daemon (QSD), the same libblkio load generator
-# (target/release/remapblk-bench) driving both, on fresh copies of the same 1 GiB image.
+# (target/release/remapblk-bench, built from bench/) driving both, on fresh copies of the same
+# 1 GiB image. docs/benchmark.md explains the method and how to read the table.
 #
 # Usage: ci/bench.sh [--runs N] [--runtime S] [--ramp S] [--quick] [--only REGEX]
-#                    [--engine E] [--self-check] [--help]
+#                    [--engine E] [--poll-us N] [--self-check] [--help]
 #
 #   --runs N       measured runs per backend and load (default 5); the table shows medians
 #   --runtime S    seconds measured per run (default 5), after --ramp S seconds (default 1)
@@ -30,24 +31,16 @@
 #   remap10k-randread-4k-qd32                              remapblk with 10,000 scattered remaps
 #                                                          vs remapblk with an empty table
 #                                                          (interleaved, see below)
+#   --self-check: selfcheck-{randread-4k-qd1,randread-4k-qd32,randwrite-4k-qd32,read-1M-qd8},
+#   selfcheck-interleaved-randread-4k-qd32, selfcheck-null-{randread,randwrite}-4k-qd32
 #
-# Every run gets fresh `cp` copies of one cached seed image (target/bench/seed.img, random
-# data) for either backend; the server runs on core 1 (taskset -c 1), the load generator on
-# core 0, servers are stopped with SIGTERM between runs, and the order of the two backends
-# alternates (A B, B A, ...). Output: a markdown table on stdout (medians, ratio A/B, the median
-# and range of the per-run ratios, remapblk's peak RSS = VmHWM just before it is stopped),
-# every raw run in target/bench/results.json, progress on stderr. The machine is noisy: trust
-# medians of several runs, not one.
-#
-# Interleaved loads (remap10k, null-*, poll-null-*; in --self-check, selfcheck-interleaved-*
-# and selfcheck-null-*, the null engine without polling against itself)
-# compare set-ups whose difference is smaller than the noise between server restarts: both
-# servers are started once and stay up (remapblk under a read load on one shared fresh copy,
-# hard links: a copy each would carry its own page-cache layout into every pair; the null
-# engines keep no data at all); the load generator alternates 6 x --runs runs of 1 s (after a
-# 0.2 s ramp) between them, so the pairs share the machine's state. The self-check's
-# interleaved row (remapblk against remapblk) shows what the method reads for two identical
-# servers.
+# Each run starts a fresh server (core 1) on fresh copies of a cached seed image
+# (target/bench/seed.img), the load generator on core 0, alternating which backend goes
+# first. Interleaved loads (remap10k, null-*, poll-null-*, selfcheck-interleaved-*,
+# selfcheck-null-*) instead keep both servers up and alternate 6 x --runs runs of 1 s between
+# them. Output: a markdown table on stdout (medians, ratio A/B, the median and range of the
+# per-run ratios, server CPU, remapblk's peak RSS), every raw run in target/bench/results.json,
+# progress on stderr. The machine is noisy: trust medians of several runs, not one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -89,7 +82,11 @@ PAIRS_PER_RUN=6 PAIR_RUNTIME=1 PAIR_RAMP=0.2
 declare -A PAIR_PID=() PAIR_SOCK=() PAIR_DIR=()
 
 log "building release binaries"
-cargo build --release >&2
+# Two builds: the daemon alone is built as `cargo build --release` builds it (without the load
+# generator's dependencies in its feature set); the load generator, a workspace member, lands
+# in the same target/release/.
+cargo build --release -p remapblk >&2
+cargo build --release -p remapblk-bench >&2
 mkdir -p "$OUT"
 rm -rf "$RUN_DIR"
 : >"$RAW"

@@ -6,14 +6,15 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n=== %s\n' "$*"; }
 
-step "cargo fmt --check"
-cargo fmt --check
+# The workspace: the daemon (remapblk) and the benchmark's load generator (bench/).
+step "cargo fmt --all --check"
+cargo fmt --all --check
 
-step "cargo clippy"
-cargo clippy --all-targets -- -D warnings
+step "cargo clippy --workspace"
+cargo clippy --workspace --all-targets -- -D warnings
 
-step "cargo test (io_uring engine)"
-REMAPBLK_ENGINE=io_uring cargo test --all-targets 2>&1
+step "cargo test --workspace (io_uring engine)"
+REMAPBLK_ENGINE=io_uring cargo test --workspace --all-targets 2>&1
 
 step "integration tests again on the sync engine"
 REMAPBLK_ENGINE=sync cargo test --tests 2>&1
