@@ -93,7 +93,12 @@ Exit codes: 0 success, 1 the command failed or nothing listens, 2 bad usage."
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Disk image: a raw file (created sparse when missing) or a block device.
-    #[arg(long, value_name = "PATH", default_value = "remapblk.img")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "remapblk.img",
+        visible_alias = "blk-file"
+    )]
     pub image: PathBuf,
 
     /// Size of a new image, or a larger size to grow an existing one (e.g. 512M, 20G, 1T;
@@ -103,8 +108,25 @@ pub struct ServeArgs {
 
     /// vhost-user unix socket to listen on. A stale socket file is replaced; one a live
     /// process listens on is refused.
-    #[arg(long, value_name = "PATH", default_value = "remapblk.sock")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "remapblk.sock",
+        visible_alias = "socket-path"
+    )]
     pub socket: PathBuf,
+
+    /// Serve the listening unix socket this process inherited as descriptor N instead of
+    /// --socket (vhost-user's backend program convention; left in place at exit). Under
+    /// systemd socket activation (LISTEN_FDS, LISTEN_PID) the activated socket is used
+    /// without this flag.
+    #[arg(long, value_name = "N", conflicts_with = "socket")]
+    pub fd: Option<i32>,
+
+    /// Print the backend's capabilities as vhost-user's backend program conventions define
+    /// them (a JSON object, "type": "block") and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
 
     /// Number of virtqueues offered to the guest, each served by its own thread (1-16).
     #[arg(long, value_name = "N", default_value_t = 1,
@@ -121,7 +143,7 @@ pub struct ServeArgs {
     pub block_size: u32,
 
     /// Offer a read-only disk; writes, discards and write-zeroes fail with IOERR.
-    #[arg(long)]
+    #[arg(long, visible_alias = "read-only")]
     pub readonly: bool,
 
     /// Open the image with O_DIRECT, bypassing the host page cache.

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use log::warn;
+use log::{info, warn};
 
 use remapblk::args::{Cli, Command, CtlArgs, MetadataAction, ServeArgs};
 use remapblk::backend::{default_serial, serve, Device, DeviceConfig, Live};
@@ -17,6 +17,7 @@ use remapblk::io::EngineKind;
 use remapblk::remap::spare::inspect;
 use remapblk::remap::{self, RemapTarget};
 use remapblk::storage::{BlockIo, Image, NullTarget, OpenOptions};
+use remapblk::unix::{self, Listen};
 use remapblk::virtio::ID_BYTES;
 
 const DEFAULT_IMAGE_SIZE: u64 = 1 << 30;
@@ -85,7 +86,68 @@ fn run_ctl(a: CtlArgs) -> ExitCode {
     }
 }
 
+/// What `serve --print-capabilities` prints (vhost-user.json, VHostUserBackendCapabilities).
+#[derive(serde::Serialize)]
+struct Capabilities {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    /// `--read-only` and `--blk-file`, which serve takes as aliases of its own flags.
+    features: [&'static str; 2],
+}
+
+/// The socket to serve: `--fd N`, else a socket systemd activated this process with, else
+/// `--socket PATH`.
+fn listen_on(a: &ServeArgs) -> Result<Listen, String> {
+    let fd = a.fd.or_else(|| {
+        let fd = activated_socket()?;
+        info!("serving the socket systemd passed (descriptor {fd})");
+        Some(fd)
+    });
+    match fd {
+        Some(fd) => unix::inherited_listener(fd)
+            .map(Listen::Inherited)
+            .map_err(|e| e.to_string()),
+        None => Ok(Listen::Path(a.socket.clone())),
+    }
+}
+
+/// The first socket of systemd's socket activation (sd_listen_fds(3)): LISTEN_FDS sockets
+/// from descriptor 3 on, when LISTEN_PID names this process. The variables are removed so
+/// nothing this process starts takes them for its own.
+fn activated_socket() -> Option<i32> {
+    const SD_LISTEN_FDS_START: i32 = 3;
+    let pid = std::env::var("LISTEN_PID").ok()?;
+    let fds = std::env::var("LISTEN_FDS").ok()?;
+    std::env::remove_var("LISTEN_PID");
+    std::env::remove_var("LISTEN_FDS");
+    std::env::remove_var("LISTEN_FDNAMES");
+    if pid.parse::<u32>().ok()? != std::process::id() {
+        return None;
+    }
+    match fds.parse::<i32>().ok()? {
+        0 => None,
+        1 => Some(SD_LISTEN_FDS_START),
+        n => {
+            warn!("systemd passed {n} sockets; serving the first");
+            Some(SD_LISTEN_FDS_START)
+        }
+    }
+}
+
 fn run_serve(a: ServeArgs) -> Result<(), String> {
+    if a.print_capabilities {
+        let caps = Capabilities {
+            kind: "block",
+            features: ["read-only", "blk-file"],
+        };
+        println!(
+            "{}",
+            serde_json::to_string(&caps).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    let listen = listen_on(&a)?;
+    let socket = listen.path();
     let image = Image::open(&OpenOptions {
         path: a.image.clone(),
         size: a.size,
@@ -130,11 +192,20 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
         engine,
         poll: Duration::from_micros(a.poll_us),
     };
-    let control_path = a.control.clone().unwrap_or_else(|| {
-        let mut p = a.socket.clone().into_os_string();
-        p.push(".ctl");
-        p.into()
-    });
+    let control_path = match (&a.control, &socket) {
+        (Some(c), _) => c.clone(),
+        (None, Some(s)) => {
+            let mut p = s.clone().into_os_string();
+            p.push(".ctl");
+            p.into()
+        }
+        (None, None) => {
+            return Err(
+                "the inherited socket has no path to put the control socket beside; give --control PATH"
+                    .to_string(),
+            )
+        }
+    };
     let events = Arc::new(match &a.event_log {
         Some(p) => {
             EventLog::open(p).map_err(|e| format!("cannot open event log {}: {e}", p.display()))?
@@ -156,7 +227,14 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
         capacity,
         a.spare_blocks,
     )?);
-    print_banner(&a, capacity, &serial_str, &control_path, engine);
+    print_banner(
+        &a,
+        socket.as_deref(),
+        capacity,
+        &serial_str,
+        &control_path,
+        engine,
+    );
     // Guest I/O goes remap -> faults -> image: faults apply to the main image only, so a
     // remapped block is healthy again.
     let base: Arc<dyn BlockIo> = if engine == EngineKind::Null {
@@ -181,7 +259,7 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
     });
     let _control = ControlServer::start(&control_path, commands)
         .map_err(|e| format!("control socket: {e}"))?;
-    serve(dev, live, &a.socket).map_err(|e| e.to_string())
+    serve(dev, live, listen).map_err(|e| e.to_string())
 }
 
 /// The engine to run: the one asked for, or io_uring when the kernel allows it.
@@ -203,8 +281,15 @@ fn pick_engine(asked: Option<EngineKind>) -> Result<EngineKind, String> {
     }
 }
 
-fn print_banner(a: &ServeArgs, capacity: u64, serial: &str, control: &Path, engine: EngineKind) {
-    let sock = absolute(&a.socket);
+fn print_banner(
+    a: &ServeArgs,
+    socket: Option<&Path>,
+    capacity: u64,
+    serial: &str,
+    control: &Path,
+    engine: EngineKind,
+) {
+    let sock = socket.map_or_else(|| "an inherited socket".to_string(), absolute);
     println!(
         "remapblk: serving {} ({} bytes = {} MiB, {}-byte blocks{}, serial {serial}) on {}",
         absolute(&a.image),

@@ -2,9 +2,9 @@
 //! socket: claiming a socket path, and waiting for one of several descriptors.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use log::info;
@@ -22,6 +22,82 @@ pub enum SocketError {
     RemoveStale { path: PathBuf, source: io::Error },
     #[error("cannot listen on {path}: {source}")]
     Listen { path: PathBuf, source: io::Error },
+    #[error("descriptor {fd} is not a listening unix socket ({reason}); pass the descriptor of one (--fd, or systemd's socket activation), or use --socket PATH")]
+    Inherited { fd: RawFd, reason: String },
+}
+
+/// Where the vhost-user socket comes from.
+pub enum Listen {
+    /// Claim this path and listen on it; the socket file is removed at exit.
+    Path(PathBuf),
+    /// A listening socket the process was handed (`--fd`, systemd socket activation); it is
+    /// left as it is at exit, since whoever made it owns its file.
+    Inherited(UnixListener),
+}
+
+impl Listen {
+    /// The socket's path in the filesystem (None for an inherited socket that has none).
+    pub fn path(&self) -> Option<PathBuf> {
+        match self {
+            Listen::Path(p) => Some(p.clone()),
+            Listen::Inherited(l) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(Path::to_path_buf)),
+        }
+    }
+
+    /// The listener: claims and binds the path, or takes the inherited socket as it is.
+    pub fn open(self) -> Result<UnixListener, SocketError> {
+        match self {
+            Listen::Path(p) => listen(&p),
+            Listen::Inherited(l) => Ok(l),
+        }
+    }
+}
+
+/// Takes descriptor `fd`, which this process was handed by whoever started it, as a listening
+/// unix socket, after checking that it is one.
+pub fn inherited_listener(fd: RawFd) -> Result<UnixListener, SocketError> {
+    let bad = |reason: String| SocketError::Inherited { fd, reason };
+    // SAFETY: F_GETFD on any number is harmless; it fails for a descriptor that is not open.
+    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(bad("it is not open".to_string()));
+    }
+    let int_opt = |opt: libc::c_int| -> io::Result<libc::c_int> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `v`.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(v)
+        }
+    };
+    match int_opt(libc::SO_DOMAIN) {
+        Ok(libc::AF_UNIX) => {}
+        Ok(d) => return Err(bad(format!("a socket of address family {d}"))),
+        Err(e) => return Err(bad(format!("not a socket: {e}"))),
+    }
+    if int_opt(libc::SO_ACCEPTCONN).map_err(|e| bad(e.to_string()))? == 0 {
+        return Err(bad("a unix socket that does not listen".to_string()));
+    }
+    // SAFETY: the descriptor is open, and it was handed to this process to use (the caller's
+    // word); nothing else here owns it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Children of ours (none today) need not hold the disk's socket.
+    // SAFETY: F_SETFD on a descriptor we own.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok(UnixListener::from(owned))
 }
 
 /// Claims `path` for listening: a socket file nobody answers on is a leftover of a killed
@@ -51,9 +127,9 @@ pub fn claim_socket(path: &Path) -> Result<(), SocketError> {
 }
 
 /// Claims `path` (see [`claim_socket`]) and listens on it.
-pub fn listen(path: &Path) -> Result<std::os::unix::net::UnixListener, SocketError> {
+pub fn listen(path: &Path) -> Result<UnixListener, SocketError> {
     claim_socket(path)?;
-    std::os::unix::net::UnixListener::bind(path).map_err(|source| SocketError::Listen {
+    UnixListener::bind(path).map_err(|source| SocketError::Listen {
         path: path.to_path_buf(),
         source,
     })

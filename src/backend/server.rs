@@ -22,7 +22,7 @@ use super::inflight::Phase;
 use super::live::Live;
 use super::relay;
 use super::vhu_blk::BlkBackend;
-use crate::unix::{self, SocketError};
+use crate::unix::{self, Listen, SocketError};
 
 #[derive(Debug, Error)]
 pub enum ServeError {
@@ -71,15 +71,28 @@ impl Drop for SignalPipe {
     }
 }
 
-/// Serves frontends on `socket` one after another until SIGINT or SIGTERM.
-pub fn serve(dev: Arc<Device>, live: Arc<Live>, socket: &Path) -> Result<(), ServeError> {
+/// Serves frontends on the socket `listen` names, one after another, until SIGINT or SIGTERM.
+pub fn serve(dev: Arc<Device>, live: Arc<Live>, listen: Listen) -> Result<(), ServeError> {
     let signals = SignalPipe::new().map_err(ServeError::Signals)?;
-    let listener = unix::listen(socket)?;
-    let internal = Internal::new(socket).map_err(|source| SocketError::Listen {
-        path: socket.to_path_buf(),
+    let path = listen.path();
+    // A socket we bound is ours to remove at exit; an inherited one belongs to whoever made it.
+    let owned = matches!(listen, Listen::Path(_))
+        .then(|| path.clone())
+        .flatten();
+    let listener = listen.open()?;
+    // The sessions' directory sits beside the socket; an inherited socket without a path gets
+    // one in the temporary directory.
+    let base = path
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("remapblk-{}", std::process::id())));
+    let internal = Internal::new(&base).map_err(|source| SocketError::Listen {
+        path: base.clone(),
         source,
     })?;
-    info!("listening on {}", socket.display());
+    match &path {
+        Some(p) => info!("listening on {}", p.display()),
+        None => info!("listening on an inherited socket"),
+    }
     let live = &*live;
 
     let result = (|| -> Result<(), ServeError> {
@@ -104,8 +117,10 @@ pub fn serve(dev: Arc<Device>, live: Arc<Live>, socket: &Path) -> Result<(), Ser
     })();
 
     let flushed = dev.target.stack.flush();
-    if let Err(e) = std::fs::remove_file(socket) {
-        warn!("cannot remove socket {}: {e}", socket.display());
+    if let Some(socket) = owned {
+        if let Err(e) = std::fs::remove_file(&socket) {
+            warn!("cannot remove socket {}: {e}", socket.display());
+        }
     }
     result?;
     flushed.map_err(ServeError::FinalFlush)?;
