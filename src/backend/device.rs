@@ -95,6 +95,7 @@ impl Device {
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
     }
 
     pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -102,7 +103,17 @@ impl Device {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
+
+    /// STUB until the handover lands.
+    pub fn claim_writer(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// STUB until the handover lands.
+    pub fn yield_writer_if_waited(&self) {}
 
     pub fn config_space(&self, writeback: bool) -> BlkConfig {
         let sectors_per_block = self.cfg.block_size >> SECTOR_SHIFT;

@@ -11,23 +11,22 @@
 //! does not complete it a second time.
 
 use std::num::Wrapping;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use log::{error, warn};
-use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
+use super::vring::{Vring, VringState};
+use crate::virtio::ring::dirty_log::DirtyLog;
 use crate::virtio::ring::guest;
 use crate::virtio::ring::used::{needs_notification, UsedBatch};
 use crate::virtio::GuestMem;
 use crate::virtio::Status;
 
 pub type Gm = GuestMemoryAtomic<GuestMem>;
-pub type Vring = VringRwLock<Gm>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -157,9 +156,6 @@ pub struct QueueCtl {
     index: usize,
     inner: Mutex<Inner>,
     drained: Condvar,
-    /// The worker's vring, recorded on its first event, so that a drain past its deadline can
-    /// complete stuck requests itself.
-    vring: OnceLock<Vring>,
     /// A drain gave up on a request of this queue: its worker may still be stuck in it. Set
     /// before the stuck requests are completed, so whoever sees their completion (the frontend,
     /// then the teardown it triggers) also sees this.
@@ -190,7 +186,6 @@ impl QueueCtl {
                 inflight: Table::default(),
             }),
             drained: Condvar::new(),
-            vring: OnceLock::new(),
             gave_up: AtomicBool::new(false),
             ring_broken_said: AtomicBool::new(false),
         }
@@ -217,24 +212,10 @@ impl QueueCtl {
         self.lock().inflight.len()
     }
 
-    /// Wakes the worker by signalling the ring's kick eventfd, as the guest would.
-    pub fn poke(&self) {
-        let Some(vring) = self.vring.get() else {
-            return;
-        };
-        let state = vring.get_ref();
-        if let Some(kick) = state.get_kick() {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a live u64 to an eventfd we hold open.
-            let r = unsafe { libc::write(kick.as_raw_fd(), (&one as *const u64).cast(), 8) };
-            if r != 8 {
-                warn!(
-                    "queue {}: cannot wake the worker: {}",
-                    self.index,
-                    std::io::Error::last_os_error()
-                );
-            }
-        }
+    /// Whether the queue is stopped or closed: no descriptor is taken, none is in flight.
+    pub fn is_stopped(&self) -> bool {
+        let inner = self.lock();
+        matches!(inner.phase, Phase::Stopped | Phase::Closed) && inner.inflight.is_empty()
     }
 
     /// Called by the worker on each kick. A stopped queue whose ring the frontend has made
@@ -246,7 +227,6 @@ impl QueueCtl {
     /// drains) that completed between a worker's look at them and this call would otherwise
     /// be undone, and the worker would pop descriptors after the stop had returned.
     pub fn start_if_ready(&self, vring: &Vring, may_run: impl FnOnce() -> bool) -> bool {
-        let _ = self.vring.set(vring.clone());
         // Lock order: vring, then table. Holding the vring lock keeps the ready flag as read.
         let state = vring.get_ref();
         let mut inner = self.lock();
@@ -263,7 +243,7 @@ impl QueueCtl {
     pub fn pop<T>(
         &self,
         vring: &Vring,
-        take: impl FnOnce(&mut VringState<Gm>, u64) -> Option<(T, InflightReq)>,
+        take: impl FnOnce(&mut VringState, u64) -> Option<(T, InflightReq)>,
     ) -> Pop<T> {
         let mut state = vring.get_mut();
         let mut inner = self.lock();
@@ -288,6 +268,7 @@ impl QueueCtl {
         &self,
         vring: &Vring,
         mem: &GuestMem,
+        log: Option<&DirtyLog>,
         head: u16,
         status: Option<(GuestAddress, Status)>,
         used_len: u32,
@@ -297,15 +278,27 @@ impl QueueCtl {
             status,
             used_len,
         };
-        self.complete_many(vring, mem, std::slice::from_ref(&one)) == 1
+        self.complete_many(vring, mem, log, std::slice::from_ref(&one)) == 1
     }
 
     /// Completes a batch of requests with one signal to the guest: each status byte and used
     /// entry is written, then the guest is signalled, and only then (the table's lock held
     /// throughout, so no drain looks in between) do they leave the table. Requests a drain
     /// already completed are skipped. Returns how many were completed. `mem` is a current
-    /// memory table: the status bytes and the used ring are written through it.
-    pub fn complete_many(&self, vring: &Vring, mem: &GuestMem, done: &[Completion]) -> usize {
+    /// memory table: the status bytes and the used ring are written through it. With a dirty
+    /// `log`, every byte written is logged before the used index that reveals it.
+    ///
+    /// With an inflight region, the spec's order: each head joins the region's last batch,
+    /// the used index is published in one store, then the heads are cleared and the region
+    /// records the new index. A crash anywhere in between leaves a region whose last batch
+    /// the next process can fix up.
+    pub fn complete_many(
+        &self,
+        vring: &Vring,
+        mem: &GuestMem,
+        log: Option<&DirtyLog>,
+        done: &[Completion],
+    ) -> usize {
         if done.is_empty() {
             return 0;
         }
@@ -313,7 +306,7 @@ impl QueueCtl {
         let mut inner = self.lock();
         let from = Wrapping(state.get_queue().next_used());
         // One translation of the used ring for the batch; virtio-queue's checked path for a
-        // ring the batch does not cover.
+        // ring the batch does not cover (entry by entry, each its own inflight batch).
         let mut batch = UsedBatch::new(state.get_queue(), mem);
         let mut n = 0;
         for c in done {
@@ -328,10 +321,18 @@ impl QueueCtl {
                         self.index, addr.0
                     );
                 }
+                if let Some(log) = log {
+                    log.mark(addr.0, 1);
+                }
             }
             let added = match &mut batch {
-                Some(b) => b.push(c.head, c.used_len),
-                None => state.add_used(c.head, c.used_len).is_ok(),
+                Some(b) => {
+                    if let Some(i) = &mut state.inflight {
+                        i.batch_add(c.head);
+                    }
+                    b.push(c.head, c.used_len)
+                }
+                None => add_used_one(&mut state, c.head, c.used_len),
             };
             if !added {
                 error!(
@@ -346,10 +347,22 @@ impl QueueCtl {
         }
         if let Some(b) = batch {
             b.publish(state.get_queue_mut());
+            let used = state.get_queue().next_used();
+            if let Some(i) = &mut state.inflight {
+                i.batch_done(
+                    done.iter()
+                        .filter(|c| inner.inflight.contains_key(&c.head))
+                        .map(|c| c.head),
+                    used,
+                );
+            }
+        }
+        if let Some(log) = log {
+            log_used_ring(&state, log);
         }
         let queue = state.get_queue();
         if needs_notification(queue, mem, from, Wrapping(queue.next_used())) {
-            signal(&state, self.index);
+            signal(&mut state, self.index);
         }
         for c in done {
             inner.inflight.remove(&c.head);
@@ -363,7 +376,14 @@ impl QueueCtl {
     /// Stops taking descriptors and waits until every accepted request is complete, at most
     /// `timeout`; past it, completes the rest with IOERR. Leaves the queue in `until`
     /// (`Stopped` or `Closed`).
-    pub fn drain(&self, mem: &Gm, until: Phase, timeout: Duration) -> DrainReport {
+    pub fn drain(
+        &self,
+        vring: &Vring,
+        mem: &Gm,
+        log: Option<&DirtyLog>,
+        until: Phase,
+        timeout: Duration,
+    ) -> DrainReport {
         let start = Instant::now();
         let mut inner = self.lock();
         if inner.phase == Phase::Running {
@@ -378,7 +398,7 @@ impl QueueCtl {
         if wait.timed_out() && !inner.inflight.is_empty() {
             // Lock order is vring, then table: let go of the table first.
             drop(inner);
-            abandoned = self.abandon(mem);
+            abandoned = self.abandon(vring, mem, log);
             inner = self.lock();
         }
         if inner.phase != Phase::Closed {
@@ -391,13 +411,8 @@ impl QueueCtl {
         }
     }
 
-    fn abandon(&self, mem: &Gm) -> Vec<InflightReq> {
+    fn abandon(&self, vring: &Vring, mem: &Gm, log: Option<&DirtyLog>) -> Vec<InflightReq> {
         self.gave_up.store(true, Ordering::Release);
-        let Some(vring) = self.vring.get() else {
-            // Nothing can be in flight on a queue whose worker never ran; clear the table so
-            // the state stays coherent.
-            return self.lock().inflight.drain().map(|(_, r)| r).collect();
-        };
         let mem = mem.memory();
         let mut state = vring.get_mut();
         let stuck: Vec<InflightReq> = self.lock().inflight.drain().map(|(_, r)| r).collect();
@@ -412,21 +427,56 @@ impl QueueCtl {
                 r.since.elapsed()
             );
             let used = match r.status_addr {
-                Some(addr) if mem.write_obj(Status::IoErr as u8, addr).is_ok() => 1,
+                Some(addr) if mem.write_obj(Status::IoErr as u8, addr).is_ok() => {
+                    if let Some(log) = log {
+                        log.mark(addr.0, 1);
+                    }
+                    1
+                }
                 _ => 0,
             };
-            if let Err(e) = state.add_used(r.head, used) {
-                error!("queue {}: cannot add used entry: {e}", self.index);
+            if !add_used_one(&mut state, r.head, used) {
+                error!(
+                    "queue {}: cannot add used entry for descriptor {}",
+                    self.index, r.head
+                );
             }
+        }
+        if let Some(log) = log {
+            log_used_ring(&state, log);
         }
         // Unconditionally: a rare path, and a spurious interrupt costs little where a lost one
         // hangs the guest.
-        signal(&state, self.index);
+        signal(&mut state, self.index);
         stuck
     }
 }
 
-fn signal(state: &VringState<Gm>, index: usize) {
+/// Adds one used entry through virtio-queue's checked path; with an inflight region, as a
+/// batch of one.
+fn add_used_one(state: &mut VringState, head: u16, len: u32) -> bool {
+    if let Some(i) = &mut state.inflight {
+        i.batch_add(head);
+    }
+    if state.add_used(head, len).is_err() {
+        return false;
+    }
+    let used = state.get_queue().next_used();
+    if let Some(i) = &mut state.inflight {
+        i.batch_done([head], used);
+    }
+    true
+}
+
+/// Logs the whole used ring (flags, index, entries, `avail_event`): a few pages at most, and
+/// every field of it the device writes.
+pub fn log_used_ring(state: &VringState, log: &DirtyLog) {
+    let queue = state.get_queue();
+    let at = state.log_addr.unwrap_or(queue.used_ring());
+    log.mark(at, 6 + 8 * u64::from(queue.size()));
+}
+
+fn signal(state: &mut VringState, index: usize) {
     if let Err(e) = state.signal_used_queue() {
         warn!("queue {index}: cannot signal the guest: {e}");
     }

@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::device::Device;
 use super::inflight::{DrainReport, Phase};
-use super::vhu_blk::BlkBackend;
+use super::session::Session;
 use crate::events::EventLog;
 
 /// What `quiesce` did.
@@ -26,7 +26,7 @@ pub struct QuiesceReport {
 }
 
 pub struct Live {
-    current: Mutex<Option<BlkBackend>>,
+    current: Mutex<Option<Arc<Session>>>,
     stopping: AtomicBool,
     quiescing: AtomicBool,
     pub events: Arc<EventLog>,
@@ -107,16 +107,27 @@ impl Live {
         self.current().map_or(0, |b| b.queue_inflight(q))
     }
 
-    pub(crate) fn set_current(&self, backend: Option<BlkBackend>) {
+    pub(crate) fn set_current(&self, backend: Option<Arc<Session>>) {
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = backend;
     }
 
     /// The session being served; a clone, so no lock is held while it is used.
-    pub(crate) fn current(&self) -> Option<BlkBackend> {
+    pub(crate) fn current(&self) -> Option<Arc<Session>> {
         self.current
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Whether the connected frontend's requests are recorded in an inflight region
+    /// (INFLIGHT_SHMFD), so that they survive a crash of this process.
+    pub fn inflight_tracking(&self) -> bool {
+        self.current().is_some_and(|s| s.inflight_tracking())
+    }
+
+    /// Whether the pages the backend writes are logged for a migration now.
+    pub fn dirty_logging(&self) -> bool {
+        self.current().is_some_and(|s| s.logging())
     }
 
     pub(crate) fn set_stopping(&self) {

@@ -1,21 +1,38 @@
-//! One frontend session's state on top of the process-wide [`Device`]: its memory table, each
-//! queue's in-flight accounting and engine, and the guest's cache mode. Each queue has its own
-//! [`QueueCtl`] and engine, so the I/O path shares no lock between queues.
+//! One frontend session's state on top of the process-wide [`Device`]: its memory table, its
+//! rings, each queue's in-flight accounting, engine and worker thread, the guest's cache mode,
+//! and the dirty log while a migration runs. Each queue has its own [`QueueCtl`], engine and
+//! thread, so the I/O path shares no lock between queues.
 
-use std::os::fd::RawFd;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::Instant;
+
+use arc_swap::ArcSwapOption;
+use log::{error, warn};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::device::Device;
 use super::inflight::{DrainReport, Gm, Phase, QueueCtl};
+use super::vring::Vring;
+use super::worker::Worker;
 use crate::io::Engine;
 use crate::stats::QueueStats;
+use crate::virtio::ring::dirty_log::DirtyLog;
+
+/// What woke a queue's thread (the epoll token).
+const TOKEN_WAKE: u64 = 0;
+const TOKEN_KICK: u64 = 1;
+const TOKEN_ENGINE: u64 = 2;
 
 pub struct Session {
     pub(super) dev: Arc<Device>,
     pub(super) mem: Gm,
     pub(super) queues: Vec<QueueCtl>,
+    pub(super) vrings: Vec<Vring>,
     /// CONFIG_WCE: the guest may switch the cache to writethrough; a new session starts in
     /// writeback, as a fresh device would.
     pub(super) writeback: AtomicBool,
@@ -23,28 +40,135 @@ pub struct Session {
     /// Each queue's engine. Only the queue's worker takes the lock, except a drain that
     /// cancels what it gave up on.
     engines: Vec<Mutex<Box<dyn Engine>>>,
-}
-
-/// The epoll token of a queue's engine notifier in its worker's loop (the vhost-user-backend
-/// crate reserves `0..=num_queues`; with one queue per worker the same token serves every
-/// worker).
-pub(super) fn engine_token(num_queues: usize) -> u64 {
-    num_queues as u64 + 1
+    /// Each queue thread's event loop: its wake eventfd, the ring's kick fd, the engine's
+    /// notifier.
+    polls: Vec<Epoll>,
+    wakes: Vec<EventFd>,
+    /// The threads are to end (the session is over).
+    exit: AtomicBool,
+    /// The dirty log (SET_LOG_BASE), and whether the frontend turned logging on (LOG_ALL).
+    pub(super) log: ArcSwapOption<DirtyLog>,
+    pub(super) logging: AtomicBool,
 }
 
 impl Session {
-    pub fn new(dev: Arc<Device>, mem: Gm) -> Session {
+    pub fn new(dev: Arc<Device>, mem: Gm) -> io::Result<Session> {
         let n = usize::from(dev.cfg.num_queues);
         let engines = (0..n)
             .map(|q| Mutex::new(dev.cfg.engine.build(&dev.target, q, dev.cfg.queue_size)))
             .collect();
-        Session {
+        let vrings = (0..n)
+            .map(|_| Vring::new(mem.clone(), dev.cfg.queue_size))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| io::Error::other(format!("cannot set up a virtqueue: {e}")))?;
+        let mut polls = Vec::with_capacity(n);
+        let mut wakes = Vec::with_capacity(n);
+        for _ in 0..n {
+            let poll = Epoll::new()?;
+            let wake = EventFd::new(EFD_NONBLOCK)?;
+            watch(&poll, wake.as_raw_fd(), TOKEN_WAKE)?;
+            polls.push(poll);
+            wakes.push(wake);
+        }
+        let s = Session {
             queues: (0..n).map(QueueCtl::new).collect(),
+            vrings,
             dev,
             mem,
             writeback: AtomicBool::new(true),
             wce_acked: AtomicBool::new(false),
             engines,
+            polls,
+            wakes,
+            exit: AtomicBool::new(false),
+            log: ArcSwapOption::empty(),
+            logging: AtomicBool::new(false),
+        };
+        for q in 0..n {
+            if let Some(fd) = s.engine(q).notifier() {
+                watch(&s.polls[q], fd, TOKEN_ENGINE)?;
+            }
+        }
+        Ok(s)
+    }
+
+    /// Starts one thread per queue. They run until [`Session::stop_threads`].
+    pub fn spawn_threads(self: &Arc<Self>) -> io::Result<Vec<JoinHandle<()>>> {
+        (0..self.queues.len())
+            .map(|q| {
+                let s = self.clone();
+                std::thread::Builder::new()
+                    .name(format!("queue{q}"))
+                    .spawn(move || s.run(q))
+            })
+            .collect()
+    }
+
+    /// Asks every queue thread to end (after its current event).
+    pub fn stop_threads(&self) {
+        self.exit.store(true, Ordering::Release);
+        for q in 0..self.wakes.len() {
+            self.wake(q);
+        }
+    }
+
+    /// Queue `q`'s thread: waits for a kick, a wake-up or engine completions, and hands each
+    /// to the queue's worker.
+    fn run(&self, q: usize) {
+        let mut events = [EpollEvent::default(); 4];
+        loop {
+            let n = match self.polls[q].wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Nothing to wait on any more: the queue could never complete anything.
+                    error!("queue {q}: waiting for events failed: {e}; the queue stops");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                let Some(worker) = Worker::new(self, q) else {
+                    return;
+                };
+                match ev.data() {
+                    TOKEN_WAKE => {
+                        let _ = self.wakes[q].read();
+                        if self.exit.load(Ordering::Acquire) {
+                            return;
+                        }
+                        worker.kicked();
+                    }
+                    TOKEN_KICK => {
+                        self.vrings[q].get_ref().consume_kick();
+                        worker.kicked();
+                    }
+                    _ => worker.engine_event(),
+                }
+            }
+        }
+    }
+
+    /// Makes queue `q`'s thread look at its ring (as a kick would).
+    pub fn wake(&self, q: usize) {
+        if let Some(w) = self.wakes.get(q) {
+            if let Err(e) = w.write(1) {
+                warn!("queue {q}: cannot wake its thread: {e}");
+            }
+        }
+    }
+
+    /// Moves queue `q`'s kick fd watch from `old` to `new` (either may be absent).
+    pub(super) fn rewatch_kick(&self, q: usize, old: Option<RawFd>, new: Option<RawFd>) {
+        let Some(poll) = self.polls.get(q) else {
+            return;
+        };
+        if let Some(fd) = old {
+            let _ = poll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
+        if let Some(fd) = new {
+            if let Err(e) = watch(poll, fd, TOKEN_KICK) {
+                error!("queue {q}: cannot watch the new kick fd: {e}");
+            }
         }
     }
 
@@ -54,18 +178,27 @@ impl Session {
         self.engines[q].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The notifiers the workers must watch for engine completions, by queue, with the epoll
-    /// token the workers know them by.
-    pub fn engine_fds(&self) -> Vec<(usize, RawFd, u64)> {
-        let token = engine_token(self.queues.len());
-        (0..self.engines.len())
-            .filter_map(|q| self.engine(q).notifier().map(|fd| (q, fd, token)))
-            .collect()
-    }
-
     /// Whether the guest's cache is in writethrough mode.
     pub(super) fn writethrough(&self) -> bool {
         !self.writeback.load(Ordering::Relaxed)
+    }
+
+    /// The dirty log, while the frontend asks for pages to be logged (a migration runs).
+    pub(super) fn dirty_log(&self) -> Option<Arc<DirtyLog>> {
+        if !self.logging.load(Ordering::Acquire) {
+            return None;
+        }
+        self.log.load_full()
+    }
+
+    /// Whether written guest pages are being logged now.
+    pub fn logging(&self) -> bool {
+        self.logging.load(Ordering::Acquire) && self.log.load().is_some()
+    }
+
+    /// Whether the frontend gave an INFLIGHT_SHMFD region that rings record their requests in.
+    pub fn inflight_tracking(&self) -> bool {
+        self.vrings.iter().any(|v| v.get_ref().inflight.is_some())
     }
 
     /// Requests accepted and not yet completed, over all queues.
@@ -87,12 +220,15 @@ impl Session {
     /// per queue) and leaves them in `until`.
     pub fn drain_all(&self, until: Phase) -> DrainReport {
         let timeout = self.dev.cfg.drain_timeout;
+        let log = self.dirty_log();
+        let log = log.as_deref();
         let start = Instant::now();
         let reports: Vec<DrainReport> = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .queues
                 .iter()
-                .map(|q| s.spawn(move || q.drain(&self.mem, until, timeout)))
+                .zip(&self.vrings)
+                .map(|(q, v)| s.spawn(move || q.drain(v, &self.mem, log, until, timeout)))
                 .collect();
             handles
                 .into_iter()
@@ -111,10 +247,16 @@ impl Session {
         total
     }
 
-    /// Drains queue `q` (the frontend stopped its ring) and leaves it stopped.
+    /// Drains queue `q` (the frontend stopped or changed its ring) and leaves it stopped.
     pub fn drain_queue(&self, q: usize) -> Option<DrainReport> {
         let ctl = self.queues.get(q)?;
-        let report = ctl.drain(&self.mem, Phase::Stopped, self.dev.cfg.drain_timeout);
+        let report = ctl.drain(
+            &self.vrings[q],
+            &self.mem,
+            self.dirty_log().as_deref(),
+            Phase::Stopped,
+            self.dev.cfg.drain_timeout,
+        );
         self.record_drain(q, &report);
         Some(report)
     }
@@ -134,9 +276,14 @@ impl Session {
     /// Makes every queue's worker look at its ring again (after a resume): a kick that came
     /// while the queue was quiesced was consumed without popping anything.
     pub fn poke(&self) {
-        for q in &self.queues {
-            q.poke();
+        for q in 0..self.queues.len() {
+            self.wake(q);
         }
+    }
+
+    /// Whether every queue is stopped (none runs or drains).
+    pub fn all_stopped(&self) -> bool {
+        self.queues.iter().all(QueueCtl::is_stopped)
     }
 
     /// Whether any drain of this session gave up on a request (so a worker may still be
@@ -144,4 +291,12 @@ impl Session {
     pub fn abandoned_any(&self) -> bool {
         self.queues.iter().any(QueueCtl::gave_up)
     }
+}
+
+fn watch(poll: &Epoll, fd: RawFd, token: u64) -> io::Result<()> {
+    poll.ctl(
+        ControlOperation::Add,
+        fd,
+        EpollEvent::new(EventSet::IN, token),
+    )
 }

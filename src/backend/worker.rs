@@ -9,15 +9,16 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, warn};
-use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace};
 
-use super::inflight::{Completion, InflightReq, Pop, QueueCtl, Vring};
+use super::inflight::{log_used_ring, Completion, InflightReq, Pop, QueueCtl};
 use super::session::Session;
+use super::vring::Vring;
 use crate::io::{Done, Engine, Job, Reaped, Started};
 use crate::stats::QueueStats;
 use crate::virtio::request::{self, Rejected, Request, RequestType};
+use crate::virtio::ring::chain::TableMap;
 use crate::virtio::ring::cursor::Cursor;
 use crate::virtio::ring::used::{avail_u16, used_event};
 use crate::virtio::{GuestMem, GuestMemView, Status};
@@ -60,23 +61,22 @@ struct Group {
 }
 
 impl<'a> Worker<'a> {
-    /// The worker of queue `q` of session `s`, whose ring is `vring`.
-    pub fn new(s: &'a Session, q: usize, vring: &'a Vring) -> Option<Worker<'a>> {
+    /// The worker of queue `q` of session `s`.
+    pub fn new(s: &'a Session, q: usize) -> Option<Worker<'a>> {
         Some(Worker {
             ctl: s.queues.get(q)?,
+            vring: s.vrings.get(q)?,
             stats: s.dev.stats.queue(q),
             s,
             q,
-            vring,
         })
     }
 
     /// The guest kicked the queue (or a resume poked it).
     pub fn kicked(&self) {
-        if !self
-            .ctl
-            .start_if_ready(self.vring, || !self.s.dev.is_quiesced())
-        {
+        if !self.ctl.start_if_ready(self.vring, || {
+            !self.s.dev.is_quiesced() && self.s.dev.claim_writer().is_ok()
+        }) {
             return;
         }
         if !self.pop_all() {
@@ -103,6 +103,7 @@ impl<'a> Worker<'a> {
     /// to sleeping on the kick eventfd. Trades CPU time for the wakeups it saves.
     fn poll(&self, poll: Duration) {
         let _ = self.vring.disable_notification();
+        self.log_used_ring();
         // When the ring last went idle: the clock is read on idle rounds only, not on each
         // busy one (under load those reads showed in profiles).
         let mut idle_since: Option<Instant> = None;
@@ -139,7 +140,9 @@ impl<'a> Worker<'a> {
                 return false;
             }
             // Re-enabling notification tells us whether the guest added more meanwhile.
-            match self.vring.enable_notification() {
+            let enabled = self.vring.enable_notification();
+            self.log_used_ring();
+            match enabled {
                 // Once, that is a driver that added entries just now; twice in a row with
                 // nothing taken, a ring whose entries cannot be taken: spinning on it would
                 // burn this core forever.
@@ -239,6 +242,7 @@ impl<'a> Worker<'a> {
             self.ctl.complete(
                 self.vring,
                 &self.s.mem.memory(),
+                self.s.dirty_log().as_deref(),
                 c.head,
                 c.status,
                 c.used_len,
@@ -257,8 +261,12 @@ impl<'a> Worker<'a> {
         if group.done.is_empty() {
             return;
         }
-        self.ctl
-            .complete_many(self.vring, &self.s.mem.memory(), &group.done);
+        self.ctl.complete_many(
+            self.vring,
+            &self.s.mem.memory(),
+            self.s.dirty_log().as_deref(),
+            &group.done,
+        );
         let now = Instant::now();
         let took = now.saturating_duration_since(group.clock);
         for _ in 0..group.done.len() {
@@ -309,8 +317,12 @@ impl<'a> Worker<'a> {
             completions.push(self.outcome(done));
         }
         // One used-ring update and one interrupt for the whole batch.
-        self.ctl
-            .complete_many(self.vring, &self.s.mem.memory(), &completions);
+        self.ctl.complete_many(
+            self.vring,
+            &self.s.mem.memory(),
+            self.s.dirty_log().as_deref(),
+            &completions,
+        );
         for t in since {
             self.stats.latency.record(t.elapsed());
         }
@@ -319,16 +331,27 @@ impl<'a> Worker<'a> {
 
     /// Pops one chain, with a view of guest memory loaded after the chain was seen available
     /// (so it holds every region the frontend added before); the request keeps that view.
+    /// Chains a crashed predecessor left in flight (INFLIGHT_SHMFD) come first, in the order
+    /// it took them; a chain taken from the avail ring is marked in the inflight region before
+    /// anything else happens to it.
     fn pop(&self, now: Instant, cursor: &mut Cursor) -> Pop<Popped> {
         let limits = self.s.dev.limits();
         let mem = &self.s.mem;
         self.ctl.pop(self.vring, |state, run| {
-            let queue = state.get_queue_mut();
-            // A ring stopped or reset and not set up again has nothing to take (the check
-            // virtio-queue's iterator makes).
-            if !queue.ready() || queue.avail_ring() == 0 {
+            if !state.get_queue().ready() || state.get_queue().avail_ring() == 0 {
+                // A ring stopped or reset and not set up again has nothing to take (the check
+                // virtio-queue's iterator makes).
                 return None;
             }
+            if let Some(head) = state.resubmit.pop_front() {
+                let queue = state.get_queue();
+                let view = mem.memory();
+                let table =
+                    TableMap::new(view.clone(), GuestAddress(queue.desc_table()), queue.size());
+                let parsed = request::parse(table.chain(head), &view, &limits);
+                return Some(popped(head, parsed, now, view, false));
+            }
+            let queue = state.get_queue_mut();
             let next = Wrapping(queue.next_avail());
             let view = match cursor.ahead(run, next) {
                 Some(view) => view,
@@ -354,32 +377,10 @@ impl<'a> Worker<'a> {
             let parsed = request::parse(table.chain(head), &view, &limits);
             queue.set_next_avail(next.0.wrapping_add(1));
             cursor.took(next);
-            let entry = match &parsed {
-                Ok(r) => InflightReq {
-                    head,
-                    kind: r.kind.name(),
-                    sector: r.sector,
-                    len: r.data_len,
-                    since: now,
-                    status_addr: Some(r.status_addr),
-                },
-                Err(rej) => InflightReq {
-                    head,
-                    kind: rej.kind.map_or("malformed", RequestType::name),
-                    sector: 0,
-                    len: 0,
-                    since: now,
-                    status_addr: rej.status_addr,
-                },
-            };
-            let popped = Popped {
-                head,
-                parsed,
-                since: now,
-                mem: view,
-                guest_waiting,
-            };
-            Some((popped, entry))
+            if let Some(i) = &mut state.inflight {
+                i.begin(head);
+            }
+            Some(popped(head, parsed, now, view, guest_waiting))
         })
     }
 
@@ -393,14 +394,36 @@ impl<'a> Worker<'a> {
         );
         let status = rej.status_addr.map(|a| (a, rej.error.status()));
         let used_len = u32::from(status.is_some());
-        self.ctl
-            .complete(self.vring, &self.s.mem.memory(), head, status, used_len);
+        self.ctl.complete(
+            self.vring,
+            &self.s.mem.memory(),
+            self.s.dirty_log().as_deref(),
+            head,
+            status,
+            used_len,
+        );
+    }
+
+    /// While a migration runs: the device changed the used ring's notification fields.
+    fn log_used_ring(&self) {
+        if let Some(log) = self.s.dirty_log() {
+            log_used_ring(&self.vring.get_ref(), &log);
+        }
     }
 
     /// Counts (and logs, when it failed) a request's outcome, and what completes it.
     fn outcome(&self, done: Done) -> Completion {
         let Done { job, result } = done;
         let req = &job.req;
+        if matches!(req.kind, RequestType::In | RequestType::GetId) {
+            // The device wrote these guest pages (read data, the serial; part of them even
+            // when the request failed): a migration must carry them.
+            if let Some(log) = self.s.dirty_log() {
+                for seg in req.data.iter() {
+                    log.mark(seg.addr.0, u64::from(seg.len));
+                }
+            }
+        }
         self.stats.count(req.kind, req.data_len, result.is_ok());
         let (status, used_len) = match result {
             Ok(n) => (Status::Ok, n + 1),
@@ -421,6 +444,42 @@ impl<'a> Worker<'a> {
             used_len,
         }
     }
+}
+
+/// A popped chain and its entry in the in-flight table.
+fn popped(
+    head: u16,
+    parsed: Result<Request, Rejected>,
+    now: Instant,
+    mem: GuestMemView,
+    guest_waiting: bool,
+) -> (Popped, InflightReq) {
+    let entry = match &parsed {
+        Ok(r) => InflightReq {
+            head,
+            kind: r.kind.name(),
+            sector: r.sector,
+            len: r.data_len,
+            since: now,
+            status_addr: Some(r.status_addr),
+        },
+        Err(rej) => InflightReq {
+            head,
+            kind: rej.kind.map_or("malformed", RequestType::name),
+            sector: 0,
+            len: 0,
+            since: now,
+            status_addr: rej.status_addr,
+        },
+    };
+    let popped = Popped {
+        head,
+        parsed,
+        since: now,
+        mem,
+        guest_waiting,
+    };
+    (popped, entry)
 }
 
 /// The head of the chain in avail ring slot `at`.

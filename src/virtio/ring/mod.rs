@@ -5,5 +5,7 @@
 
 pub mod chain;
 pub mod cursor;
+pub mod dirty_log;
 pub mod guest;
+pub mod inflight;
 pub mod used;
