@@ -31,6 +31,11 @@ pub struct Status {
     pub num_queues: u16,
     pub connected: bool,
     pub inflight: usize,
+    /// The frontend's requests are recorded in an INFLIGHT_SHMFD region (they survive a crash
+    /// of this process).
+    pub inflight_tracking: bool,
+    /// The pages the backend writes are logged for a migration (LOG_ALL with a log).
+    pub dirty_logging: bool,
     pub readonly: bool,
     pub engine: EngineKind,
     pub remaps: usize,
@@ -192,6 +197,8 @@ impl Commands {
             num_queues: cfg.num_queues,
             connected: self.live.connected(),
             inflight: self.live.inflight(),
+            inflight_tracking: self.live.inflight_tracking(),
+            dirty_logging: self.live.dirty_logging(),
             readonly: cfg.readonly,
             engine: cfg.engine,
             remaps: table.entries().len(),
