@@ -33,7 +33,7 @@ fn block(q: usize, slot: u16) -> u64 {
 }
 
 fn is_read(slot: u16) -> bool {
-    slot % 2 == 0
+    slot.is_multiple_of(2)
 }
 
 /// What the image holds before the round (read blocks) and what a write puts there.
@@ -146,7 +146,7 @@ fn round(s: &mut Server, round: u64, kill_after: usize, inflight: bool, strict: 
     g.reconnect(&s.socket);
     // Every request once: watch the used rings until each chain has its entry.
     let mut seen: Vec<HashSet<u16>> = vec![HashSet::new(); QUEUES];
-    let mut read_to = vec![0u16; QUEUES];
+    let mut read_to = [0u16; QUEUES];
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while seen.iter().map(HashSet::len).sum::<usize>() < total {
         for q in 0..QUEUES {
