@@ -160,12 +160,17 @@ impl RawGuest {
         }
         for q in 0..self.rings.len() {
             let base = if at_used { self.used_idx(q) } else { 0 };
-            self.set_ring(q, base);
-            let f = &mut self.frontend;
-            f.set_vring_kick(q, &self.rings[q].kick).unwrap();
-            f.set_vring_call(q, &self.rings[q].call).unwrap();
-            f.set_vring_enable(q, true).unwrap();
+            self.start_ring(q, base);
         }
+    }
+
+    /// What QEMU does to (re)start a ring: size, base, addresses, kick and call, enable.
+    pub fn start_ring(&mut self, q: usize, base: u16) {
+        self.set_ring(q, base);
+        let f = &mut self.frontend;
+        f.set_vring_kick(q, &self.rings[q].kick).unwrap();
+        f.set_vring_call(q, &self.rings[q].call).unwrap();
+        f.set_vring_enable(q, true).unwrap();
     }
 
     /// SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR for ring `q` (no kick, call or enable).
