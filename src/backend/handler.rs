@@ -318,6 +318,12 @@ impl VhostUserBackendReqHandlerMut for Frontend {
                 features & !offered
             )));
         }
+        // Only LOG_ALL may change under running rings (QEMU turns logging on and off during
+        // a migration); anything else waits for what is in flight.
+        let changed = (self.acked_features ^ features) & !VhostUserVirtioFeatures::LOG_ALL.bits();
+        if changed != 0 {
+            self.quiet("feature change")?;
+        }
         self.acked_features = features;
         let s = self.s()?.clone();
         s.wce_acked.store(
