@@ -12,7 +12,7 @@ use log::{debug, error, warn};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace};
 
-use super::inflight::{log_used_ring, Completion, InflightReq, Pop, QueueCtl};
+use super::inflight::{log_used_ring, tracked, Completion, InflightReq, Pop, QueueCtl};
 use super::session::Session;
 use super::vring::Vring;
 use crate::io::{Done, Engine, Job, Reaped, Started};
@@ -343,6 +343,7 @@ impl<'a> Worker<'a> {
     /// it took them; a chain taken from the avail ring is marked in the inflight region before
     /// anything else happens to it.
     fn pop(&self, now: Instant, cursor: &mut Cursor) -> Pop<Popped> {
+        let q = self.q;
         let limits = self.s.dev.limits();
         let mem = &self.s.mem;
         self.ctl.pop(self.vring, |state, run| {
@@ -386,7 +387,7 @@ impl<'a> Worker<'a> {
             queue.set_next_avail(next.0.wrapping_add(1));
             cursor.took(next);
             if let Some(i) = &mut state.inflight {
-                i.begin(head);
+                tracked(i.begin(head), q);
             }
             Some(popped(head, parsed, now, view, guest_waiting))
         })
