@@ -12,6 +12,7 @@
 mod extent;
 pub mod image;
 pub mod iov;
+pub mod lock;
 pub mod null;
 
 use std::fs::{File, OpenOptions as FsOpenOptions};
