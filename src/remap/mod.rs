@@ -2,6 +2,7 @@
 //! the spare file. See `metadata` for the spare file's format.
 
 mod filter;
+pub mod gate;
 pub mod metadata;
 mod mirror;
 pub mod spare;
@@ -17,6 +18,17 @@ use log::{info, warn};
 
 use metadata::Header;
 use spare::Spare;
+
+/// Opens the spare file another process serves, for `serve --incoming`: checked like
+/// [`open_or_create`]'s, but nothing is written (a bad slot is repaired at the takeover, see
+/// `handover`) and the table's gate is closed.
+pub fn open_untouched(path: &Path, block_size: u32, capacity: u64) -> Result<RemapTable, String> {
+    let o = Spare::open_with(path, block_size, capacity, false).map_err(|e| e.to_string())?;
+    let table = RemapTable::new(o.spare, o.entries)?;
+    // Nothing holds a permit yet: closes at once.
+    table.gate().close(std::time::Duration::ZERO);
+    Ok(table)
+}
 
 /// Opens the spare file at `path` (checking it was made for this block size and capacity,
 /// repairing one bad slot) or creates it with `spare_blocks` blocks (default: 1% of the
