@@ -343,8 +343,10 @@ enum Phase {
 
 struct Inner {
     phase: Phase,
-    /// Whom the files were yielded or handed over to.
-    other: Holders,
+    /// Whom the files were yielded or handed over to; None until someone asks after a yield
+    /// (looking through `/proc` then would delay the frontend's ring stop, which waits for
+    /// the yield: the migration's downtime).
+    other: Option<Holders>,
 }
 
 struct Files {
@@ -371,6 +373,10 @@ pub struct Handover {
     files: Option<Files>,
     /// The fast path of [`Handover::claim`]: set only while the phase is `Writer`.
     writer: AtomicBool,
+    /// Taken by a claim or a yield for all it does (a claim may wait seconds for the lock),
+    /// so one runs at a time.
+    turn: Mutex<()>,
+    /// What the phase is, for moments only: `query-status` must not wait for a claim.
     inner: Mutex<Inner>,
     claim_wait: Duration,
     events: Arc<EventLog>,
@@ -382,9 +388,10 @@ impl Handover {
         Handover {
             files: None,
             writer: AtomicBool::new(true),
+            turn: Mutex::new(()),
             inner: Mutex::new(Inner {
                 phase: Phase::Writer,
-                other: Holders::default(),
+                other: None,
             }),
             claim_wait: CLAIM_WAIT,
             events: Arc::new(EventLog::disabled()),
@@ -419,10 +426,8 @@ impl Handover {
                 table,
             }),
             writer: AtomicBool::new(phase == Phase::Writer),
-            inner: Mutex::new(Inner {
-                phase,
-                other: Holders::default(),
-            }),
+            turn: Mutex::new(()),
+            inner: Mutex::new(Inner { phase, other: None }),
             claim_wait: CLAIM_WAIT,
             events: Arc::new(EventLog::disabled()),
         })
@@ -445,6 +450,14 @@ impl Handover {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn turn(&self) -> MutexGuard<'_, ()> {
+        self.turn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn phase(&self) -> Phase {
+        self.lock().phase
+    }
+
     /// Makes this process the writer, if it is not: before a queue runs. One atomic load when
     /// it is; otherwise takes the writer lock (waiting for a source to let go), loads the remap
     /// state from the spare file and is the writer from then on. Any number of threads may
@@ -456,24 +469,25 @@ impl Handover {
         let Some(files) = &self.files else {
             return Ok(());
         };
-        let mut inner = self.lock();
-        if inner.phase == Phase::Writer {
+        let _turn = self.turn();
+        let was = self.phase();
+        if was == Phase::Writer {
             return Ok(());
         }
         // Once a claim found another writer, the next ones do not wait for it again: it does
         // not let go unless it yields, and then the lock is free already.
-        let wait = if inner.phase == Phase::HandedOver {
+        let wait = if was == Phase::HandedOver {
             Duration::ZERO
         } else {
             self.claim_wait
         };
         let deadline = Instant::now() + wait;
         if !files.image.take_writer(deadline)? {
-            return Err(self.not_taken(&mut inner, &files.image));
+            return Err(self.not_taken(was, &files.image));
         }
         if !files.spare.take_writer(deadline)? {
             files.image.release_writer();
-            return Err(self.not_taken(&mut inner, &files.spare));
+            return Err(self.not_taken(was, &files.spare));
         }
         let (remaps, pending) = match files.table.reload() {
             Ok(n) => n,
@@ -494,9 +508,10 @@ impl Handover {
             }
         }
         files.table.gate().open();
-        let was = inner.phase;
-        inner.phase = Phase::Writer;
-        inner.other = Holders::default();
+        *self.lock() = Inner {
+            phase: Phase::Writer,
+            other: None,
+        };
         self.writer.store(true, Ordering::Release);
         info!(
             "took over {} and {} as their writer ({}): {remaps} remaps and {pending} pending blocks loaded from the spare file",
@@ -513,22 +528,24 @@ impl Handover {
     }
 
     /// The error of a claim that found the writer lock of `a` held past its wait.
-    fn not_taken(&self, inner: &mut Inner, a: &Attachment) -> HandoverError {
+    fn not_taken(&self, was: Phase, a: &Attachment) -> HandoverError {
         let holders = Holders::of(&a.lock, WRITER);
-        if inner.phase == Phase::Incoming {
+        if was == Phase::Incoming {
             return HandoverError::StillHeld {
                 role: a.role,
                 path: a.path().to_path_buf(),
                 holders,
             };
         }
-        if inner.phase != Phase::HandedOver {
+        if was != Phase::HandedOver {
             warn!("the image and spare file were handed over to {holders}; this process writes neither any more");
             self.events
                 .emit("handed-over", json!({ "pid": holders.pid() }));
         }
-        inner.phase = Phase::HandedOver;
-        inner.other = holders.clone();
+        *self.lock() = Inner {
+            phase: Phase::HandedOver,
+            other: Some(holders.clone()),
+        };
         HandoverError::HandedOver { holders }
     }
 
@@ -547,8 +564,8 @@ impl Handover {
         if !self.writer.load(Ordering::Acquire) {
             return false;
         }
-        let mut inner = self.lock();
-        if inner.phase != Phase::Writer {
+        let _turn = self.turn();
+        if self.phase() != Phase::Writer {
             return false;
         }
         let waited = files
@@ -567,13 +584,12 @@ impl Handover {
             error!("cannot hand the image and spare file over: {e}; keeping them, so the process waiting to take over cannot");
             return false;
         }
-        // Named after the fact, for the log and query-status: the writer lock is free
-        // already, so a slow /proc costs the migration nothing.
-        let to = Holders::of(&files.image.lock, INCOMING);
-        info!("yielded the image and spare file to {to}, which waits to take over; they come back if it does not take them before this process's rings start again");
-        self.events.emit("yield", json!({ "pid": to.pid() }));
-        inner.phase = Phase::Yielded;
-        inner.other = to;
+        info!("yielded the image and spare file to the process waiting to take over; they come back if it does not take them before this process's rings start again");
+        self.events.emit("yield", json!({}));
+        *self.lock() = Inner {
+            phase: Phase::Yielded,
+            other: None,
+        };
         true
     }
 
@@ -638,15 +654,15 @@ impl Handover {
         if self.writer.load(Ordering::Acquire) {
             return Ok(());
         }
-        let inner = self.lock();
+        let mut inner = self.lock();
         match inner.phase {
             Phase::Writer => Ok(()),
             Phase::Incoming => Err(HandoverError::NotYet),
             Phase::Yielded => Err(HandoverError::Yielded {
-                holders: inner.other.clone(),
+                holders: self.other(&mut inner),
             }),
             Phase::HandedOver => Err(HandoverError::HandedOver {
-                holders: inner.other.clone(),
+                holders: self.other(&mut inner),
             }),
         }
     }
@@ -657,14 +673,26 @@ impl Handover {
     }
 
     pub fn state(&self) -> WriterState {
-        let inner = self.lock();
+        let mut inner = self.lock();
         let (state, pid) = match inner.phase {
             Phase::Writer => ("writer", None),
             Phase::Incoming => ("incoming", None),
-            Phase::Yielded => ("yielded", inner.other.pid()),
-            Phase::HandedOver => ("handed-over", inner.other.pid()),
+            Phase::Yielded => ("yielded", self.other(&mut inner).pid()),
+            Phase::HandedOver => ("handed-over", self.other(&mut inner).pid()),
         };
         WriterState { state, pid }
+    }
+
+    /// Whom the files were yielded or handed over to: after a yield, the processes waiting
+    /// to take over, looked up the first time someone asks.
+    fn other(&self, inner: &mut Inner) -> Holders {
+        let files = self.files.as_ref();
+        inner
+            .other
+            .get_or_insert_with(|| {
+                files.map_or_else(Holders::default, |f| Holders::of(&f.image.lock, INCOMING))
+            })
+            .clone()
     }
 }
 
