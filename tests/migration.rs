@@ -89,14 +89,11 @@ fn the_incoming_process_takes_over_when_the_sources_rings_stop_and_back() {
         dst.ctl_ok("query-status", &[])["handover"]["state"],
         "writer"
     );
-    let remaps = dst.ctl_ok("remap-list", &[]);
-    let lbas: Vec<u64> = remaps
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["lba"].as_u64().unwrap())
-        .collect();
-    assert_eq!(lbas, (8..24).collect::<Vec<_>>(), "the source's remaps");
+    assert_eq!(
+        dst.remapped_lbas(),
+        (8..24).collect::<Vec<_>>(),
+        "the source's remaps"
+    );
     assert_eq!(write(&mut b, 3, 24, 3), 0);
     assert_eq!(
         write(&mut b, 4, 8, 4),

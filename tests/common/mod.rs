@@ -191,6 +191,16 @@ impl Server {
         v
     }
 
+    /// The remapped blocks `remap-list` names, in its order.
+    pub fn remapped_lbas(&self) -> Vec<u64> {
+        self.ctl_ok("remap-list", &[])
+            .as_array()
+            .expect("remap-list returns an array")
+            .iter()
+            .map(|e| e["lba"].as_u64().expect("an lba"))
+            .collect()
+    }
+
     pub fn client(&self, num_queues: usize) -> Client {
         Client::connect(&self.socket, num_queues, false)
     }
