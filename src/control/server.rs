@@ -1,7 +1,7 @@
 //! Listens on the control socket; one thread per client, so a slow `quiesce` never holds up
 //! another client's `query-stats`.
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,7 +10,8 @@ use std::thread;
 use log::{debug, info, warn};
 
 use super::commands::Commands;
-use super::protocol::{parse_request, reply};
+use super::lines::{Lines, MAX_LINE};
+use super::protocol::{parse_request, reply, CommandError};
 use crate::unix::{self, SocketError};
 
 pub struct ControlServer {
@@ -55,26 +56,28 @@ impl Drop for ControlServer {
 }
 
 fn serve_client(stream: UnixStream, commands: &Commands) {
-    let Ok(read_half) = stream.try_clone() else {
-        return;
-    };
-    let mut out = stream;
-    for line in BufReader::new(read_half).lines() {
-        let Ok(line) = line else { return };
-        if line.trim().is_empty() {
-            continue;
-        }
-        let result = parse_request(&line).and_then(|req| {
-            debug!("control: {}", req.execute);
-            commands.dispatch(&req)
-        });
-        if write_line(&mut out, &reply(&result)).is_err() {
+    // Reads and writes share the one descriptor (no clone to run out of).
+    let out = &stream;
+    let mut lines = Lines::new(BufReader::new(&stream), MAX_LINE);
+    while let Ok(Some(line)) = lines.next_line() {
+        let result = match line {
+            Ok(line) if line.trim().is_empty() => continue,
+            Ok(line) => parse_request(&line).and_then(|req| {
+                debug!("control: {}", req.execute);
+                commands.dispatch(&req)
+            }),
+            Err(refused) => {
+                debug!("control: {refused}");
+                Err(CommandError::generic(refused.to_string()))
+            }
+        };
+        if write_line(out, &reply(&result)).is_err() {
             return;
         }
     }
 }
 
-fn write_line(out: &mut UnixStream, line: &str) -> io::Result<()> {
+fn write_line(mut out: &UnixStream, line: &str) -> io::Result<()> {
     out.write_all(line.as_bytes())?;
     out.write_all(b"\n")
 }
