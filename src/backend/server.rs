@@ -70,7 +70,7 @@ pub fn serve(dev: Arc<Device>, live: Arc<Live>, listen: Listen) -> Result<(), Se
     let signals = SignalPipe::new().map_err(ServeError::Signals)?;
     let path = listen.path();
     // A socket we bound is ours to remove at exit; an inherited one belongs to whoever made it.
-    let owned = matches!(listen, Listen::Path(_))
+    let owned = matches!(listen, Listen::Path(..))
         .then(|| path.clone())
         .flatten();
     let listener = listen.open()?;

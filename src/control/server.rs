@@ -12,6 +12,7 @@ use log::{debug, info, warn};
 use super::commands::Commands;
 use super::lines::{Lines, MAX_LINE};
 use super::protocol::{parse_request, reply, CommandError};
+use crate::filemode::SocketMode;
 use crate::unix::{self, SocketError};
 
 pub struct ControlServer {
@@ -19,10 +20,14 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    /// Claims `path` (replacing a stale socket, refusing a live one) and serves it from a
-    /// background thread.
-    pub fn start(path: &Path, commands: Arc<Commands>) -> Result<ControlServer, SocketError> {
-        let listener = unix::listen(path)?;
+    /// Claims `path` (replacing a stale socket, refusing a live one), makes the socket with
+    /// `mode` and serves it from a background thread.
+    pub fn start(
+        path: &Path,
+        mode: SocketMode,
+        commands: Arc<Commands>,
+    ) -> Result<ControlServer, SocketError> {
+        let listener = unix::listen(path, mode)?;
         info!("control socket on {}", path.display());
         thread::Builder::new()
             .name("control".to_string())

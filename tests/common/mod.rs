@@ -9,6 +9,8 @@ pub mod raw;
 use std::fs::File;
 use std::io::Read;
 use std::mem::MaybeUninit;
+use std::os::fd::RawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -42,6 +44,28 @@ pub fn serve_refused(image: &Path, socket: &Path, extra: &[&str]) -> (Option<i32
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Gives the child `fd` as its descriptor 3 (where socket activation puts the first socket,
+/// and where `--fd 3` looks).
+pub fn pass_as_fd3(cmd: &mut Command, fd: RawFd) {
+    // SAFETY: dup2 and fcntl are async-signal-safe, and the closure touches nothing else
+    // between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 clears close-on-exec on the copy; a descriptor that is 3 already keeps its
+            // flag, so clear it by hand.
+            let r = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Polls `cond` every few milliseconds until it holds or `deadline` passes.
