@@ -6,6 +6,7 @@ pub mod backend;
 pub mod control;
 pub mod events;
 pub mod fault;
+pub mod fdlimit;
 pub mod fields;
 pub mod filemode;
 pub mod handover;

@@ -12,6 +12,7 @@ use log::{debug, info, warn};
 use super::commands::Commands;
 use super::lines::{Lines, MAX_LINE};
 use super::protocol::{parse_request, reply, CommandError};
+use crate::fdlimit::Acceptor;
 use crate::filemode::SocketMode;
 use crate::unix::{self, SocketError};
 
@@ -27,21 +28,23 @@ impl ControlServer {
         mode: SocketMode,
         commands: Arc<Commands>,
     ) -> Result<ControlServer, SocketError> {
-        let listener = unix::listen(path, mode)?;
+        let mut listener = Acceptor::new(unix::listen(path, mode)?);
         info!("control socket on {}", path.display());
         thread::Builder::new()
             .name("control".to_string())
-            .spawn(move || {
-                for conn in listener.incoming() {
-                    match conn {
-                        Ok(stream) => {
-                            let commands = commands.clone();
-                            let _ = thread::Builder::new()
-                                .name("control-client".to_string())
-                                .spawn(move || serve_client(stream, &commands));
+            .spawn(move || loop {
+                match listener.accept() {
+                    Ok(stream) => {
+                        let commands = commands.clone();
+                        let spawned = thread::Builder::new()
+                            .name("control-client".to_string())
+                            .spawn(move || serve_client(stream, &commands));
+                        if let Err(e) = spawned {
+                            warn!("control socket: a client was closed unserved: cannot start its thread: {e}");
                         }
-                        Err(e) => warn!("control socket: accept failed: {e}"),
                     }
+                    Err(e) if e.is_repeat() => {}
+                    Err(e) => warn!("control socket: {e}"),
                 }
             })
             .map_err(|source| SocketError::Listen {

@@ -26,6 +26,8 @@ pub struct Server {
     pub log: PathBuf,
     child: Option<Child>,
     args: Vec<String>,
+    /// The process's descriptor limit (RLIMIT_NOFILE), when the test sets one.
+    nofile: Option<u64>,
 }
 
 /// Runs `remapblk serve --image IMAGE --socket SOCKET EXTRA...` that is expected to stop at
@@ -90,7 +92,27 @@ impl Server {
         Self::start_on(dir, image, extra)
     }
 
+    /// As [`Server::start`], with the process's descriptor limit (RLIMIT_NOFILE, soft and
+    /// hard) set to `nofile`, as `prlimit --nofile` would.
+    pub fn start_with_fd_limit(size: u64, extra: &[&str], nofile: u64) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("disk.img");
+        File::create(&image)
+            .and_then(|f| f.set_len(size))
+            .expect("create image");
+        Self::start_inner(dir, image, extra, Some(nofile))
+    }
+
     pub fn start_on(dir: tempfile::TempDir, image: PathBuf, extra: &[&str]) -> Server {
+        Self::start_inner(dir, image, extra, None)
+    }
+
+    fn start_inner(
+        dir: tempfile::TempDir,
+        image: PathBuf,
+        extra: &[&str],
+        nofile: Option<u64>,
+    ) -> Server {
         let socket = dir.path().join("disk.sock");
         let log = dir.path().join("server.log");
         let mut args = vec![
@@ -108,6 +130,7 @@ impl Server {
             log,
             child: None,
             args,
+            nofile,
         };
         s.spawn();
         s
@@ -124,14 +147,29 @@ impl Server {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_remapblk"))
-            .args(&self.args)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_remapblk"));
+        cmd.args(&self.args)
             .env("RUST_LOG", "debug")
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn remapblk");
+            .stdin(Stdio::null());
+        if let Some(n) = self.nofile {
+            let limit = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: setrlimit is async-signal-safe and reads only `limit`, a copy the
+            // closure owns; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().expect("spawn remapblk");
         self.child = Some(child);
         let sock = self.socket.clone();
         let log_path = self.log.clone();
