@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod load;
+pub mod privilege;
 pub mod raw;
 
 use std::fs::File;
