@@ -29,6 +29,7 @@ const DROP_WAIT: Duration = Duration::from_secs(5);
 /// Whether this kernel lets us use io_uring with the operations the engine needs. The error
 /// says why not (io_uring disabled by sysctl or seccomp, kernel too old...).
 pub fn probe() -> io::Result<()> {
+    uring_refused::read_limits();
     let ring = IoUring::new(8).map_err(uring_refused::explain)?;
     let mut probe = io_uring::Probe::new();
     ring.submitter().register_probe(&mut probe)?;

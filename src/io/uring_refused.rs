@@ -4,11 +4,35 @@
 //! root and one group.
 
 use std::io;
+use std::sync::OnceLock;
+
+/// What the messages quote of this process's settings.
+struct Limits {
+    memlock_kib: Option<u64>,
+    io_uring_disabled: String,
+}
+
+static LIMITS: OnceLock<Limits> = OnceLock::new();
+
+/// Reads the settings the messages quote, once. The engine probe calls it at start-up: a
+/// queue's ring is set up later, on a session's thread, where a sandbox may no longer allow
+/// reading `/proc` just to word an error.
+pub fn read_limits() {
+    limits();
+}
+
+fn limits() -> &'static Limits {
+    LIMITS.get_or_init(|| Limits {
+        memlock_kib: memlock_kib(),
+        io_uring_disabled: io_uring_disabled(),
+    })
+}
 
 /// `e`, from io_uring_setup(2), with what it means and what to do about it when the cause is
 /// one we know.
 pub fn explain(e: io::Error) -> io::Error {
-    match advice(&e, memlock_kib(), &io_uring_disabled()) {
+    let limits = limits();
+    match advice(&e, limits.memlock_kib, &limits.io_uring_disabled) {
         Some(a) => io::Error::new(e.kind(), format!("{e}: {a}")),
         None => e,
     }
