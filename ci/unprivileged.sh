@@ -3,7 +3,7 @@
 # privileges, once per engine, so that nothing in them passes only because CI runs as root.
 # Run as root: it creates the user remapblk-ci when missing, builds the tests as root (the
 # toolchain and ~/.cargo stay root's) and runs the test executables as that user, with its own
-# HOME and /tmp. Run as another user, it has nothing to add: `cargo test --tests` already runs
+# HOME. Run as another user, it has nothing to add: `cargo test --tests` already runs
 # unprivileged. Usage: ci/unprivileged.sh [ENGINE...]   (default: io_uring sync)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +15,11 @@ engines=("$@")
 if [ "$(id -u)" -ne 0 ]; then
     echo "ci/unprivileged.sh: running as $(id -un), not root: cargo test --tests is already an unprivileged run"
     exit 0
+fi
+
+# setpriv and prlimit come with util-linux, losetup with mount (Debian).
+if ! command -v setpriv >/dev/null || ! command -v prlimit >/dev/null; then
+    apt-get install -y util-linux
 fi
 
 if ! id -u "$user" >/dev/null 2>&1; then
