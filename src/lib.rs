@@ -4,6 +4,7 @@
 pub mod args;
 pub mod backend;
 pub mod control;
+pub mod denied;
 pub mod events;
 pub mod fault;
 pub mod fdlimit;

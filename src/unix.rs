@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use log::info;
 use thiserror::Error;
 
+use crate::denied;
 use crate::filemode::{self, SocketMode};
 
 #[derive(Debug, Error)]
@@ -20,9 +21,9 @@ pub enum SocketError {
         "{0} exists and is not a socket; refusing to replace it. Remove it or choose another path"
     )]
     NotASocket(PathBuf),
-    #[error("cannot remove stale socket {path}: {source}")]
+    #[error("cannot remove stale socket {path}: {source}{}", denied::advice(.source, .path, denied::CREATE))]
     RemoveStale { path: PathBuf, source: io::Error },
-    #[error("cannot listen on {path}: {source}")]
+    #[error("cannot listen on {path}: {source}{}", denied::advice(.source, .path, denied::CREATE))]
     Listen { path: PathBuf, source: io::Error },
     #[error("descriptor {fd} is not a listening unix socket ({reason}); pass the descriptor of one (--fd, or systemd's socket activation), or use --socket PATH")]
     Inherited { fd: RawFd, reason: String },

@@ -17,6 +17,7 @@ use log::{error, warn};
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag};
 
 use super::inline::{zero, Inline, Inlined};
+use super::uring_refused;
 use super::{Done, Engine, Job, Reaped, Started, Target};
 use crate::storage::{Dir, MapIo, Mapping, Pass, PerIo, Source};
 
@@ -28,7 +29,8 @@ const DROP_WAIT: Duration = Duration::from_secs(5);
 /// Whether this kernel lets us use io_uring with the operations the engine needs. The error
 /// says why not (io_uring disabled by sysctl or seccomp, kernel too old...).
 pub fn probe() -> io::Result<()> {
-    let ring = IoUring::new(8)?;
+    uring_refused::read_limits();
+    let ring = IoUring::new(8).map_err(uring_refused::explain)?;
     let mut probe = io_uring::Probe::new();
     ring.submitter().register_probe(&mut probe)?;
     for (code, name) in [
@@ -93,7 +95,7 @@ impl UringEngine {
         let entries = u32::from(queue_size).next_power_of_two().max(8);
         // No SINGLE_ISSUER (a drain cancels from another thread) and no COOP_TASKRUN (the
         // worker sleeps in epoll and must be woken by every completion's eventfd).
-        let ring = IoUring::new(entries)?;
+        let ring = IoUring::new(entries).map_err(uring_refused::explain)?;
         let (events, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
         ring.submitter().register_eventfd(notifier.as_raw_fd())?;
         // The kernel holds its own reference to the eventfd; the consumer end is ours.

@@ -14,12 +14,17 @@ use super::metadata::{
     Entry, Header, MetaError, PendingRecord, Slot, HEADER_LEN, PENDING_HEADER_LEN,
 };
 use super::mirror::Mirror;
+use crate::denied;
 use crate::filemode::PRIVATE_FILE;
 use crate::storage::{open_noatime, Extent, Source};
 
+/// What the user needs of a spare file it cannot open or create.
+const SPARE_NEEDS: &str = "read and write access to it, and to create it, write and search \
+     access to its directory";
+
 #[derive(Debug, Error)]
 pub enum SpareError {
-    #[error("spare file {path}: cannot {what}: {source}")]
+    #[error("spare file {path}: cannot {what}: {source}{}", denied::advice(.source, .path, SPARE_NEEDS))]
     Io {
         path: PathBuf,
         what: &'static str,

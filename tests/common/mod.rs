@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod load;
+pub mod privilege;
 pub mod raw;
 
 use std::fs::File;
@@ -294,6 +295,24 @@ impl Drop for Server {
             let _ = c.kill();
             let _ = c.wait();
         }
+        if !std::thread::panicking() {
+            assert_no_engine_fallback(&self.log());
+        }
+    }
+}
+
+/// A queue whose io_uring the kernel refused runs on the sync engine, with a warning, and
+/// serves as well: a test would pass while its io_uring run tested sync. A user without
+/// CAP_IPC_LOCK meets this when RLIMIT_MEMLOCK cannot hold the rings of all its servers.
+fn assert_no_engine_fallback(log: &str) {
+    if let Some(line) = log
+        .lines()
+        .find(|l| l.contains("cannot set up the io_uring engine"))
+    {
+        panic!(
+            "a queue fell back from io_uring to sync, so this run did not test io_uring: {line}\n\
+             raise the locked-memory limit (ulimit -l) or run with REMAPBLK_ENGINE=sync"
+        );
     }
 }
 
