@@ -295,7 +295,9 @@ impl Drop for Server {
             let _ = c.kill();
             let _ = c.wait();
         }
-        if !std::thread::panicking() {
+        // A server starved of descriptors on purpose may fall back to sync for want of one
+        // (the fd-limit tests): that is what it should do there, not a test that lies.
+        if !std::thread::panicking() && self.nofile.is_none() {
             assert_no_engine_fallback(&self.log());
         }
     }
