@@ -43,9 +43,10 @@ def deadline_loop(what, timeout, poll=0.05):
 
 
 class Remapblk:
-    def __init__(self, binary, workdir, image, socket_path, extra):
+    def __init__(self, binary, workdir, image, socket_path, extra, name="remapblk"):
         self.binary = binary
-        self.log_path = os.path.join(workdir, "remapblk.log")
+        self.name = name
+        self.log_path = os.path.join(workdir, f"{name}.log")
         self.args = [binary, "serve", "--image", image, "--socket", socket_path] + extra
         self.socket = socket_path
         self.proc = None
@@ -88,10 +89,11 @@ class Guest:
     """run-guest.sh in the background, its console lines collected by a reader thread."""
 
     def __init__(self, socket_path, workdir, script, args="", num_queues=1, qmp=None,
-                 reconnect=False, allow_reset=False, timeout=300):
+                 reconnect=False, allow_reset=False, timeout=300, incoming=None, name="console"):
+        self.name = name
         cmd = [os.path.join(HERE, "run-guest.sh"), "--socket", socket_path, "--script", script,
                "--num-queues", str(num_queues), "--timeout", str(timeout),
-               "--log", os.path.join(workdir, "console.log")]
+               "--log", os.path.join(workdir, f"{name}.log")]
         if args:
             cmd += ["--args", args]
         if qmp:
@@ -100,6 +102,8 @@ class Guest:
             cmd += ["--reconnect"]
         if allow_reset:
             cmd += ["--allow-reset"]
+        if incoming:
+            cmd += ["--incoming", incoming]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT)
         self.lines = []
@@ -256,6 +260,8 @@ class Ctx:
         self.qmp_path = os.path.join(workdir, "qmp.sock")
         self.server = None
         self.guest = None
+        # Further QEMUs and remapblks of a scenario (migration): cleaned up, shown on failure.
+        self.others = []
 
     def start_server(self, *extra):
         self.server = Remapblk(self.binary, self.workdir, self.image, self.socket, list(extra))
@@ -273,10 +279,12 @@ class Ctx:
             raise ScenarioError(f"run-guest.sh exited {rc}")
 
     def cleanup(self):
-        if self.guest:
-            self.guest.kill()
-        if self.server:
-            self.server.stop(signal.SIGKILL)
+        for p in [self.guest, *self.others]:
+            if isinstance(p, Guest):
+                p.kill()
+        for p in [self.server, *self.others]:
+            if isinstance(p, Remapblk):
+                p.stop(signal.SIGKILL)
 
 
 def scenario_verify(ctx):
@@ -524,6 +532,50 @@ def scenario_remap(ctx, off_mib=4):
     ctx.finish_guest()
 
 
+def check_writer_md5s(ctx, guest):
+    """The guest's WRITER-MD5 K OFF MD5 lines against the image: each writer's last round."""
+    lines = [l.split() for l in guest.lines if l.startswith("WRITER-MD5 ")]
+    if not lines:
+        raise ScenarioError("the guest printed no WRITER-MD5 line")
+    for _, k, off, want in lines:
+        got = md5_of(ctx.image, int(off) * MIB, MIB)
+        if got != want:
+            raise ScenarioError(f"writer {k}: the image holds md5 {got} at MiB {off}, the guest wrote {want}")
+
+
+def scenario_reconnect_under_io(ctx, kills=5, queues=2):
+    """remapblk SIGKILLed and restarted under four writers on two queues, QEMU reconnecting
+    (reconnect=1) each time. A 100 ms delay fault on a 4 KiB piece of each writer's region
+    keeps requests in remapblk for a while; the host kills only once query-status shows one in
+    flight, so every restart has requests to resubmit from the inflight region."""
+    offs = (8, 16, 24, 32)  # the writers' MiB (guest/scenarios/reconnect-under-io.sh)
+    faults = os.path.join(ctx.workdir, "faults.json")
+    with open(faults, "w") as f:
+        json.dump([{"op": "any", "lba": off * 2048 + 512, "count": 8, "mode": "delay",
+                    "delay_ms": 100} for off in offs], f)
+    ctx.start_server("--num-queues", str(queues), "--faults", faults)
+    g = ctx.boot("reconnect-under-io", args=f"kills={kills}", num_queues=queues,
+                 reconnect=True, timeout=600)
+    for i in range(1, kills + 1):
+        g.expect(f"IO-RUNNING {i}", 120)
+        ctl = Ctl(ctx.socket + ".ctl")
+        for _ in deadline_loop(f"a request in flight before kill {i}", 30, poll=0.01):
+            st = ctl.call("query-status")
+            if st["inflight"] > 0:
+                break
+        ctl.close()
+        if not st["inflight_tracking"]:
+            raise ScenarioError("query-status: no inflight region in use (inflight_tracking false)")
+        ctx.server.stop(signal.SIGKILL)
+        ctx.server.start()
+        g.send("restarted\n")
+        g.expect(f"IO-PROGRESS {i}", 120)
+    ctx.finish_guest()
+    check_writer_md5s(ctx, g)
+    if ctx.server.stop() != 0:
+        raise ScenarioError("remapblk did not exit 0 on SIGTERM")
+
+
 SCENARIOS = [
     ("verify", scenario_verify),
     ("flush-discard", scenario_flush_discard),
@@ -534,6 +586,7 @@ SCENARIOS = [
     ("backend-restart", scenario_backend_restart),
     ("read-fault", scenario_read_fault),
     ("remap", scenario_remap),
+    ("reconnect-under-io", scenario_reconnect_under_io),
 ]
 
 
@@ -567,8 +620,15 @@ def main():
                 rc = ctx.guest.settle()
                 state = "still running" if rc is None else f"run-guest.sh exited {rc}"
                 print(f"--- guest console (last lines; {state}) ---\n{ctx.guest.tail()}")
-            if ctx:
+            if ctx and ctx.server:
                 print(f"--- remapblk log (last lines) ---\n{ctx.server.tail()}", flush=True)
+            for other in ctx.others if ctx else []:
+                if isinstance(other, Guest):
+                    rc = other.settle()
+                    state = "still running" if rc is None else f"run-guest.sh exited {rc}"
+                    print(f"--- {other.name} (last lines; {state}) ---\n{other.tail()}")
+                else:
+                    print(f"--- {other.name} log (last lines) ---\n{other.tail()}", flush=True)
         finally:
             if ctx:
                 ctx.cleanup()
