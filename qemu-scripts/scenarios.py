@@ -576,6 +576,57 @@ def scenario_reconnect_under_io(ctx, kills=5, queues=2):
         raise ScenarioError("remapblk did not exit 0 on SIGTERM")
 
 
+def migration_done(qmp, timeout):
+    """Polls query-migrate until the migration completed; fails on failed or cancelled."""
+    for _ in deadline_loop("the migration to complete", timeout, poll=0.1):
+        m = qmp.cmd("query-migrate")
+        if m.get("status") == "completed":
+            return m
+        if m.get("status") in ("failed", "cancelled"):
+            raise ScenarioError(f"migration {m['status']}: {m.get('error-desc', m)}")
+
+
+def run_state(qmp, timeout):
+    """Waits until an incoming QEMU has loaded its guest; resumes it if it came up paused."""
+    for _ in deadline_loop("the incoming guest to run", timeout, poll=0.1):
+        st = qmp.cmd("query-status")["status"]
+        if st == "running":
+            return
+        if st in ("paused", "postmigrate", "prelaunch"):
+            qmp.cmd("cont")
+        elif st not in ("inmigrate",):
+            raise ScenarioError(f"incoming QEMU is in state {st}")
+
+
+def scenario_save_restore(ctx):
+    """Save a guest under I/O to a file (migrate to exec:), quit QEMU, restore the file in a
+    new QEMU on the same remapblk process."""
+    state = os.path.join(ctx.workdir, "vm.state")
+    ctx.start_server()
+    g = ctx.boot("save-restore", qmp=ctx.qmp_path, timeout=300)
+    qmp = Qmp(ctx.qmp_path)
+    g.expect("IO-RUNNING", 120)
+    qmp.cmd("migrate-set-parameters", **{"downtime-limit": 2000, "max-bandwidth": 4096 * MIB})
+    qmp.cmd("migrate", uri=f"exec:cat > {state}")
+    migration_done(qmp, 60)
+    qmp.cmd("quit")
+    g.wait(30)
+    if not ctx.server.alive():
+        raise ScenarioError("remapblk died when the saved QEMU quit")
+    qmp2_path = os.path.join(ctx.workdir, "qmp-restored.sock")
+    r = Guest(ctx.socket, ctx.workdir, "save-restore", qmp=qmp2_path, timeout=300,
+              incoming=f"exec:cat {state}", name="restored-console")
+    ctx.others.append(r)
+    run_state(Qmp(qmp2_path), 60)
+    r.send("restored\n")
+    rc = r.wait(120)
+    if rc != 0 or not any("REMAPBLK-GUEST-RESULT: ok" in l for l in r.lines):
+        raise ScenarioError(f"the restored guest did not report success (exit {rc})")
+    check_writer_md5s(ctx, r)
+    if ctx.server.stop() != 0:
+        raise ScenarioError("remapblk did not exit 0 on SIGTERM")
+
+
 SCENARIOS = [
     ("verify", scenario_verify),
     ("flush-discard", scenario_flush_discard),
@@ -587,6 +638,7 @@ SCENARIOS = [
     ("read-fault", scenario_read_fault),
     ("remap", scenario_remap),
     ("reconnect-under-io", scenario_reconnect_under_io),
+    ("save-restore", scenario_save_restore),
 ]
 
 
