@@ -598,6 +598,100 @@ def run_state(qmp, timeout):
             raise ScenarioError(f"incoming QEMU is in state {st}")
 
 
+def remap_entries(ctl):
+    return sorted((e["lba"], e["spare_block"], e["cause"]) for e in ctl.call("remap-list"))
+
+
+def scenario_migrate(ctx):
+    """Live migration from remapblk A to remapblk B (serve --incoming, same image and spare)
+    with remaps made before and during it, a write fault that auto-remaps during it, and
+    guest pages remapblk filled after QEMU had sent them (see guest/scenarios/migrate.sh)."""
+    w = ctx.workdir
+    ctx.start_server()
+    ctl_a = Ctl(ctx.socket + ".ctl")
+    ctl_a.call("remap-add", lba=100, count=40, stride=200)  # in the known data, MiB 0-4
+    g = ctx.boot("migrate", qmp=ctx.qmp_path, timeout=300)
+    qmp = Qmp(ctx.qmp_path)
+    g.expect("READY", 120)
+
+    b_sock = os.path.join(w, "disk-b.sock")
+    b = Remapblk(ctx.binary, w, ctx.image, b_sock, ["--incoming"], name="remapblk-b")
+    ctx.others.append(b)
+    b.start()
+    mig = os.path.join(w, "mig.sock")
+    qmp_b_path = os.path.join(w, "qmp-b.sock")
+    dest = Guest(b_sock, w, "migrate", qmp=qmp_b_path, timeout=300, incoming=f"unix:{mig}",
+                 name="dest-console")
+    ctx.others.append(dest)
+    qmp_b = Qmp(qmp_b_path)
+    for _ in deadline_loop("the destination's migration socket", 30):
+        if os.path.exists(mig):
+            break
+
+    # Until the host says so, the migration must not converge: 1 ms of downtime at 32 MiB/s
+    # allows 32 KiB left over, and the guest keeps more than that dirty. Then a high bandwidth
+    # and 2 s of downtime end it at once.
+    qmp.cmd("migrate-set-parameters", **{"downtime-limit": 1, "max-bandwidth": 32 * MIB})
+    g.send("go\n")
+    g.expect("IO-RUNNING", 60)
+    qmp.cmd("migrate", uri=f"unix:{mig}")
+    for _ in deadline_loop("QEMU to send all of RAM once", 60, poll=0.1):
+        m = qmp.cmd("query-migrate")
+        if m.get("status") in ("failed", "cancelled", "completed"):
+            raise ScenarioError(f"migration {m['status']} during its first pass: {m}")
+        if m.get("ram", {}).get("dirty-sync-count", 0) >= 2:
+            break
+    # During the migration: remaps over the known data and over writer 2's region (MiB 12),
+    # a write fault on writer 1's (MiB 8) that its next round turns into remaps.
+    ctl_a.call("remap-add", lba=50, count=10, stride=300)
+    ctl_a.call("remap-add", lba=12 * 2048 + 512, count=16, stride=32)
+    fault_lba = 8 * 2048 + 1024
+    ctl_a.call("fault-add", op="write", lba=fault_lba, count=8, mode="error")
+    for _ in deadline_loop("the write fault to auto-remap its blocks", 60, poll=0.1):
+        auto = [e for e in remap_entries(ctl_a) if e[2] == "write-error"]
+        if [e[0] for e in auto] == list(range(fault_lba, fault_lba + 8)):
+            break
+    if not ctl_a.call("query-status")["dirty_logging"]:
+        raise ScenarioError("query-status on the source: dirty_logging is false during the migration")
+    g.send("stop-reading\n")
+    g.expect("READ-DONE", 60)
+    status = qmp.cmd("query-migrate")["status"]
+    if status != "active":
+        raise ScenarioError(f"the migration was {status} before the guest's reads were done")
+    qmp.cmd("migrate-set-parameters", **{"downtime-limit": 2000, "max-bandwidth": 4096 * MIB})
+    m = migration_done(qmp, 60)
+    run_state(qmp_b, 30)
+    print(f"guest migrate: migration took {m.get('total-time')} ms, downtime {m.get('downtime')} ms",
+          flush=True)
+    remaps_a = remap_entries(ctl_a)
+    qmp.cmd("quit")
+    g.wait(30)
+    if not ctx.server.alive() or not b.alive():
+        raise ScenarioError("a remapblk died after the source QEMU quit")
+
+    dest.send("migrated\n")
+    line = dest.expect("POST-MD5", 120)
+    rc = dest.wait(120)
+    if rc != 0 or not any("REMAPBLK-GUEST-RESULT: ok" in l for l in dest.lines):
+        raise ScenarioError(f"the guest did not report success on the destination (exit {rc})")
+    check_writer_md5s(ctx, dest)
+    if md5_of(ctx.image, 28 * MIB, MIB) != line.split()[-1]:
+        raise ScenarioError("the image does not hold what the guest wrote on the destination")
+    ctl_b = Ctl(b_sock + ".ctl")
+    remaps_b = remap_entries(ctl_b)
+    if remaps_b != remaps_a:
+        raise ScenarioError(f"B's remap table differs from A's: A {len(remaps_a)} entries, "
+                            f"B {len(remaps_b)}; only in A {sorted(set(remaps_a) - set(remaps_b))[:5]}, "
+                            f"only in B {sorted(set(remaps_b) - set(remaps_a))[:5]}")
+    ctl_a.close()
+    ctl_b.close()
+    for server in (ctx.server, b):
+        if not server.alive():
+            raise ScenarioError(f"{server.name} died")
+        if server.stop() != 0:
+            raise ScenarioError(f"{server.name} did not exit 0 on SIGTERM")
+
+
 def scenario_save_restore(ctx):
     """Save a guest under I/O to a file (migrate to exec:), quit QEMU, restore the file in a
     new QEMU on the same remapblk process."""
@@ -638,6 +732,7 @@ SCENARIOS = [
     ("read-fault", scenario_read_fault),
     ("remap", scenario_remap),
     ("reconnect-under-io", scenario_reconnect_under_io),
+    ("migrate", scenario_migrate),
     ("save-restore", scenario_save_restore),
 ]
 
