@@ -6,10 +6,11 @@
 //! frontend reconnects as QEMU does (same memory, same inflight region, each ring started at
 //! its used index). Every request must then complete exactly once, with the right data.
 //!
-//! Without INFLIGHT_SHMFD the same crash makes the restarted backend take again the avail
-//! entries past the used index, some of which were already complete: a request is completed
-//! twice (and run twice). The second test shows that loss happens, which is what the region
-//! prevents.
+//! Without INFLIGHT_SHMFD the frontend rewinds the ring to the used index, and with
+//! completions out of order that is wrong both ways: entries past it that were complete are
+//! taken (run and completed) again, and requests below it that were still in flight are never
+//! taken again, so the guest waits for them forever. The second test shows that loss happens,
+//! which is what the region prevents.
 
 mod common;
 
@@ -95,6 +96,8 @@ struct Round {
     out_of_order: bool,
     /// Used entries for a request that was already complete.
     duplicates: usize,
+    /// Requests that never completed (the frontend would wait for them forever).
+    lost: usize,
 }
 
 /// One round: fill both rings, kill the backend after `kill_after` completions, restart it,
@@ -147,7 +150,11 @@ fn round(s: &mut Server, round: u64, kill_after: usize, inflight: bool, strict: 
     // Every request once: watch the used rings until each chain has its entry.
     let mut seen: Vec<HashSet<u16>> = vec![HashSet::new(); QUEUES];
     let mut read_to = [0u16; QUEUES];
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    // Strict: everything completes, so wait as long as a loaded machine may need. Otherwise a
+    // few seconds without the last completions is a loss (the restarted backend finishes the
+    // rest in well under a second).
+    let wait = Duration::from_secs(if strict { 20 } else { 5 });
+    let deadline = std::time::Instant::now() + wait;
     while seen.iter().map(HashSet::len).sum::<usize>() < total {
         for q in 0..QUEUES {
             let used = g.used_idx(q);
@@ -164,12 +171,16 @@ fn round(s: &mut Server, round: u64, kill_after: usize, inflight: bool, strict: 
                 read_to[q] = read_to[q].wrapping_add(1);
             }
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "round {round}: requests never completed: {:?} of {total} seen, {} before the crash",
-            seen.iter().map(HashSet::len).collect::<Vec<_>>(),
-            r.before
-        );
+        if std::time::Instant::now() > deadline {
+            r.lost = total - seen.iter().map(HashSet::len).sum::<usize>();
+            assert!(
+                !strict,
+                "round {round}: requests never completed: {:?} of {total} seen, {} before the crash",
+                seen.iter().map(HashSet::len).collect::<Vec<_>>(),
+                r.before
+            );
+            break;
+        }
         std::thread::yield_now();
     }
     if strict {
@@ -222,7 +233,7 @@ fn requests_in_flight_at_a_crash_complete_exactly_once_after_the_restart() {
 }
 
 #[test]
-fn without_inflight_tracking_a_crash_completes_requests_twice() {
+fn without_inflight_tracking_a_crash_loses_requests_or_completes_them_twice() {
     let seed = seed(2102);
     let _guard = SeedGuard(seed);
     let mut rng = Rng::new(seed);
@@ -240,19 +251,22 @@ fn without_inflight_tracking_a_crash_completes_requests_twice() {
         ],
     );
     let total = QUEUES * usize::from(PER_RING);
-    let (mut duplicates, mut out_of_order) = (0, 0);
+    let (mut duplicates, mut lost, mut out_of_order) = (0, 0, 0);
     for n in 0..30 {
         let kill_after = rng.range(total as u64 / 4, total as u64 * 3 / 4) as usize;
         let r = round(&mut s, n, kill_after, false, false);
         duplicates += r.duplicates;
+        lost += r.lost;
         out_of_order += usize::from(r.out_of_order);
-        if duplicates > 0 {
+        if duplicates + lost > 0 {
             break;
         }
     }
-    eprintln!("out of order in {out_of_order} rounds, {duplicates} requests completed twice");
+    eprintln!(
+        "out of order in {out_of_order} rounds: {lost} requests never completed, {duplicates} completed twice"
+    );
     assert!(
-        duplicates > 0,
-        "no request was completed twice in 30 crashes ({out_of_order} with completions out of order)"
+        duplicates + lost > 0,
+        "no request was lost or completed twice in 30 crashes ({out_of_order} with completions out of order)"
     );
 }

@@ -227,9 +227,14 @@ impl Frontend {
     fn attach_inflight(&self, region: InflightRegion) -> Result<()> {
         self.quiet("inflight region change")?;
         let s = self.s()?;
-        let region = Arc::new(region);
         for (q, v) in s.vrings.iter().enumerate() {
-            v.get_mut().inflight = region.queue(q);
+            let mut state = v.get_mut();
+            // Queues the region does not cover (the frontend uses fewer) go untracked.
+            state.inflight = region.queue(q as u16).ok();
+            if state.is_started() {
+                // Only a frontend that sends the region after starting its rings gets here.
+                state.recover_inflight(q);
+            }
         }
         self.wake_all();
         Ok(())
@@ -317,6 +322,12 @@ impl VhostUserBackendReqHandlerMut for Frontend {
                 "the frontend acked features {:#x} the device did not offer",
                 features & !offered
             )));
+        }
+        // Only LOG_ALL may change under running rings (QEMU turns logging on and off during
+        // a migration); anything else waits for what is in flight.
+        let changed = (self.acked_features ^ features) & !VhostUserVirtioFeatures::LOG_ALL.bits();
+        if changed != 0 {
+            self.quiet("feature change")?;
         }
         self.acked_features = features;
         let s = self.s()?.clone();
@@ -578,7 +589,7 @@ impl VhostUserBackendReqHandlerMut for Frontend {
             .file()
             .try_clone()
             .map_err(|e| refuse(format!("cannot share the inflight region: {e}")))?;
-        let reply = VhostUserInflight::new(region.size(), 0, num_queues, queue_size);
+        let reply = VhostUserInflight::new(region.mmap_size(), 0, num_queues, queue_size);
         info!("inflight tracking: a region for {num_queues} queues of {queue_size} entries");
         self.attach_inflight(region)?;
         Ok((reply, file))
@@ -664,7 +675,7 @@ impl VhostUserBackendReqHandlerMut for Frontend {
     }
 
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> Result<()> {
-        let map = DirtyLog::map(file, log.mmap_size, log.mmap_offset)
+        let map = DirtyLog::map(&file, log.mmap_size, log.mmap_offset)
             .map_err(|e| refuse(format!("dirty log refused: {e}")))?;
         // QEMU reads and frees the log it replaces once this returns: nothing may still be
         // marking it.

@@ -22,6 +22,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use super::vring::{Vring, VringState};
 use crate::virtio::ring::dirty_log::DirtyLog;
 use crate::virtio::ring::guest;
+use crate::virtio::ring::inflight::InflightError;
 use crate::virtio::ring::used::{needs_notification, UsedBatch};
 use crate::virtio::GuestMem;
 use crate::virtio::Status;
@@ -328,11 +329,11 @@ impl QueueCtl {
             let added = match &mut batch {
                 Some(b) => {
                     if let Some(i) = &mut state.inflight {
-                        i.batch_add(c.head);
+                        tracked(i.batch_add(c.head), self.index);
                     }
                     b.push(c.head, c.used_len)
                 }
-                None => add_used_one(&mut state, c.head, c.used_len),
+                None => add_used_one(&mut state, self.index, c.head, c.used_len),
             };
             if !added {
                 error!(
@@ -349,12 +350,11 @@ impl QueueCtl {
             b.publish(state.get_queue_mut());
             let used = state.get_queue().next_used();
             if let Some(i) = &mut state.inflight {
-                i.batch_done(
-                    done.iter()
-                        .filter(|c| inner.inflight.contains_key(&c.head))
-                        .map(|c| c.head),
-                    used,
-                );
+                let heads = done
+                    .iter()
+                    .filter(|c| inner.inflight.contains_key(&c.head))
+                    .map(|c| c.head);
+                tracked(i.batch_done(heads, used), self.index);
             }
         }
         if let Some(log) = log {
@@ -435,7 +435,7 @@ impl QueueCtl {
                 }
                 _ => 0,
             };
-            if !add_used_one(&mut state, r.head, used) {
+            if !add_used_one(&mut state, self.index, r.head, used) {
                 error!(
                     "queue {}: cannot add used entry for descriptor {}",
                     self.index, r.head
@@ -454,18 +454,26 @@ impl QueueCtl {
 
 /// Adds one used entry through virtio-queue's checked path; with an inflight region, as a
 /// batch of one.
-fn add_used_one(state: &mut VringState, head: u16, len: u32) -> bool {
+fn add_used_one(state: &mut VringState, index: usize, head: u16, len: u32) -> bool {
     if let Some(i) = &mut state.inflight {
-        i.batch_add(head);
+        tracked(i.batch_add(head), index);
     }
     if state.add_used(head, len).is_err() {
         return false;
     }
     let used = state.get_queue().next_used();
     if let Some(i) = &mut state.inflight {
-        i.batch_done([head], used);
+        tracked(i.batch_done([head], used), index);
     }
     true
+}
+
+/// Logs what the inflight region refused: a broken driver (a head made available twice) or
+/// a region someone else wrote; the request itself goes on.
+pub(super) fn tracked(r: Result<(), InflightError>, queue: usize) {
+    if let Err(e) = r {
+        warn!("queue {queue}: inflight tracking: {e}");
+    }
 }
 
 /// Logs the whole used ring (flags, index, entries, `avail_event`): a few pages at most, and

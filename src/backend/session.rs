@@ -49,6 +49,8 @@ pub struct Session {
     /// The dirty log (SET_LOG_BASE), and whether the frontend turned logging on (LOG_ALL).
     pub(super) log: ArcSwapOption<DirtyLog>,
     pub(super) logging: AtomicBool,
+    /// This process may not write the image (another took it over): requests fail.
+    fenced: AtomicBool,
 }
 
 impl Session {
@@ -83,6 +85,7 @@ impl Session {
             exit: AtomicBool::new(false),
             log: ArcSwapOption::empty(),
             logging: AtomicBool::new(false),
+            fenced: AtomicBool::new(false),
         };
         for q in 0..n {
             if let Some(fd) = s.engine(q).notifier() {
@@ -189,6 +192,23 @@ impl Session {
             return None;
         }
         self.log.load_full()
+    }
+
+    /// Whether requests must fail because this process may not write the image.
+    pub(super) fn fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
+    }
+
+    /// Records whether this process may write the image (`why` not, when it may not); says so
+    /// in the log when that changes.
+    pub(super) fn set_fenced(&self, why: Option<String>) {
+        let on = why.is_some();
+        if self.fenced.swap(on, Ordering::AcqRel) != on {
+            match why {
+                Some(why) => error!("{why}; this frontend's requests fail with IOERR until this process may write the image again"),
+                None => log::info!("this process may write the image again; requests are served"),
+            }
+        }
     }
 
     /// Whether written guest pages are being logged now.

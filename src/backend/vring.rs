@@ -157,7 +157,22 @@ impl VringState {
         let Some(inflight) = &mut self.inflight else {
             return;
         };
-        let heads = inflight.recover(used);
+        let heads = match inflight.recover(used) {
+            Ok(heads) => heads,
+            Err(e) => {
+                // A region we cannot trust: run nothing from it (a request the guest gave
+                // up on would be better than one run from garbage), and track afresh.
+                log::error!(
+                    "queue {q}: the inflight region is unusable ({e}); requests the previous backend left in flight are not run again"
+                );
+                inflight.reset();
+                if let Err(e) = inflight.recover(used) {
+                    log::error!("queue {q}: cannot start inflight tracking afresh: {e}");
+                    self.inflight = None;
+                }
+                Vec::new()
+            }
+        };
         let size = self.queue.size();
         let heads: Vec<u16> = heads.into_iter().filter(|h| *h < size).collect();
         self.queue.set_next_used(used);

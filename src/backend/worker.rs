@@ -12,7 +12,7 @@ use log::{debug, error, warn};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace};
 
-use super::inflight::{log_used_ring, Completion, InflightReq, Pop, QueueCtl};
+use super::inflight::{log_used_ring, tracked, Completion, InflightReq, Pop, QueueCtl};
 use super::session::Session;
 use super::vring::Vring;
 use crate::io::{Done, Engine, Job, Reaped, Started};
@@ -74,9 +74,11 @@ impl<'a> Worker<'a> {
 
     /// The guest kicked the queue (or a resume poked it).
     pub fn kicked(&self) {
-        if !self.ctl.start_if_ready(self.vring, || {
-            !self.s.dev.is_quiesced() && self.s.dev.claim_writer().is_ok()
-        }) {
+        self.check_writer();
+        if !self
+            .ctl
+            .start_if_ready(self.vring, || !self.s.dev.is_quiesced())
+        {
             return;
         }
         if !self.pop_all() {
@@ -181,6 +183,12 @@ impl<'a> Worker<'a> {
                 Pop::NotRunning => break false,
             };
             n += 1;
+            if self.s.fenced() {
+                self.complete_group(&mut group);
+                self.fail_fenced(popped);
+                group.clock = Instant::now();
+                continue;
+            }
             let req = match popped.parsed {
                 Ok(req) => req,
                 Err(rej) => {
@@ -335,6 +343,7 @@ impl<'a> Worker<'a> {
     /// it took them; a chain taken from the avail ring is marked in the inflight region before
     /// anything else happens to it.
     fn pop(&self, now: Instant, cursor: &mut Cursor) -> Pop<Popped> {
+        let q = self.q;
         let limits = self.s.dev.limits();
         let mem = &self.s.mem;
         self.ctl.pop(self.vring, |state, run| {
@@ -378,7 +387,7 @@ impl<'a> Worker<'a> {
             queue.set_next_avail(next.0.wrapping_add(1));
             cursor.took(next);
             if let Some(i) = &mut state.inflight {
-                i.begin(head);
+                tracked(i.begin(head), q);
             }
             Some(popped(head, parsed, now, view, guest_waiting))
         })
@@ -401,6 +410,36 @@ impl<'a> Worker<'a> {
             head,
             status,
             used_len,
+        );
+    }
+
+    /// Makes sure this process may write the image before its queue runs (a migration may have
+    /// handed it to another process); when it may not, the session fails requests with IOERR
+    /// (said once) rather than leave them waiting for a disk this process no longer owns.
+    fn check_writer(&self) {
+        match self.s.dev.claim_writer() {
+            Ok(()) => self.s.set_fenced(None),
+            Err(e) => self.s.set_fenced(Some(e.to_string())),
+        }
+    }
+
+    /// Completes a request of a session that may not write the image: IOERR, no I/O.
+    fn fail_fenced(&self, popped: Popped) {
+        let (status, kind, len) = match &popped.parsed {
+            Ok(r) => (Some(r.status_addr), Some(r.kind), r.data_len),
+            Err(rej) => (rej.status_addr, rej.kind, 0),
+        };
+        match kind {
+            Some(kind) => self.stats.count(kind, len, false),
+            None => QueueStats::inc(&self.stats.errors),
+        }
+        self.ctl.complete(
+            self.vring,
+            &self.s.mem.memory(),
+            self.s.dirty_log().as_deref(),
+            popped.head,
+            status.map(|a| (a, Status::IoErr)),
+            u32::from(status.is_some()),
         );
     }
 

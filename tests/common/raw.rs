@@ -32,6 +32,7 @@ const F_WRITE: u16 = 2;
 pub const VIRTIO_BLK_T_IN: u32 = 0;
 pub const VIRTIO_BLK_T_OUT: u32 = 1;
 const VIRTIO_RING_F_EVENT_IDX: u64 = 29;
+pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
 
 pub fn memfd(size: usize) -> File {
     // SAFETY: memfd_create with a NUL-terminated name.
@@ -59,6 +60,8 @@ pub struct RawGuest {
     pub qsize: u16,
     /// The INFLIGHT_SHMFD region QEMU would keep across reconnections.
     pub inflight: Option<(VhostUserInflight, File)>,
+    /// The virtio features acked.
+    pub features: u64,
 }
 
 impl RawGuest {
@@ -108,6 +111,7 @@ impl RawGuest {
             rings,
             qsize,
             inflight: None,
+            features: 0,
         }
     }
 
@@ -125,19 +129,33 @@ impl RawGuest {
     /// SET_OWNER, features (no event-idx), protocol features (INFLIGHT_SHMFD when asked), and
     /// every later message waits for the backend's acknowledgement.
     pub fn negotiate(&mut self, inflight: bool) {
+        let extra = if inflight {
+            VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        } else {
+            VhostUserProtocolFeatures::empty()
+        };
+        self.negotiate_with(extra);
+    }
+
+    /// As `negotiate`, with protocol features `extra` besides the basic ones (which the
+    /// backend must offer). Features: all offered but event-idx and LOG_ALL (a migration
+    /// turns that on later).
+    pub fn negotiate_with(&mut self, extra: VhostUserProtocolFeatures) {
         let f = &mut self.frontend;
         f.set_owner().unwrap();
-        let features = f.get_features().unwrap();
-        f.set_features(features & !(1 << VIRTIO_RING_F_EVENT_IDX))
-            .unwrap();
+        let features =
+            f.get_features().unwrap() & !(1 << VIRTIO_RING_F_EVENT_IDX) & !VHOST_F_LOG_ALL;
+        f.set_features(features).unwrap();
+        self.features = features;
         let proto = f.get_protocol_features().unwrap();
-        let mut want = VhostUserProtocolFeatures::REPLY_ACK
+        assert!(
+            proto.contains(extra),
+            "the backend does not offer {extra:?}"
+        );
+        let want = VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ;
-        if inflight {
-            assert!(proto.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
-            want |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
-        }
+            | VhostUserProtocolFeatures::MQ
+            | extra;
         f.set_protocol_features(proto & want).unwrap();
         f.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
     }
@@ -160,12 +178,17 @@ impl RawGuest {
         }
         for q in 0..self.rings.len() {
             let base = if at_used { self.used_idx(q) } else { 0 };
-            self.set_ring(q, base);
-            let f = &mut self.frontend;
-            f.set_vring_kick(q, &self.rings[q].kick).unwrap();
-            f.set_vring_call(q, &self.rings[q].call).unwrap();
-            f.set_vring_enable(q, true).unwrap();
+            self.start_ring(q, base);
         }
+    }
+
+    /// What QEMU does to (re)start a ring: size, base, addresses, kick and call, enable.
+    pub fn start_ring(&mut self, q: usize, base: u16) {
+        self.set_ring(q, base);
+        let f = &mut self.frontend;
+        f.set_vring_kick(q, &self.rings[q].kick).unwrap();
+        f.set_vring_call(q, &self.rings[q].call).unwrap();
+        f.set_vring_enable(q, true).unwrap();
     }
 
     /// SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR for ring `q` (no kick, call or enable).
@@ -195,6 +218,18 @@ impl RawGuest {
         self.mem.write_obj(len, GuestAddress(at + 8)).unwrap();
         self.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
         self.mem.write_obj(next, GuestAddress(at + 14)).unwrap();
+    }
+
+    /// Where ring `q`'s descriptor table, avail ring, used ring, headers and statuses are.
+    pub fn ring_layout(q: usize) -> [(&'static str, u64); 5] {
+        let area = AREA * q as u64;
+        [
+            ("descriptor table", area),
+            ("avail ring", area + AVAIL),
+            ("used ring", area + USED),
+            ("headers", area + HDR),
+            ("statuses", area + STATUS),
+        ]
     }
 
     /// The data buffer of `slot` on ring `q`.
