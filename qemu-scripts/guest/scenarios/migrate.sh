@@ -5,7 +5,8 @@
 # the disk's read counter counts the reads below alone), a reader rereads MiB 20 and 22 into
 # tmpfs snapshots after dropping the page cache each time, and a niced burner keeps guest
 # memory dirty so that the migration cannot converge before the host lets it.
-# At "stop-reading" (QEMU has sent all of RAM once): fresh data is written to MiB 24 (O_DIRECT)
+# At "stop-reading" (QEMU has sent all of RAM once, the host's remaps are made): the known data
+# is rewritten (into the spare where remapped), and fresh data is written to MiB 24 (O_DIRECT)
 # and read into the page cache, i.e. into guest pages that remapblk alone wrote after QEMU had
 # sent them, which only the dirty log can carry. After "migrated" (on the destination) those
 # pages must still be cached (the read counter does not move) and hold the fresh data; the
@@ -48,6 +49,10 @@ read -r line || fail "console closed"
 touch /tmp/rstop
 wait $reader
 writers_check
+# The host's remaps during the migration are made; new data over them lives in the spare only,
+# so the destination reads it back only if it took over the source's table.
+head -c $((4 * mib)) /dev/urandom > /tmp/known
+dd if=/tmp/known of=$dev bs=1M oflag=direct conv=notrunc 2>/dev/null || fail "rewriting the known data"
 head -c $mib /dev/urandom > /tmp/fresh
 dd if=/tmp/fresh of=$dev bs=64k seek=$((24 * 16)) oflag=direct conv=notrunc 2>/dev/null || fail "writing MiB 24"
 echo 1 > /proc/sys/vm/drop_caches
