@@ -197,6 +197,15 @@ pub struct ServeArgs {
           action = clap::ArgAction::Set)]
     pub auto_remap: bool,
 
+    /// Take over an image and spare file that another remapblk serves, for a migration (the
+    /// destination, beside QEMU's -incoming on this host or another that shares the storage).
+    /// Both files must exist; this process opens them without writing either, and takes them
+    /// over (loading the remap table and pending list as the source left them) when its
+    /// frontend starts the rings, which QEMU does after the source's rings stopped. Without
+    /// it, a serve on an image or spare that another process holds refuses to start.
+    #[arg(long, conflicts_with = "size")]
+    pub incoming: bool,
+
     /// Append one JSON object per line for every fault that fires, quiesce, resume, connect,
     /// disconnect and drain, with a CLOCK_MONOTONIC timestamp (monotonic_ns).
     #[arg(long, value_name = "PATH")]
@@ -336,5 +345,9 @@ mod tests {
             panic!("not serve")
         };
         assert_eq!(a.block_size, 4096);
+        assert!(
+            Cli::try_parse_from(["remapblk", "serve", "--incoming", "--size", "1G"]).is_err(),
+            "--incoming resizes nothing"
+        );
     }
 }

@@ -7,6 +7,7 @@ pub mod control;
 pub mod events;
 pub mod fault;
 pub mod fields;
+pub mod handover;
 pub mod inline_vec;
 pub mod io;
 pub mod remap;

@@ -13,9 +13,10 @@ use remapblk::control::commands::Commands;
 use remapblk::control::ControlServer;
 use remapblk::events::EventLog;
 use remapblk::fault::{FaultTable, FaultyTarget};
+use remapblk::handover::{Attachment, Handover, Mode, Role};
 use remapblk::io::EngineKind;
 use remapblk::remap::spare::inspect;
-use remapblk::remap::{self, RemapTarget};
+use remapblk::remap::{self, RemapTable, RemapTarget};
 use remapblk::storage::{BlockIo, Image, NullTarget, OpenOptions};
 use remapblk::unix::{self, Listen};
 use remapblk::virtio::ID_BYTES;
@@ -148,14 +149,17 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
     }
     let listen = listen_on(&a)?;
     let socket = listen.path();
-    let image = Image::open(&OpenOptions {
-        path: a.image.clone(),
-        size: a.size,
-        default_size: DEFAULT_IMAGE_SIZE,
-        readonly: a.readonly,
-        direct: a.direct,
-    })
-    .map_err(|e| e.to_string())?;
+    let mode = if a.incoming {
+        Mode::Incoming
+    } else {
+        Mode::Serve
+    };
+    let spare_path = a.spare.clone().unwrap_or_else(|| {
+        let mut p = a.image.clone().into_os_string();
+        p.push(".spare");
+        p.into()
+    });
+    let (image, image_lock, spare_lock) = open_image(&a, &spare_path, mode)?;
 
     let bs = u64::from(a.block_size);
     let capacity = image.size() / bs * bs;
@@ -216,17 +220,18 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
     if let Some(path) = &a.faults {
         faults.load_file(path, capacity / bs)?;
     }
-    let spare_path = a.spare.clone().unwrap_or_else(|| {
-        let mut p = a.image.clone().into_os_string();
-        p.push(".spare");
-        p.into()
-    });
-    let remap = Arc::new(remap::open_or_create(
-        &spare_path,
-        a.block_size,
-        capacity,
-        a.spare_blocks,
-    )?);
+    let (remap, spare_lock) = open_spare(&spare_path, &a, capacity, spare_lock)?;
+    let remap = Arc::new(remap);
+    let handover = Handover::new(mode, image_lock, spare_lock, remap.clone())
+        .map_err(|e| e.to_string())?
+        .with_events(events.clone());
+    if mode == Mode::Incoming {
+        info!(
+            "waiting to take over {} and {} when the frontend starts the rings (serve --incoming)",
+            a.image.display(),
+            spare_path.display()
+        );
+    }
     print_banner(
         &a,
         socket.as_deref(),
@@ -249,7 +254,7 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
         a.block_size,
         a.auto_remap,
     ));
-    let dev = Arc::new(Device::new(cfg, target.clone()));
+    let dev = Arc::new(Device::new(cfg, target.clone()).with_handover(Arc::new(handover)));
     let live = Arc::new(Live::new(events));
     let commands = Arc::new(Commands {
         dev: dev.clone(),
@@ -260,6 +265,81 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
     let _control = ControlServer::start(&control_path, commands)
         .map_err(|e| format!("control socket: {e}"))?;
     serve(dev, live, listen).map_err(|e| e.to_string())
+}
+
+/// Opens the image and attaches to it and to an existing spare file (see `handover`) before
+/// anything changes either: an existing image is grown only once attached to, a missing one is
+/// created only once an existing spare file is (a start refused for a spare another process
+/// holds leaves nothing behind). An existing image is checked against `--size` first, so a bad
+/// `--size` is what the user hears of first. An `--incoming` process attaches to both first,
+/// which refuses missing ones: it creates nothing.
+fn open_image(
+    a: &ServeArgs,
+    spare: &Path,
+    mode: Mode,
+) -> Result<(Image, Attachment, Option<Attachment>), String> {
+    let attach_image =
+        || Attachment::attach(Role::Image, &a.image, mode).map_err(|e| e.to_string());
+    let attach_spare = || Attachment::attach(Role::Spare, spare, mode).map_err(|e| e.to_string());
+    let open = || {
+        Image::open_checked(&OpenOptions {
+            path: a.image.clone(),
+            size: a.size,
+            default_size: DEFAULT_IMAGE_SIZE,
+            readonly: a.readonly,
+            direct: a.direct,
+        })
+        .map_err(|e| e.to_string())
+    };
+    let (checked, image_lock, spare_lock) = match mode {
+        Mode::Incoming => {
+            let image_lock = attach_image()?;
+            let spare_lock = attach_spare()?;
+            (open()?, image_lock, Some(spare_lock))
+        }
+        Mode::Serve if a.image.exists() => {
+            let checked = open()?;
+            let image_lock = attach_image()?;
+            let spare_lock = spare.exists().then(attach_spare).transpose()?;
+            (checked, image_lock, spare_lock)
+        }
+        Mode::Serve => {
+            let spare_lock = spare.exists().then(attach_spare).transpose()?;
+            let checked = open()?;
+            (checked, attach_image()?, spare_lock)
+        }
+    };
+    image_lock
+        .check_file(checked.file())
+        .map_err(|e| e.to_string())?;
+    let image = checked.grow().map_err(|e| e.to_string())?;
+    Ok((image, image_lock, spare_lock))
+}
+
+/// Opens the spare file attached to as `lock` (which may repair a metadata slot; an
+/// `--incoming` process repairs nothing until it takes over), or creates a missing one and
+/// attaches to it.
+fn open_spare(
+    path: &Path,
+    a: &ServeArgs,
+    capacity: u64,
+    lock: Option<Attachment>,
+) -> Result<(RemapTable, Attachment), String> {
+    let (table, lock) = match lock {
+        Some(lock) if a.incoming => (remap::open_untouched(path, a.block_size, capacity)?, lock),
+        Some(lock) => (
+            remap::open(path, a.block_size, capacity, a.spare_blocks)?,
+            lock,
+        ),
+        // Created exclusively: one made meanwhile by another process is refused, not opened.
+        None => (
+            remap::create(path, a.block_size, capacity, a.spare_blocks)?,
+            Attachment::attach(Role::Spare, path, Mode::Serve).map_err(|e| e.to_string())?,
+        ),
+    };
+    lock.check_file(table.spare().file())
+        .map_err(|e| e.to_string())?;
+    Ok((table, lock))
 }
 
 /// The engine to run: the one asked for, or io_uring when the kernel allows it.

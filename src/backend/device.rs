@@ -9,6 +9,7 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
+use crate::handover::{Handover, HandoverError, WriterState};
 use crate::io::{EngineKind, Target};
 use crate::stats::Stats;
 use crate::storage::BlockIo;
@@ -49,6 +50,9 @@ pub struct Device {
     pub stats: Stats,
     /// Set by `quiesce`: no queue takes descriptors, whichever frontend is connected.
     quiesced: AtomicBool,
+    /// Whether this process may write the image and spare, and their handover to another
+    /// process in a migration.
+    handover: Arc<Handover>,
 }
 
 impl Device {
@@ -63,7 +67,35 @@ impl Device {
             target,
             stats,
             quiesced: AtomicBool::new(false),
+            handover: Arc::new(Handover::unlocked()),
         }
+    }
+
+    /// The device with the image and spare's handover (without one, the process is always
+    /// their writer).
+    pub fn with_handover(mut self, handover: Arc<Handover>) -> Device {
+        self.handover = handover;
+        self
+    }
+
+    pub fn handover(&self) -> &Arc<Handover> {
+        &self.handover
+    }
+
+    /// Before a queue starts running: makes this process the writer (see
+    /// [`Handover::claim`]); one atomic load when it is.
+    pub fn claim_writer(&self) -> Result<(), HandoverError> {
+        self.handover.claim()
+    }
+
+    /// After a drain left every queue stopped: hands the files to a waiting `--incoming`
+    /// process, if there is one (see [`Handover::yield_if_waited`]). Whether it did.
+    pub fn yield_writer_if_waited(&self) -> bool {
+        self.handover.yield_if_waited()
+    }
+
+    pub fn writer_state(&self) -> WriterState {
+        self.handover.state()
     }
 
     pub fn is_quiesced(&self) -> bool {
@@ -106,14 +138,6 @@ impl Device {
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
             | VhostUserProtocolFeatures::LOG_SHMFD
     }
-
-    /// STUB until the handover lands.
-    pub fn claim_writer(&self) -> Result<(), String> {
-        Ok(())
-    }
-
-    /// STUB until the handover lands.
-    pub fn yield_writer_if_waited(&self) {}
 
     pub fn config_space(&self, writeback: bool) -> BlkConfig {
         let sectors_per_block = self.cfg.block_size >> SECTOR_SHIFT;

@@ -129,7 +129,7 @@ impl Frontend {
                 let _ = t.join();
             }
         }
-        self.dev.yield_writer_if_waited();
+        yield_files(&self.dev, &s);
     }
 
     fn s(&self) -> Result<&Arc<Session>> {
@@ -247,6 +247,21 @@ impl Drop for Frontend {
     }
 }
 
+/// Every queue of `s` is stopped by its frontend (the last ring stopped, a reset, the end of
+/// the session): if an `--incoming` process waits for the image, it may have it now (QEMU
+/// starts the destination's rings after the source's stopped). Not while a request a drain
+/// gave up on may still be running: it could write after the other process took over (the
+/// destination's claim then times out, the safe failure). A quiesce does not yield: the
+/// frontend did not stop, and would find its disk gone on resume.
+fn yield_files(dev: &Device, s: &Session) {
+    if s.abandoned_any() {
+        return;
+    }
+    if dev.yield_writer_if_waited() {
+        info!("image and spare handed to the waiting --incoming process");
+    }
+}
+
 /// Whether `fd` is an eventfd: a kick or call fd must be one (a regular file or a pipe would
 /// spin the worker or block it).
 fn is_eventfd(fd: BorrowedFd<'_>) -> bool {
@@ -307,7 +322,7 @@ impl VhostUserBackendReqHandlerMut for Frontend {
             s.rewatch_kick(q, kick.as_ref().map(AsRawFd::as_raw_fd), None);
         }
         s.writeback.store(true, Ordering::Relaxed);
-        self.dev.yield_writer_if_waited();
+        yield_files(&self.dev, &s);
         Ok(())
     }
 
@@ -451,7 +466,7 @@ impl VhostUserBackendReqHandlerMut for Frontend {
         drop(state);
         s.rewatch_kick(q, kick.as_ref().map(AsRawFd::as_raw_fd), None);
         if s.all_stopped() {
-            self.dev.yield_writer_if_waited();
+            yield_files(&self.dev, &s);
         }
         Ok(VhostUserVringState::new(index, u32::from(next_avail)))
     }

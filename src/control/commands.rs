@@ -10,6 +10,7 @@ use super::protocol::{CommandError, CommandName, CommandResult, Request};
 use crate::backend::{Device, Live};
 use crate::fault::{FaultSpec, FaultTable};
 use crate::fields::{one, ArgError, Args};
+use crate::handover::WriterState;
 use crate::io::EngineKind;
 use crate::remap::RemapTarget;
 use crate::stats::{Counters, Latency};
@@ -42,6 +43,9 @@ pub struct Status {
     pub spare_total: u64,
     pub spare_free: u64,
     pub pending: usize,
+    /// Whether this process writes the image and spare, or waits for or gave them up in a
+    /// migration.
+    pub handover: WriterState,
 }
 
 /// `query-stats`.
@@ -145,10 +149,12 @@ impl Commands {
             CommandName::PendingList => none().and_then(|_| reply(self.remap.table().pending())),
             CommandName::RemapAdd => {
                 let blocks = self.block_range(&req.arguments, name)?;
+                self.dev.handover().check_writer().map_err(generic)?;
                 reply(self.remap.remap_add(blocks).map_err(generic)?)
             }
             CommandName::RemapRemove => {
                 let blocks = self.block_range(&req.arguments, name)?;
+                self.dev.handover().check_writer().map_err(generic)?;
                 reply(self.remap.remap_remove(blocks).map_err(generic)?)
             }
         }
@@ -205,6 +211,7 @@ impl Commands {
             spare_total: table.spare_total(),
             spare_free: table.spare_free(),
             pending: table.pending().len(),
+            handover: self.dev.writer_state(),
         }
     }
 

@@ -9,12 +9,20 @@
 //!
 //! A slot is as large as a table that fills the whole spare, so the table has no cap of its
 //! own. The newest slot whose checksum holds is the table; a torn write leaves the other.
+//!
+//! Past the last spare block, a writer that hands the files to another process (a migration,
+//! see `handover`) leaves its pending list: magic "RMPBLKPD", version, CRC32C, count, the
+//! blocks. The pending list is otherwise kept in memory only; whoever takes the files over next
+//! reads it and wipes it, so it never outlives the handover it was written for.
 
 use serde::Serialize;
 use thiserror::Error;
 
 pub const HEADER_MAGIC: [u8; 8] = *b"RMPBLKSP";
 pub const SLOT_MAGIC: [u8; 8] = *b"RMPBLKMT";
+pub const PENDING_MAGIC: [u8; 8] = *b"RMPBLKPD";
+/// Bytes of the pending list's record before its blocks.
+pub const PENDING_HEADER_LEN: usize = 24;
 pub const VERSION: u32 = 1;
 pub const HEADER_LEN: u64 = 4096;
 const HEADER_USED: usize = 36;
@@ -221,6 +229,66 @@ impl Slot {
     }
 }
 
+/// The pending list a writer leaves in the spare file when it hands the files over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingRecord {
+    pub blocks: Vec<u64>,
+}
+
+impl PendingRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; PENDING_HEADER_LEN + 8 * self.blocks.len()];
+        b[0..8].copy_from_slice(&PENDING_MAGIC);
+        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        b[16..24].copy_from_slice(&(self.blocks.len() as u64).to_le_bytes());
+        for (i, lba) in self.blocks.iter().enumerate() {
+            let at = PENDING_HEADER_LEN + 8 * i;
+            b[at..at + 8].copy_from_slice(&lba.to_le_bytes());
+        }
+        let crc = slot_crc(&b);
+        b[12..16].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// How many bytes the record whose first [`PENDING_HEADER_LEN`] bytes are `head` takes;
+    /// None when `head` is not a record's start, or names more than `max_blocks` blocks.
+    pub fn size(head: &[u8], max_blocks: u64) -> Option<usize> {
+        if head.len() < PENDING_HEADER_LEN || head[0..8] != PENDING_MAGIC {
+            return None;
+        }
+        let count = u64_at(head, 16);
+        (count <= max_blocks).then(|| PENDING_HEADER_LEN + 8 * count as usize)
+    }
+
+    /// Decodes a whole record ([`PendingRecord::len`] bytes).
+    pub fn decode(b: &[u8]) -> Result<PendingRecord, MetaError> {
+        if b.len() < PENDING_HEADER_LEN {
+            return Err(MetaError::Truncated(b.len()));
+        }
+        if b[0..8] != PENDING_MAGIC {
+            return Err(MetaError::Magic);
+        }
+        let version = u32_at(b, 8);
+        if version != VERSION {
+            return Err(MetaError::Version(version));
+        }
+        let count = u64_at(b, 16) as usize;
+        let len = count
+            .checked_mul(8)
+            .and_then(|n| n.checked_add(PENDING_HEADER_LEN))
+            .filter(|&n| n <= b.len())
+            .ok_or(MetaError::Truncated(b.len()))?;
+        if u32_at(b, 12) != slot_crc(&b[..len]) {
+            return Err(MetaError::Checksum);
+        }
+        Ok(PendingRecord {
+            blocks: (0..count)
+                .map(|i| u64_at(b, PENDING_HEADER_LEN + 8 * i))
+                .collect(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,6 +340,19 @@ mod tests {
             prop_assert_eq!(Header::decode(&b).unwrap(), h);
             b[pos] ^= 1 << bit;
             prop_assert!(Header::decode(&b).is_err());
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn pending_records_round_trip_and_flips_are_caught(blocks in proptest::collection::vec(any::<u64>(), 0..40), pos in any::<prop::sample::Index>(), bit in 0u8..8) {
+            let r = PendingRecord { blocks };
+            let mut b = r.encode();
+            prop_assert_eq!(PendingRecord::size(&b, 40), Some(b.len()));
+            prop_assert_eq!(PendingRecord::decode(&b).unwrap(), r.clone());
+            let i = pos.index(b.len());
+            b[i] ^= 1 << bit;
+            prop_assert!(PendingRecord::decode(&b).is_err());
         }
     }
 

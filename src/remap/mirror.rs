@@ -132,6 +132,14 @@ impl Mirror {
         }
     }
 
+    /// Stops holding every block (the file may have changed under the mirror: another process
+    /// wrote it).
+    pub fn clear(&self) {
+        for word in &self.valid {
+            word.store(0, Ordering::Release);
+        }
+    }
+
     /// Copies the bytes at `offset` of the data area (block `offset / bs`, onwards) into
     /// `iov`, as many as the iovecs hold. False, with part of the data perhaps copied, when a
     /// block it covers is not held: the caller reads the file instead.
@@ -222,6 +230,8 @@ mod tests {
         assert!(!m.holds(3), "a partial block is not held");
         m.store(8, &[8; 512]);
         assert!(!m.holds(8), "past the end");
+        m.clear();
+        assert!(!m.holds(1), "cleared");
         assert!(Mirror::new(MAX_BYTES / 512 + 1, 512).is_none());
     }
 

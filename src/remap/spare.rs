@@ -10,7 +10,9 @@ use std::sync::Mutex;
 
 use thiserror::Error;
 
-use super::metadata::{Entry, Header, MetaError, Slot, HEADER_LEN};
+use super::metadata::{
+    Entry, Header, MetaError, PendingRecord, Slot, HEADER_LEN, PENDING_HEADER_LEN,
+};
 use super::mirror::Mirror;
 use crate::storage::{open_noatime, Extent, Source};
 
@@ -100,8 +102,20 @@ impl Spare {
         Ok(spare)
     }
 
-    /// Opens an existing spare file made for `block_size` and `image_size`.
+    /// Opens an existing spare file made for `block_size` and `image_size`, repairing a bad
+    /// or stale metadata slot.
     pub fn open(path: &Path, block_size: u32, image_size: u64) -> Result<Opened, SpareError> {
+        Spare::open_with(path, block_size, image_size, true)
+    }
+
+    /// [`Spare::open`], writing nothing when `repair` is false: a bad or stale slot is left as
+    /// it is (the next commit overwrites it first; [`Spare::reload`] repairs it).
+    pub fn open_with(
+        path: &Path,
+        block_size: u32,
+        image_size: u64,
+        repair: bool,
+    ) -> Result<Opened, SpareError> {
         let file = open_noatime(OpenOptions::new().read(true).write(true), 0, path)
             .map_err(io_err(path, "open it"))?;
         let header = read_header(&file, path)?;
@@ -119,7 +133,35 @@ impl Spare {
                 want: image_size,
             });
         }
-        let slots = read_slots(&file, &header);
+        let spare = Spare {
+            file,
+            path: path.to_path_buf(),
+            mirror: Mirror::new(header.spare_blocks, header.block_size),
+            header,
+            commit: Mutex::new(CommitState { next: 0, seq: 0 }),
+        };
+        let (entries, repaired) = spare.load(repair)?;
+        Ok(Opened {
+            spare,
+            entries,
+            repaired,
+        })
+    }
+
+    /// Reads the table again from the file, which another process may have changed (a
+    /// migration handed the files over and back), repairing a bad or stale slot; the blocks in
+    /// memory are read again too. Returns the table and which slot was bad. Nothing may use
+    /// the spare meanwhile.
+    pub fn reload(&self) -> Result<(Vec<Entry>, Option<char>), SpareError> {
+        self.load(true)
+    }
+
+    /// The table: the newest valid slot. The next commit goes to the other slot first; the
+    /// mirror holds the table's blocks, and only those. With `repair`, a bad slot, or one a
+    /// crash left a commit behind, gets the table again.
+    fn load(&self, repair: bool) -> Result<(Vec<Entry>, Option<char>), SpareError> {
+        let path = &self.path;
+        let slots = read_slots(&self.file, &self.header);
         let (best, slot) = match newest_valid(&slots) {
             Some(best) => best,
             None => {
@@ -132,34 +174,70 @@ impl Spare {
             }
         };
         let entries = slot.entries.clone();
-        let spare = Spare {
-            file,
-            path: path.to_path_buf(),
-            mirror: Mirror::new(header.spare_blocks, header.block_size),
-            header,
-            commit: Mutex::new(CommitState {
-                next: 1 - best,
-                seq: slot.seq,
-            }),
+        *self.commit.lock().unwrap_or_else(|p| p.into_inner()) = CommitState {
+            next: 1 - best,
+            seq: slot.seq,
         };
-        spare.fill_mirror(&entries);
+        if let Some(m) = &self.mirror {
+            m.clear();
+        }
+        self.fill_mirror(&entries);
         let other = 1 - best;
         let repaired = match &slots[other] {
             Ok(s) if s.seq == slot.seq => None,
+            _ if !repair => None,
             twin => {
                 // A bad slot, or one a crash left a commit behind: give the table its second
                 // copy again before anything else changes it.
-                spare
-                    .commit(&entries)
+                self.commit(&entries)
                     .map_err(io_err(path, "repair its metadata slot"))?;
                 twin.is_err().then(|| slot_name(other))
             }
         };
-        Ok(Opened {
-            spare,
-            entries,
-            repaired,
-        })
+        Ok((entries, repaired))
+    }
+
+    /// Where the pending list a handover leaves lives: past the last spare block.
+    fn pending_offset(&self) -> u64 {
+        self.header.file_size()
+    }
+
+    /// Leaves `blocks` as the pending list for whoever takes the files over next, durably.
+    pub fn write_pending(&self, blocks: &[u64]) -> io::Result<()> {
+        let record = PendingRecord {
+            blocks: blocks.to_vec(),
+        };
+        self.file
+            .write_all_at(&record.encode(), self.pending_offset())?;
+        self.file.sync_data()
+    }
+
+    /// The pending list the last handover left, wiped from the file so that it is used once
+    /// (empty when there is none, or it is damaged: the list is a hint, and a block that fails
+    /// again goes back on it). Blocks past the disk's end are dropped.
+    pub fn take_pending(&self) -> io::Result<Vec<u64>> {
+        let disk = self.header.disk_blocks();
+        let at = self.pending_offset();
+        let mut head = [0u8; PENDING_HEADER_LEN];
+        match self.file.read_exact_at(&mut head, at) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        }
+        let Some(len) = PendingRecord::size(&head, disk) else {
+            return Ok(Vec::new());
+        };
+        let mut b = vec![0u8; len];
+        let blocks = match self.file.read_exact_at(&mut b, at) {
+            Ok(()) => PendingRecord::decode(&b)
+                .map(|r| r.blocks)
+                .unwrap_or_default(),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        self.file.write_all_at(&[0u8; 8], at)?;
+        self.file.sync_data()?;
+        Ok(blocks.into_iter().filter(|&b| b < disk).collect())
     }
 
     pub fn header(&self) -> &Header {
@@ -168,6 +246,11 @@ impl Spare {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The file, to check that a lock taken by path is on it.
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// Makes `entries` the durable table. Both slots get it under the next sequence number,
@@ -628,6 +711,53 @@ mod tests {
         drop(o);
         let after = inspect(&p).unwrap();
         assert!(matches!(&after.slots[1], Ok(b) if b.entries == vec![entry(1, 0), entry(2, 1)]));
+    }
+
+    /// Another process's changes, seen by a reload: its table, its data in blocks this one
+    /// held in memory, its pending list (used once). Opening without repair writes nothing.
+    #[test]
+    fn reload_sees_what_another_opener_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let s = Spare::create(&p, header()).unwrap();
+        s.write_block(3, &[1; 512]).unwrap();
+        s.commit(&[entry(9, 3)]).unwrap();
+        corrupt_slot_a(&p);
+        let before = std::fs::read(&p).unwrap();
+        let mine = Spare::open_with(&p, 512, 1 << 20, false).unwrap();
+        assert_eq!(
+            (mine.entries.clone(), mine.repaired),
+            (vec![entry(9, 3)], None)
+        );
+        assert_eq!(std::fs::read(&p).unwrap(), before, "nothing written");
+        let mine = mine.spare;
+        assert_eq!(read_extent(&mine, &mine.extent(3, 0, 512, 0)), [1; 512]);
+
+        s.write_block(3, &[2; 512]).unwrap();
+        s.write_block(4, &[4; 512]).unwrap();
+        s.sync().unwrap();
+        s.commit(&[entry(9, 3), entry(10, 4)]).unwrap();
+        s.write_pending(&[7, 1 << 40]).unwrap();
+        drop(s);
+        let (entries, repaired) = mine.reload().unwrap();
+        assert_eq!(entries, vec![entry(9, 3), entry(10, 4)]);
+        assert_eq!(repaired, None, "the other's commits rewrote slot A");
+        for (block, want) in [(3, [2u8; 512]), (4, [4; 512])] {
+            let e = mine.extent(block, 0, 512, 0);
+            assert!(in_memory(&e));
+            assert_eq!(read_extent(&mine, &e), want);
+        }
+        assert_eq!(
+            mine.take_pending().unwrap(),
+            [7],
+            "past the disk's end: dropped"
+        );
+        assert!(mine.take_pending().unwrap().is_empty(), "used once");
+    }
+
+    fn corrupt_slot_a(p: &Path) {
+        let f = OpenOptions::new().write(true).open(p).unwrap();
+        f.write_all_at(&[0xff; 8], HEADER_LEN + 20).unwrap();
     }
 
     #[test]

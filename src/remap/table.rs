@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 use log::{info, warn};
 
 use super::filter::BlockFilter;
+use super::gate::{Closed, WriteGate};
 use super::metadata::{Cause, Entry};
 use super::spare::Spare;
 
@@ -65,6 +66,8 @@ pub struct RemapTable {
     snap: ArcSwap<Snapshot>,
     inner: Mutex<Inner>,
     spare: Spare,
+    /// Open while this process may change the spare file (see `gate`).
+    gate: WriteGate,
     /// Range locks on spare blocks (block number modulo their count), see
     /// [`RemapTable::with_spare_block`].
     stripes: Vec<RwLock<()>>,
@@ -75,27 +78,9 @@ const SPARE_STRIPES: u64 = 64;
 impl RemapTable {
     /// Builds the table from the entries loaded from `spare`; the free list is every spare
     /// block no entry uses (so a block written but never committed is free again).
+    /// The gate is open: this process may change the spare file.
     pub fn new(spare: Spare, entries: Vec<Entry>) -> Result<RemapTable, String> {
-        let total = spare.header().spare_blocks;
-        let mut map = BTreeMap::new();
-        let mut used = BTreeSet::new();
-        for e in entries {
-            if !used.insert(e.spare_block) {
-                return Err(format!(
-                    "spare file {}: spare block {} is used twice; the table is inconsistent",
-                    spare.path().display(),
-                    e.spare_block
-                ));
-            }
-            if map.insert(e.lba, e).is_some() {
-                return Err(format!(
-                    "spare file {}: block {} is remapped twice; the table is inconsistent",
-                    spare.path().display(),
-                    e.lba
-                ));
-            }
-        }
-        let free = (0..total).filter(|b| !used.contains(b)).collect();
+        let (map, free) = index(&spare, entries)?;
         let snap = ArcSwap::from_pointee(Snapshot::new(
             spare.header().disk_blocks(),
             map.clone(),
@@ -110,7 +95,61 @@ impl RemapTable {
                 warned_exhausted: false,
             }),
             spare,
+            gate: WriteGate::new(true),
             stripes: (0..SPARE_STRIPES).map(|_| RwLock::new(())).collect(),
+        })
+    }
+
+    /// Whether this process may change the spare file, and the leave to do so.
+    pub fn gate(&self) -> &WriteGate {
+        &self.gate
+    }
+
+    /// Loads the table, the spare blocks in memory and the pending list again from the spare
+    /// file, as another process left them (see `handover`): nothing of what this process had
+    /// in memory is kept. Nothing may use the table meanwhile. Returns (remaps, pending).
+    pub fn reload(&self) -> Result<(usize, usize), String> {
+        let mut inner = self.lock();
+        let (entries, repaired) = self.spare.reload().map_err(|e| e.to_string())?;
+        if let Some(slot) = repaired {
+            warn!(
+                "spare file {}: metadata slot {slot} was bad and has been rewritten from the other",
+                self.spare.path().display()
+            );
+        }
+        let (map, free) = index(&self.spare, entries)?;
+        let pending = self.take_pending_list()?;
+        inner.pending = pending
+            .into_iter()
+            .filter(|b| !map.contains_key(b))
+            .collect();
+        inner.map = map;
+        inner.free = free;
+        inner.warned_exhausted = false;
+        self.publish(&inner);
+        Ok((inner.map.len(), inner.pending.len()))
+    }
+
+    /// Leaves the pending list in the spare file for whoever takes the files over next
+    /// (durably).
+    pub fn save_pending(&self) -> io::Result<()> {
+        let inner = self.lock();
+        let blocks: Vec<u64> = inner.pending.iter().copied().collect();
+        self.spare.write_pending(&blocks)
+    }
+
+    /// Wipes a pending list a handover left, unused: a process that starts afresh begins
+    /// with an empty list, as ever, and a later takeover must not find a stale one.
+    pub fn discard_saved_pending(&self) -> Result<(), String> {
+        self.take_pending_list().map(drop)
+    }
+
+    fn take_pending_list(&self) -> Result<Vec<u64>, String> {
+        self.spare.take_pending().map_err(|e| {
+            format!(
+                "spare file {}: cannot read or wipe the pending list a handover left: {e}",
+                self.spare.path().display()
+            )
         })
     }
 
@@ -157,6 +196,7 @@ impl RemapTable {
     /// Gives `lba` a spare block holding `data` (one logical block): the data is durable in
     /// the spare, then the table entry is, before this returns. Clears `lba` from pending.
     pub fn remap_with_data(&self, lba: u64, data: &[u8], cause: Cause) -> io::Result<Entry> {
+        let _permit = self.gate.permit().map_err(io::Error::other)?;
         let mut inner = self.lock();
         self.remap_locked(&mut inner, lba, data, cause)
     }
@@ -166,6 +206,7 @@ impl RemapTable {
     /// table. Refuses up front, changing nothing, when the spare has too few free blocks.
     /// Blocks already remapped are skipped. Returns the new entries.
     pub fn remap_batch(&self, blocks: &[(u64, Vec<u8>)], cause: Cause) -> io::Result<Vec<Entry>> {
+        let _permit = self.gate.permit().map_err(io::Error::other)?;
         let mut inner = self.lock();
         let todo: Vec<&(u64, Vec<u8>)> = blocks
             .iter()
@@ -229,6 +270,8 @@ impl RemapTable {
         lba: u64,
         copy_back: impl FnOnce(&Entry) -> io::Result<()>,
     ) -> io::Result<Option<Entry>> {
+        // Held through the copy back to the image, too: that writes the image.
+        let _permit = self.gate.permit().map_err(io::Error::other)?;
         let entry = {
             let mut inner = self.lock();
             let Some(entry) = inner.map.get(&lba).copied() else {
@@ -354,6 +397,11 @@ impl RemapTable {
         spare_block: u64,
         data: &[u8],
     ) -> io::Result<bool> {
+        // Guest I/O: the handover keeps it from running unless this process is the writer
+        // (no permit needed); this is the check that it did.
+        if !self.gate.is_open() {
+            return Err(io::Error::other(Closed));
+        }
         self.with_spare_block(lba, spare_block, || {
             self.spare.write_block(spare_block, data)
         })
@@ -385,6 +433,35 @@ impl RemapTable {
     pub fn spare_free(&self) -> u64 {
         self.lock().free.len() as u64
     }
+}
+
+/// The table by block, and the free spare blocks, from a spare's entries; an error when two
+/// entries share a block or a spare block.
+fn index(
+    spare: &Spare,
+    entries: Vec<Entry>,
+) -> Result<(BTreeMap<u64, Entry>, BTreeSet<u64>), String> {
+    let total = spare.header().spare_blocks;
+    let mut map = BTreeMap::new();
+    let mut used = BTreeSet::new();
+    for e in entries {
+        if !used.insert(e.spare_block) {
+            return Err(format!(
+                "spare file {}: spare block {} is used twice; the table is inconsistent",
+                spare.path().display(),
+                e.spare_block
+            ));
+        }
+        if map.insert(e.lba, e).is_some() {
+            return Err(format!(
+                "spare file {}: block {} is remapped twice; the table is inconsistent",
+                spare.path().display(),
+                e.lba
+            ));
+        }
+    }
+    let free = (0..total).filter(|b| !used.contains(b)).collect();
+    Ok((map, free))
 }
 
 #[cfg(test)]

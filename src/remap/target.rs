@@ -11,6 +11,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
+use super::gate::Closed;
 use super::metadata::{Cause, Entry};
 use super::table::RemapTable;
 use super::table::Snapshot;
@@ -220,6 +221,17 @@ impl RemapTarget {
         })
     }
 
+    /// Refuses a guest write while this process is not the writer of the image and spare
+    /// (see `handover`). The backend runs no queue then; this holds even if a request got
+    /// through, so two processes never write one image.
+    fn may_write(&self) -> io::Result<()> {
+        if self.table.gate().is_open() {
+            Ok(())
+        } else {
+            Err(io::Error::other(Closed))
+        }
+    }
+
     fn blocks(&self, offset: u64, len: u64) -> (u64, u64) {
         block_span(offset, len, self.bs)
     }
@@ -349,6 +361,7 @@ impl BlockIo for RemapTarget {
     }
 
     unsafe fn writev(&self, offset: u64, iov: &[libc::iovec]) -> io::Result<()> {
+        self.may_write()?;
         let len: usize = iov.iter().map(|v| v.iov_len).sum();
         let (first, last) = self.blocks(offset, len as u64);
         // SAFETY: the caller vouches for `iov`.
@@ -362,6 +375,7 @@ impl BlockIo for RemapTarget {
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.may_write()?;
         let (first, last) = self.blocks(offset, len);
         self.moves.write(first, last, || {
             if !self.table.snapshot().touches(first, last) {
@@ -372,6 +386,7 @@ impl BlockIo for RemapTarget {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        self.may_write()?;
         let (first, last) = self.blocks(offset, len);
         self.moves.write(first, last, || {
             if !self.table.snapshot().touches(first, last) {
@@ -395,7 +410,10 @@ impl BlockIo for RemapTarget {
         }
         let snap = self.table.view();
         match io.dir {
-            Dir::Write => !snap.touches(first, last) && self.main.map(io, out),
+            // A write refused here takes the blocking path, where `may_write` says why.
+            Dir::Write => {
+                self.table.gate().is_open() && !snap.touches(first, last) && self.main.map(io, out)
+            }
             Dir::Read => self.map_read(io, &snap, out),
         }
     }
@@ -640,6 +658,25 @@ mod tests {
         let r = map(&t, Dir::Read, 8 * 512, 4096, Pass::NoWait);
         assert_eq!(r, split);
         assert_eq!(r.len(), 3);
+    }
+
+    /// While the process is not the writer (the gate is closed), no guest write reaches the
+    /// image: refused, and not mapped for an engine either. Reads go on.
+    #[test]
+    fn writes_are_refused_while_the_gate_is_closed() {
+        let (_dir, t) = target(&[], &[]);
+        assert!(t.table().gate().close(std::time::Duration::ZERO));
+        let buf = [1u8; 512];
+        // SAFETY: `buf` is live for the call.
+        let e = unsafe { t.writev(0, &one(&buf)) }.unwrap_err();
+        assert!(e.to_string().contains("not the writer"), "{e}");
+        assert!(t.discard(0, 512).is_err() && t.write_zeroes(0, 512, false).is_err());
+        let mut m = Mapping::default();
+        assert!(!t.map(MapIo::new(Dir::Write, 0, 512, Pass::Queued), &mut m));
+        assert!(t.map(MapIo::new(Dir::Read, 0, 512, Pass::Queued), &mut m));
+        t.table().gate().open();
+        // SAFETY: as above.
+        unsafe { t.writev(0, &one(&buf)) }.unwrap();
     }
 
     /// A mapping made before a move of one of its blocks is refused at `end_io`; one made after

@@ -84,8 +84,51 @@ pub struct Image {
     direct: bool,
 }
 
+/// An image opened and checked against `--size` but not yet grown: everything [`Image::open`]
+/// does before it changes an existing image, so that the caller can lock the image first.
+pub struct Checked {
+    image: Image,
+    grow_to: Option<u64>,
+}
+
+impl Checked {
+    /// The image's file, to check that a lock taken by path is on this file.
+    pub fn file(&self) -> &File {
+        &self.image.file
+    }
+
+    /// Grows the image to the size `--size` asked for, if larger.
+    pub fn grow(self) -> Result<Image, ImageError> {
+        let Checked { mut image, grow_to } = self;
+        if let Some(requested) = grow_to {
+            image
+                .file
+                .set_len(requested)
+                .map_err(|source| ImageError::Create {
+                    path: image.path.clone(),
+                    source,
+                })?;
+            info!(
+                "grew image {} from {} to {} bytes",
+                image.path.display(),
+                image.size,
+                requested
+            );
+            image.size = requested;
+        }
+        Ok(image)
+    }
+}
+
 impl Image {
+    /// Opens the image (creating a missing one) and grows it to `--size`.
     pub fn open(opts: &OpenOptions) -> Result<Image, ImageError> {
+        Image::open_checked(opts)?.grow()
+    }
+
+    /// Opens the image (creating a missing one) and checks `--size` against it, changing
+    /// nothing of an existing image; [`Checked::grow`] does the rest.
+    pub fn open_checked(opts: &OpenOptions) -> Result<Checked, ImageError> {
         let path = opts.path.clone();
         let meta = match std::fs::metadata(&path) {
             Ok(m) => Some(m),
@@ -124,6 +167,7 @@ impl Image {
             }
         })?;
 
+        let mut grow_to = None;
         let size = match kind {
             ImageKind::BlockDevice => {
                 let current =
@@ -164,30 +208,23 @@ impl Image {
                                 requested,
                             });
                         }
-                        file.set_len(requested)
-                            .map_err(|source| ImageError::Create {
-                                path: path.clone(),
-                                source,
-                            })?;
-                        info!(
-                            "grew image {} from {} to {} bytes",
-                            path.display(),
-                            current,
-                            requested
-                        );
-                        requested
+                        grow_to = Some(requested);
+                        current
                     }
                     _ => current,
                 }
             }
         };
 
-        Ok(Image {
-            file,
-            path,
-            size,
-            kind,
-            direct: opts.direct,
+        Ok(Checked {
+            image: Image {
+                file,
+                path,
+                size,
+                kind,
+                direct: opts.direct,
+            },
+            grow_to,
         })
     }
 

@@ -12,6 +12,7 @@
 mod extent;
 pub mod image;
 pub mod iov;
+pub mod lock;
 pub mod null;
 
 use std::fs::{File, OpenOptions as FsOpenOptions};
@@ -20,7 +21,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 pub use extent::{Extent, Mapping, MemoryExtent, PerIo, Source};
-pub use image::{Image, ImageError, ImageKind, OpenOptions};
+pub use image::{Checked, Image, ImageError, ImageKind, OpenOptions};
 pub use null::NullTarget;
 
 /// Opens `path` with `opts` and the open(2) `flags`, plus O_NOATIME where the kernel allows it
