@@ -107,6 +107,13 @@ fn round(s: &mut Server, round: u64, kill_after: usize, inflight: bool, strict: 
     prepare_image(&s.image, round);
     add_faults(s);
     let mut g = RawGuest::connect(&s.socket, QUEUES, QSIZE, inflight);
+    if round == 0 {
+        assert_eq!(
+            s.ctl_ok("query-status", &[])["inflight_tracking"],
+            inflight,
+            "query-status"
+        );
+    }
     for q in 0..QUEUES {
         for slot in 0..PER_RING {
             let kind = if is_read(slot) {

@@ -183,7 +183,12 @@ impl<'a> Worker<'a> {
                 Pop::NotRunning => break false,
             };
             n += 1;
-            if self.s.fenced() {
+            // Fenced when the queue last looked; the files may have come back since (a
+            // migration back: the other process yielded while this one waited for a kick).
+            if self.s.fenced() && {
+                self.check_writer();
+                self.s.fenced()
+            } {
                 self.complete_group(&mut group);
                 self.fail_fenced(popped);
                 group.clock = Instant::now();
