@@ -61,7 +61,9 @@ set +e
 # The pc machine: ACPI PCI hotplug makes device_del immediate (PCIe native hotplug waits 5 s).
 # No TSC-deadline timer: under TCG with several vCPUs a guest using it was seen to stop
 # getting timer interrupts (all vCPUs halted, guest time frozen).
-timeout --kill-after=5 "$timeout" qemu-system-x86_64 -accel tcg -machine pc -cpu "${REMAPBLK_GUEST_CPU:-max,-tsc-deadline}" \
+# timeout --foreground keeps QEMU in this script's process group, so that whoever kills the
+# group (scenarios.py after a failure) ends QEMU too.
+timeout --foreground --kill-after=5 "$timeout" qemu-system-x86_64 -accel tcg -machine pc -cpu "${REMAPBLK_GUEST_CPU:-max,-tsc-deadline}" \
     -smp "$cpus" -m 512M -nodefaults -no-user-config -display none $no_reboot \
     -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \
     -chardev "$chardev" \

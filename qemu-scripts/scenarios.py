@@ -106,8 +106,9 @@ class Guest:
         if incoming:
             cmd += ["--incoming", incoming]
         env = dict(os.environ, REMAPBLK_GUEST_CPU=cpu) if cpu else None
+        # A session of its own, so that kill() ends QEMU too, not only run-guest.sh.
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, env=env)
+                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.lines = []
         self.queue = queue.Queue()
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -146,7 +147,7 @@ class Guest:
         try:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self.kill()
             raise ScenarioError(f"QEMU still running after {timeout}s")
         # The console's last lines are in once the reader has seen end of file.
         self.reader.join(10)
@@ -168,7 +169,7 @@ class Guest:
 
     def kill(self):
         if self.alive():
-            self.proc.kill()
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
     def tail(self, n=40):
