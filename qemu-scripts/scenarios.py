@@ -535,6 +535,14 @@ def scenario_remap(ctx, off_mib=4):
     ctx.finish_guest()
 
 
+def no_io_errors(*guests):
+    """The guest kernel logged no I/O error on the console (it prints them at loglevel 4)."""
+    for g in guests:
+        errs = [l for l in g.lines if "I/O error" in l]
+        if errs:
+            raise ScenarioError(f"the guest kernel logged I/O errors: {errs[0]}")
+
+
 def check_writer_md5s(ctx, guest):
     """The guest's WRITER-MD5 K OFF MD5 lines against the image: each writer's last round."""
     lines = [l.split() for l in guest.lines if l.startswith("WRITER-MD5 ")]
@@ -574,6 +582,7 @@ def scenario_reconnect_under_io(ctx, kills=5, queues=2):
         g.send("restarted\n")
         g.expect(f"IO-PROGRESS {i}", 120)
     ctx.finish_guest()
+    no_io_errors(g)
     check_writer_md5s(ctx, g)
     if ctx.server.stop() != 0:
         raise ScenarioError("remapblk did not exit 0 on SIGTERM")
@@ -704,6 +713,7 @@ def scenario_migrate(ctx):
         raise ScenarioError(f"the guest did not report success on the destination (exit {rc})")
     qmp.cmd("quit")
     g.wait(30)
+    no_io_errors(g, dest)
     # The writers' regions hold remapped blocks, so their data is partly in the spare: the
     # guest verified them through B; the image check is on MiB 28, which has no remaps.
     if md5_of(ctx.image, 28 * MIB, MIB) != line.split()[-1]:
@@ -746,6 +756,7 @@ def scenario_save_restore(ctx):
     rc = r.wait(120)
     if rc != 0 or not any("REMAPBLK-GUEST-RESULT: ok" in l for l in r.lines):
         raise ScenarioError(f"the restored guest did not report success (exit {rc})")
+    no_io_errors(g, r)
     check_writer_md5s(ctx, r)
     if ctx.server.stop() != 0:
         raise ScenarioError("remapblk did not exit 0 on SIGTERM")
