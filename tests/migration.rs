@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use common::raw::*;
 use common::*;
+use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 
 const QSIZE: u16 = 64;
@@ -77,6 +78,9 @@ fn the_incoming_process_takes_over_when_the_sources_rings_stop_and_back() {
     // raw frontend has guest memory of its own, so the destination's ring starts at its own
     // index 0, where a migrated ring would start at the source's.)
     let base = a.frontend.get_vring_base(0).unwrap() as u16;
+    // QEMU may touch the stopped ring again (SET_VRING_ENABLE comes around the stop): a wake
+    // of a stopped ring must not take the files back from the process waiting for them.
+    a.frontend.set_vring_enable(0, true).unwrap();
     start(&mut b, 0);
     for (slot, sector, seed) in [(0, 0, 1), (1, 8, 1), (2, 16, 2)] {
         assert_eq!(

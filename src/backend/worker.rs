@@ -74,13 +74,15 @@ impl<'a> Worker<'a> {
 
     /// The guest kicked the queue (or a resume poked it).
     pub fn kicked(&self) {
-        self.check_writer();
         if !self
             .ctl
             .start_if_ready(self.vring, || !self.s.dev.is_quiesced())
         {
             return;
         }
+        // Only a queue that runs claims the files: a late wake of a ring the frontend stopped
+        // must not take them back from the process they were just handed to.
+        self.check_writer();
         if !self.pop_all() {
             self.reap(true);
             return;
