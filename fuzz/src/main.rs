@@ -87,6 +87,11 @@ fn find(name: &str) -> Result<&'static Target, ExitCode> {
 }
 
 fn main() -> ExitCode {
+    // The code under test logs what it refuses and gives up on: silent unless asked
+    // (RUST_LOG=warn), or a run would print every refusal it provokes.
+    if std::env::var_os("RUST_LOG").is_some() {
+        env_logger::init();
+    }
     match run(Cli::parse().command) {
         Ok(code) | Err(code) => code,
     }

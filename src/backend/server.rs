@@ -163,7 +163,11 @@ fn serve_connection(
 
 /// Answers the frontend's requests until it disconnects (None) or sends something refused
 /// (the reason). Either way the session is over and drained when this returns.
-fn handle_requests(dev: &Arc<Device>, live: &Arc<Live>, frontend: UnixStream) -> Option<String> {
+pub fn handle_requests(
+    dev: &Arc<Device>,
+    live: &Arc<Live>,
+    frontend: UnixStream,
+) -> Option<String> {
     let handler = match Frontend::new(dev.clone(), live.clone()) {
         Ok(h) => Arc::new(Mutex::new(h)),
         Err(e) => return Some(format!("cannot start serving it: {e}")),
