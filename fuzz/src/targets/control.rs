@@ -37,6 +37,8 @@ const BLOCK: u32 = 512;
 /// bytes, lines and long runs of one byte for it.
 const RAW: u8 = b'S';
 const CHUNKS: u8 = b'L';
+/// The most a chunked input sends.
+const MAX_SENT: usize = 4 << 20;
 /// How long the socket may take to answer or end.
 const PATIENCE: Duration = Duration::from_secs(10);
 /// Argument names the commands take, and a few they do not.
@@ -270,7 +272,8 @@ fn chunks(data: &[u8]) -> Vec<u8> {
                 out.resize(out.len() + usize::from(kib % 2048) * 1024, byte);
             }
         }
-        if u.is_empty() {
+        // Past the control socket's line bound (1 MiB) and twice more is enough.
+        if u.is_empty() || out.len() >= MAX_SENT {
             break;
         }
     }
