@@ -59,9 +59,16 @@ mod tests {
         let (mut a, mut b) = (Rng::new(7), Rng::new(7));
         for _ in 0..1000 {
             assert_eq!(a.next_u64(), b.next_u64());
-            assert!(a.below(10) < 10);
+            let (x, y) = (a.below(10), b.below(10));
+            assert!(x < 10);
+            assert_eq!(x, y);
             assert!(a.len(100) <= 100);
+            b.len(100);
         }
+        // Lengths are spread from 0 to the bound, small ones likelier.
+        let lens: Vec<usize> = (0..10_000).map(|_| a.len(4096)).collect();
+        assert!(lens.contains(&0) && lens.iter().any(|&l| l > 2048));
+        assert!(lens.iter().filter(|&&l| l < 64).count() > lens.len() / 3);
         assert_eq!(a.below(0), 0);
         assert_ne!(Rng::new(1).next_u64(), Rng::new(2).next_u64());
     }
