@@ -11,7 +11,8 @@ use std::sync::Mutex;
 use thiserror::Error;
 
 use super::metadata::{
-    Entry, Header, MetaError, PendingRecord, Slot, HEADER_LEN, PENDING_HEADER_LEN,
+    Entry, Header, MetaError, PendingRecord, Slot, ENTRY_LEN, HEADER_LEN, PENDING_HEADER_LEN,
+    SLOT_HEADER_LEN,
 };
 use super::mirror::Mirror;
 use crate::storage::{open_noatime, Extent, Source};
@@ -390,18 +391,35 @@ fn newest_valid(slots: &[Result<Slot, MetaError>; 2]) -> Option<(usize, &Slot)> 
 }
 
 fn read_slots(file: &File, header: &Header) -> [Result<Slot, MetaError>; 2] {
-    // A slot is sized by the header, which may claim more than the file holds (a damaged or
-    // hostile file): read what is there, never allocate for what is not.
     let file_len = file.metadata().map_or(0, |m| m.len());
-    [0u64, 1].map(|i| {
-        let at = HEADER_LEN + i * header.slot_size();
-        let there = file_len.saturating_sub(at).min(header.slot_size());
-        let mut b = vec![0u8; there as usize];
-        match file.read_exact_at(&mut b, at) {
-            Ok(()) => Slot::decode(&b, header.spare_blocks),
-            Err(_) => Err(MetaError::Truncated(0)),
-        }
-    })
+    [0u64, 1].map(|i| read_slot(file, header, HEADER_LEN + i * header.slot_size(), file_len))
+}
+
+/// The slot at `at`: its header, then as many entries as it counts. A slot is sized for a
+/// table that fills the spare (32 MiB for a million blocks), which a header may claim the
+/// file does not hold (a damaged or hostile file): read the table, as far as the file holds
+/// it, never the padding, and never allocate for what is not there.
+fn read_slot(file: &File, header: &Header, at: u64, file_len: u64) -> Result<Slot, MetaError> {
+    let there = file_len.saturating_sub(at).min(header.slot_size());
+    let read = |len: u64| {
+        let mut b = vec![0u8; len.min(there) as usize];
+        file.read_exact_at(&mut b, at)
+            .map(|()| b)
+            .map_err(|_| MetaError::Truncated(0))
+    };
+    let head = read(SLOT_HEADER_LEN as u64)?;
+    let count = head
+        .get(24..32)
+        .and_then(|c| <[u8; 8]>::try_from(c).ok())
+        .map_or(0, u64::from_le_bytes);
+    if count > header.spare_blocks {
+        // The decoder says what is wrong with it.
+        return Slot::decode(&head, header.spare_blocks);
+    }
+    let len = count
+        .saturating_mul(ENTRY_LEN as u64)
+        .saturating_add(SLOT_HEADER_LEN as u64);
+    Slot::decode(&read(len)?, header.spare_blocks)
 }
 
 /// What `remapblk metadata check` and `dump` report about a spare file, without changing it.
