@@ -422,6 +422,11 @@ pub fn run(data: &[u8]) {
         input.main.start % size.max(1)
     };
 
+    // The avail ring virtio-queue's walk takes the head from (flags, idx = 1, ring[0]), put
+    // there before either walk: the input may have placed descriptors where it lies.
+    let _ = layout.mem.write_obj(0u16, GuestAddress(RINGS));
+    let _ = layout.mem.write_obj(1u16.to_le(), GuestAddress(RINGS + 2));
+    let _ = layout.mem.write_obj(head.to_le(), GuestAddress(RINGS + 4));
     let descs = walk(&layout.mem, table, size, head);
     let parsed = request::parse(descs.iter().copied(), &layout.mem, &limits);
     check(&layout.mem, &descs, &parsed, &limits);
@@ -539,10 +544,6 @@ fn virtio_queue_chain(mem: &GuestMem, table: u64, size: u16, head: u16) -> Optio
     q.try_set_used_ring_address(GuestAddress(RINGS + 0x1000))
         .ok()?;
     q.set_ready(true);
-    // The avail ring: flags, idx = 1, ring[0] = head.
-    mem.write_obj(0u16, GuestAddress(RINGS)).ok()?;
-    mem.write_obj(1u16.to_le(), GuestAddress(RINGS + 2)).ok()?;
-    mem.write_obj(head.to_le(), GuestAddress(RINGS + 4)).ok()?;
     let chain = q.iter(mem).ok()?.next()?;
     Some(chain.collect())
 }
