@@ -16,6 +16,16 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test --workspace (io_uring engine)"
 REMAPBLK_ENGINE=io_uring cargo test --workspace --all-targets 2>&1
 
+# Each fuzz target (remapblk-fuzz list) for REMAPBLK_FUZZ_SECONDS (60 by default): its
+# regression inputs (fuzz/corpus/TARGET/) and seeds first, then seeded random inputs and
+# mutants. A failing input is written to fuzz/artifacts/TARGET/ and the step fails; the seed is
+# printed, and REMAPBLK_SEED=N repeats a run. See docs/testing.md.
+fuzz_seconds=${REMAPBLK_FUZZ_SECONDS:-60}
+step "fuzz targets, $fuzz_seconds s each"
+for target in $(cargo run -q -p remapblk-fuzz -- list | cut -d' ' -f1); do
+    cargo run -q -p remapblk-fuzz -- run "$target" --seconds "$fuzz_seconds"
+done
+
 step "integration tests again on the sync engine"
 REMAPBLK_ENGINE=sync cargo test --tests 2>&1
 

@@ -16,5 +16,10 @@ pub use device::{default_serial, Device, DeviceConfig, MAX_NUM_QUEUES, MAX_QUEUE
 pub use live::{Live, QuiesceReport};
 pub use server::{serve, ServeError};
 
+/// One frontend connection served as `serve` serves each: for the vhost-user fuzz target
+/// (fuzz/), which feeds it message streams over a socket pair. Not an API.
+#[doc(hidden)]
+pub use server::handle_requests;
+
 #[cfg(test)]
 mod tests;

@@ -197,7 +197,11 @@ fn connection_ended(live: &Live, end: Option<String>) {
 /// and let go only while a message is received: a message whose descriptors found no room
 /// would lose them, and the vhost crate its framing (it reads on past the failed receive).
 /// When they cannot be taken again, the connection is closed with that reason.
-fn handle_requests(dev: &Arc<Device>, live: &Arc<Live>, frontend: UnixStream) -> Option<String> {
+pub fn handle_requests(
+    dev: &Arc<Device>,
+    live: &Arc<Live>,
+    frontend: UnixStream,
+) -> Option<String> {
     let mut reserve = match Reserve::take(frontend.as_fd(), MAX_ATTACHED_FD_ENTRIES) {
         Ok(r) => r,
         Err(e) => return Some(no_reserve(&e)),

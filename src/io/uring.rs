@@ -275,10 +275,13 @@ impl Engine for UringEngine {
             for cqe in &mut cq {
                 any = true;
                 let user_data = cqe.user_data();
+                // Every submission counted in `in_kernel` completes once, the cancel request
+                // too: left counted, it made a dropped engine wait out DROP_WAIT for an I/O
+                // that was over and then leak its ring.
+                self.in_kernel = self.in_kernel.saturating_sub(1);
                 if user_data == CANCEL {
                     continue;
                 }
-                self.in_kernel = self.in_kernel.saturating_sub(1);
                 let slot = (user_data >> 16) as usize;
                 let extent = (user_data & 0xffff) as usize;
                 let Some(Some(s)) = self.slots.get_mut(slot) else {

@@ -79,6 +79,8 @@ pub enum MetaError {
     Truncated(usize),
     #[error("{0}")]
     Entry(String),
+    #[error("{0}")]
+    Layout(String),
 }
 
 impl Header {
@@ -125,14 +127,49 @@ impl Header {
         if u32_at(b, 32) != crc32c::crc32c(&b[0..32]) {
             return Err(MetaError::Checksum);
         }
-        Ok(Header {
+        let h = Header {
             block_size: u32_at(b, 12),
             image_size: u64_at(b, 16),
             spare_blocks: u64_at(b, 24),
-        })
+        };
+        // A checksum that holds does not make the numbers sane (a header written by a buggy
+        // or hostile tool): the layout computed from them must exist before anything sizes a
+        // buffer or an offset by it.
+        if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&h.block_size)
+            || !h.block_size.is_power_of_two()
+        {
+            return Err(MetaError::Layout(format!(
+                "block size {} is not a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}",
+                h.block_size
+            )));
+        }
+        if h.checked_file_size().is_none() {
+            return Err(MetaError::Layout(format!(
+                "{} spare blocks of {} bytes are more than a file can hold",
+                h.spare_blocks, h.block_size
+            )));
+        }
+        Ok(h)
+    }
+
+    /// [`Header::file_size`], or None when the layout does not fit in 64 bits.
+    fn checked_file_size(&self) -> Option<u64> {
+        let slot = (ENTRY_LEN as u64)
+            .checked_mul(self.spare_blocks)?
+            .checked_add(SLOT_HEADER_LEN as u64)?
+            .checked_next_multiple_of(4096)?;
+        slot.checked_mul(2)?
+            .checked_add(HEADER_LEN)?
+            .checked_add(self.spare_blocks.checked_mul(u64::from(self.block_size))?)
     }
 }
 
+/// The block sizes a spare file may have (the server takes 512 and 4096).
+const MIN_BLOCK_SIZE: u32 = 512;
+const MAX_BLOCK_SIZE: u32 = 64 << 10;
+
+/// Bytes of a metadata slot for `spare_blocks` entries. Headers are checked by
+/// [`Header::decode`] to have a layout that fits in 64 bits.
 pub fn slot_size(spare_blocks: u64) -> u64 {
     (SLOT_HEADER_LEN as u64 + ENTRY_LEN as u64 * spare_blocks).next_multiple_of(4096)
 }
@@ -194,10 +231,13 @@ impl Slot {
                 "{count} entries for {spare_blocks} spare blocks"
             )));
         }
-        let len = SLOT_HEADER_LEN + ENTRY_LEN * count as usize;
-        if b.len() < len {
-            return Err(MetaError::Truncated(b.len()));
-        }
+        // Checked: `spare_blocks` bounds the count, and the caller's may be anything.
+        let len = usize::try_from(count)
+            .ok()
+            .and_then(|c| c.checked_mul(ENTRY_LEN))
+            .and_then(|n| n.checked_add(SLOT_HEADER_LEN))
+            .filter(|&n| n <= b.len())
+            .ok_or(MetaError::Truncated(b.len()))?;
         if u32_at(b, 12) != slot_crc(&b[..len]) {
             return Err(MetaError::Checksum);
         }
@@ -257,7 +297,13 @@ impl PendingRecord {
             return None;
         }
         let count = u64_at(head, 16);
-        (count <= max_blocks).then(|| PENDING_HEADER_LEN + 8 * count as usize)
+        if count > max_blocks {
+            return None;
+        }
+        usize::try_from(count)
+            .ok()?
+            .checked_mul(8)?
+            .checked_add(PENDING_HEADER_LEN)
     }
 
     /// Decodes a whole record ([`PendingRecord::len`] bytes).
@@ -354,6 +400,68 @@ mod tests {
             b[i] ^= 1 << bit;
             prop_assert!(PendingRecord::decode(&b).is_err());
         }
+    }
+
+    /// Found by the fuzzer (`remapblk-fuzz run metadata`): a header whose checksum holds but
+    /// whose spare block count makes the layout overflow made `slot_size` panic (debug) or
+    /// wrap to a wrong size (release); a block size of 0 or 3 has no layout either.
+    #[test]
+    fn a_header_without_a_layout_is_refused() {
+        for (block_size, spare_blocks) in [
+            (512, u64::MAX / 16),
+            (512, u64::MAX),
+            (4096, 1 << 60),
+            (0, 16),
+            (3, 16),
+            (1 << 20, 16),
+        ] {
+            let h = Header {
+                block_size,
+                image_size: 1 << 20,
+                spare_blocks,
+            };
+            let e = Header::decode(&h.encode()).unwrap_err();
+            assert!(
+                matches!(e, MetaError::Layout(_)),
+                "{block_size} x {spare_blocks}: {e}"
+            );
+        }
+        let big = Header {
+            block_size: 4096,
+            image_size: 1 << 50,
+            spare_blocks: 1 << 40,
+        };
+        assert_eq!(Header::decode(&big.encode()), Ok(big));
+    }
+
+    /// Found by the fuzzer: a slot counting 2^59 entries, decoded for a spare of as many
+    /// blocks, overflowed the length computation (a panic, or a wrong length in release).
+    #[test]
+    fn a_slot_count_past_any_buffer_is_truncation() {
+        let mut b = Slot {
+            seq: 1,
+            entries: Vec::new(),
+        }
+        .encode();
+        b[24..32].copy_from_slice(&(1u64 << 59).to_le_bytes());
+        assert_eq!(
+            Slot::decode(&b, u64::MAX),
+            Err(MetaError::Truncated(b.len()))
+        );
+    }
+
+    /// Found by the fuzzer: a pending list counting 2^61 blocks, sized for a disk of as
+    /// many, overflowed its length.
+    #[test]
+    fn a_pending_count_past_any_length_has_no_size() {
+        let mut b = PendingRecord { blocks: vec![1] }.encode();
+        b[16..24].copy_from_slice(&(1u64 << 61).to_le_bytes());
+        assert_eq!(PendingRecord::size(&b, u64::MAX), None);
+        assert_eq!(PendingRecord::size(&b, 1 << 60), None);
+        assert_eq!(
+            PendingRecord::decode(&b),
+            Err(MetaError::Truncated(b.len()))
+        );
     }
 
     #[test]

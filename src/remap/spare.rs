@@ -11,7 +11,8 @@ use std::sync::Mutex;
 use thiserror::Error;
 
 use super::metadata::{
-    Entry, Header, MetaError, PendingRecord, Slot, HEADER_LEN, PENDING_HEADER_LEN,
+    Entry, Header, MetaError, PendingRecord, Slot, ENTRY_LEN, HEADER_LEN, PENDING_HEADER_LEN,
+    SLOT_HEADER_LEN,
 };
 use super::mirror::Mirror;
 use crate::denied;
@@ -36,6 +37,14 @@ pub enum SpareError {
     BlockSize { path: PathBuf, file: u32, want: u32 },
     #[error("spare file {path}: image_size is {file} bytes but the image has {want}; it belongs to another image (or the image was resized): use the right --spare, or move this one away")]
     ImageSize { path: PathBuf, file: u64, want: u64 },
+    #[error("spare file {path} is {len} bytes but its header describes {want} ({blocks} spare blocks of {block_size} bytes): it was cut short, or its header is damaged. Move it away to start with an empty table, or give --spare another path")]
+    Short {
+        path: PathBuf,
+        len: u64,
+        want: u64,
+        blocks: u64,
+        block_size: u32,
+    },
     #[error("spare file {path}: both metadata slots are bad (A: {a}; B: {b}); refusing to start with an empty remap table, which would lose every remap. Inspect it with `remapblk metadata check {path}`")]
     BothSlots {
         path: PathBuf,
@@ -144,6 +153,19 @@ impl Spare {
                 want: image_size,
             });
         }
+        // The header sizes the table (its free list has an entry per spare block): a file
+        // shorter than the header's layout is damaged, and believing its count could cost
+        // more memory and time than the machine has.
+        let len = file.metadata().map_err(io_err(path, "stat it"))?.len();
+        if len < header.file_size() {
+            return Err(SpareError::Short {
+                path: path.to_path_buf(),
+                len,
+                want: header.file_size(),
+                blocks: header.spare_blocks,
+                block_size: header.block_size,
+            });
+        }
         let spare = Spare {
             file,
             path: path.to_path_buf(),
@@ -235,7 +257,9 @@ impl Spare {
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Vec::new()),
             Err(e) => return Err(e),
         }
-        let Some(len) = PendingRecord::size(&head, disk) else {
+        // A count the file cannot hold is damage, not a reason to allocate for it.
+        let there = self.file.metadata()?.len().saturating_sub(at);
+        let Some(len) = PendingRecord::size(&head, disk).filter(|&l| l as u64 <= there) else {
             return Ok(Vec::new());
         };
         let mut b = vec![0u8; len];
@@ -378,13 +402,35 @@ fn newest_valid(slots: &[Result<Slot, MetaError>; 2]) -> Option<(usize, &Slot)> 
 }
 
 fn read_slots(file: &File, header: &Header) -> [Result<Slot, MetaError>; 2] {
-    [0u64, 1].map(|i| {
-        let mut b = vec![0u8; header.slot_size() as usize];
-        match file.read_exact_at(&mut b, HEADER_LEN + i * header.slot_size()) {
-            Ok(()) => Slot::decode(&b, header.spare_blocks),
-            Err(_) => Err(MetaError::Truncated(0)),
-        }
-    })
+    let file_len = file.metadata().map_or(0, |m| m.len());
+    [0u64, 1].map(|i| read_slot(file, header, HEADER_LEN + i * header.slot_size(), file_len))
+}
+
+/// The slot at `at`: its header, then as many entries as it counts. A slot is sized for a
+/// table that fills the spare (32 MiB for a million blocks), which a header may claim the
+/// file does not hold (a damaged or hostile file): read the table, as far as the file holds
+/// it, never the padding, and never allocate for what is not there.
+fn read_slot(file: &File, header: &Header, at: u64, file_len: u64) -> Result<Slot, MetaError> {
+    let there = file_len.saturating_sub(at).min(header.slot_size());
+    let read = |len: u64| {
+        let mut b = vec![0u8; len.min(there) as usize];
+        file.read_exact_at(&mut b, at)
+            .map(|()| b)
+            .map_err(|_| MetaError::Truncated(0))
+    };
+    let head = read(SLOT_HEADER_LEN as u64)?;
+    let count = head
+        .get(24..32)
+        .and_then(|c| <[u8; 8]>::try_from(c).ok())
+        .map_or(0, u64::from_le_bytes);
+    if count > header.spare_blocks {
+        // The decoder says what is wrong with it.
+        return Slot::decode(&head, header.spare_blocks);
+    }
+    let len = count
+        .saturating_mul(ENTRY_LEN as u64)
+        .saturating_add(SLOT_HEADER_LEN as u64);
+    Slot::decode(&read(len)?, header.spare_blocks)
 }
 
 /// What `remapblk metadata check` and `dump` report about a spare file, without changing it.
@@ -695,6 +741,62 @@ mod tests {
 
     /// A crash between the two writes of a commit: one slot has the new table, the other the
     /// old one. The new one wins, and start-up brings the other level with it.
+    /// Found by the fuzzer (`remapblk-fuzz run metadata`): a valid header claiming 2^40
+    /// spare blocks made every reader of the slots allocate 32 TiB per slot (an abort), and
+    /// a pending list claiming more blocks than the file holds did the same to
+    /// `take_pending`. Readers now read what the file holds.
+    #[test]
+    fn a_header_claiming_more_than_the_file_holds_costs_no_more_than_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let h = Header {
+            block_size: 512,
+            image_size: 1 << 49,
+            spare_blocks: 1 << 40,
+        };
+        std::fs::write(&p, h.encode()).unwrap();
+        let i = inspect(&p).unwrap();
+        assert!(matches!(i.slots[0], Err(MetaError::Truncated(0))));
+        assert_eq!(i.check(&p).0, 2);
+        // Opening it must not believe the count either (its free list would have 2^40
+        // entries): a file shorter than its header's layout is refused, naming both sizes.
+        let e = Spare::open_with(&p, 512, 1 << 49, false).err().unwrap();
+        assert!(matches!(e, SpareError::Short { len: 4096, .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains("is 4096 bytes but its header describes"),
+            "{e}"
+        );
+        // A slot that the file holds whole is read, though the data area is cut short.
+        let small = Header {
+            spare_blocks: 64,
+            ..header()
+        };
+        let s = Spare::create(&p.with_extension("1"), small).unwrap();
+        s.commit(&[entry(3, 1)]).unwrap();
+        s.file.set_len(s.header().data_offset() - 100).unwrap();
+        let i = inspect(s.path()).unwrap();
+        assert_eq!(i.slots[0].as_ref().map(|s| s.entries.len()), Ok(1));
+        assert!(matches!(
+            Spare::open(s.path(), 512, 1 << 20),
+            Err(SpareError::Short { .. })
+        ));
+
+        // A real spare file of a huge image, and past it a pending list of 2^39 blocks (4 TiB
+        // of them) in a record of one.
+        let big = Header {
+            image_size: 1 << 49,
+            ..header()
+        };
+        let s = Spare::create(&p.with_extension("2"), big).unwrap();
+        let mut record = PendingRecord { blocks: vec![1] }.encode();
+        record[16..24].copy_from_slice(&(1u64 << 39).to_le_bytes());
+        s.file
+            .write_all_at(&record, s.header().file_size())
+            .unwrap();
+        assert_eq!(s.take_pending().unwrap(), Vec::<u64>::new());
+    }
+
     #[test]
     fn interrupted_commit_is_completed_at_start_up() {
         let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,4 @@
+//! libFuzzer's driver for the `metadata` target of remapblk-fuzz (fuzz/src/targets/).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| remapblk_fuzz::targets::metadata::run(data));
