@@ -16,6 +16,8 @@ use super::device::Device;
 use super::handler::Frontend;
 use super::inflight::Phase;
 use super::live::Live;
+use crate::io::EngineKind;
+use crate::sandbox::{self, Role, SandboxError};
 use crate::unix::{self, Listen, SocketError};
 
 #[derive(Debug, Error)]
@@ -30,6 +32,8 @@ pub enum ServeError {
     Poll(io::Error),
     #[error("final fdatasync of the image failed: {0}")]
     FinalFlush(io::Error),
+    #[error("{0}")]
+    Sandbox(#[from] SandboxError),
 }
 
 /// SIGINT and SIGTERM, turned into a readable fd so the accept loop can poll for them.
@@ -65,8 +69,14 @@ impl Drop for SignalPipe {
     }
 }
 
-/// Serves frontends on the socket `listen` names, one after another, until SIGINT or SIGTERM.
-pub fn serve(dev: Arc<Device>, live: Arc<Live>, listen: Listen) -> Result<(), ServeError> {
+/// Serves frontends on the socket `listen` names, one after another, until SIGINT or SIGTERM,
+/// under the system call filter `seccomp` (installed once the socket listens).
+pub fn serve(
+    dev: Arc<Device>,
+    live: Arc<Live>,
+    listen: Listen,
+    seccomp: sandbox::Mode,
+) -> Result<(), ServeError> {
     let signals = SignalPipe::new().map_err(ServeError::Signals)?;
     let path = listen.path();
     // A socket we bound is ours to remove at exit; an inherited one belongs to whoever made it.
@@ -74,6 +84,8 @@ pub fn serve(dev: Arc<Device>, live: Arc<Live>, listen: Listen) -> Result<(), Se
         .then(|| path.clone())
         .flatten();
     let listener = listen.open()?;
+    // Start-up is over: everything the process opens for writing is open.
+    sandbox::lock_down(seccomp, dev.cfg.engine == EngineKind::IoUring)?;
     match &path {
         Some(p) => info!("listening on {}", p.display()),
         None => info!("listening on an inherited socket"),
@@ -164,6 +176,7 @@ fn serve_connection(
 /// Answers the frontend's requests until it disconnects (None) or sends something refused
 /// (the reason). Either way the session is over and drained when this returns.
 fn handle_requests(dev: &Arc<Device>, live: &Arc<Live>, frontend: UnixStream) -> Option<String> {
+    sandbox::enter(Role::Session);
     let handler = match Frontend::new(dev.clone(), live.clone()) {
         Ok(h) => Arc::new(Mutex::new(h)),
         Err(e) => return Some(format!("cannot start serving it: {e}")),

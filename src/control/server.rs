@@ -11,6 +11,7 @@ use log::{debug, info, warn};
 
 use super::commands::Commands;
 use super::protocol::{parse_request, reply};
+use crate::sandbox::{self, Role};
 use crate::unix::{self, SocketError};
 
 pub struct ControlServer {
@@ -27,6 +28,9 @@ impl ControlServer {
             .name("control".to_string())
             .spawn(move || {
                 for conn in listener.incoming() {
+                    // Not at the thread's start: it starts before the process-wide filter,
+                    // which must come first (see `sandbox`).
+                    sandbox::enter(Role::Control);
                     match conn {
                         Ok(stream) => {
                             let commands = commands.clone();
