@@ -189,6 +189,18 @@ fn helper_sandboxed_process() {
                 )
             };
         }
+        "limit-read-then-raise" => {
+            let mut r = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit writes one rlimit, which `r` is.
+            assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) }, 0);
+            println!("limit {}", r.rlim_cur);
+            r.rlim_cur = r.rlim_max;
+            // SAFETY: setrlimit reads one rlimit.
+            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) };
+        }
         other => panic!("unknown case {other}"),
     }
     println!("survived");
@@ -336,4 +348,19 @@ fn no_executable_memory() {
     let dir = tempfile::tempdir().unwrap();
     let out = sandboxed("exec-memory", dir.path());
     killed_naming(&out, &format!("{} (mmap)", libc::SYS_mmap), "process-wide");
+}
+
+#[test]
+fn limits_are_read_never_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = sandboxed("limit-read-then-raise", dir.path());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("limit "),
+        "{out:?}"
+    );
+    killed_naming(
+        &out,
+        &format!("{} (prlimit64)", libc::SYS_prlimit64),
+        "process-wide",
+    );
 }

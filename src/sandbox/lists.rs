@@ -60,6 +60,8 @@ pub enum Only {
     OneOf(u8, &'static [u64]),
     /// `argument & mask == value` for every `(argument, mask, value)`.
     Masked(&'static [(u8, u64, u64)]),
+    /// Argument `.0`, a pointer, is NULL (all 64 bits compared).
+    Null(u8),
 }
 
 /// A call this architecture lacks (its newer replacement is listed beside it).
@@ -225,6 +227,13 @@ pub const GROUPS: &[Group] = &[
                 ]
             )
         )],
+    },
+    Group {
+        why: "the descriptor limit, read (never set) for the message of an error that ran out \
+              of descriptors",
+        roles: ALL,
+        when: When::Always,
+        calls: &[call!(SYS_prlimit64, Only::Null(2))],
     },
     Group {
         why: "guest I/O and remap moves on the image and spare: positional and vectored I/O \

@@ -382,6 +382,12 @@ fn conditions(only: Only) -> Result<Vec<SeccompRule>, seccompiler::BackendError>
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(vec![SeccompRule::new(conds)?])
         }
+        Only::Null(arg) => Ok(vec![SeccompRule::new(vec![SeccompCondition::new(
+            arg,
+            SeccompCmpArgLen::Qword,
+            SeccompCmpOp::Eq,
+            0,
+        )?])?]),
     }
 }
 
