@@ -348,6 +348,9 @@ mod tests {
         assert_eq!(a.queue_size, 256);
         assert_eq!(a.block_size, 512);
         assert_eq!(a.drain_timeout_ms, 10_000);
+        if std::env::var_os("REMAPBLK_SECCOMP").is_none() {
+            assert_eq!(a.seccomp, sandbox::Mode::On);
+        }
         assert!(Cli::try_parse_from(["remapblk", "serve", "--num-queues", "17"]).is_err());
         assert!(Cli::try_parse_from(["remapblk", "serve", "--block-size", "1024"]).is_err());
         assert!(

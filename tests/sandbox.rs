@@ -62,7 +62,8 @@ fn io_round_trip(s: &Server) -> Client {
 
 #[test]
 fn serve_filters_every_thread_and_narrows_queue_session_and_control_threads() {
-    let mut s = Server::start(8 * MIB, &["--num-queues", "2"]);
+    // Explicitly on: REMAPBLK_SECCOMP=log may be set for a whole run of the suite.
+    let mut s = Server::start(8 * MIB, &["--num-queues", "2", "--seccomp", "on"]);
     let c = io_round_trip(&s);
     s.ctl_ok("query-status", &[]);
     // The control thread narrows when it accepts a client; the next client sees it.
