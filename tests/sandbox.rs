@@ -274,7 +274,11 @@ fn kernel_logged(out: &Output, nr: i64) {
 fn on_ends_the_process_at_a_call_outside_the_list_and_names_it() {
     let dir = tempfile::tempdir().unwrap();
     let out = sandboxed("on-getppid", dir.path());
-    killed_naming(&out, &libc::SYS_getppid.to_string(), "process-wide");
+    killed_naming(
+        &out,
+        &libc::SYS_getppid.to_string(),
+        "process-wide or inherited",
+    );
     kernel_logged(&out, libc::SYS_getppid);
 }
 
@@ -323,7 +327,7 @@ fn no_thread_may_start_a_process() {
     killed_naming(
         &out,
         &format!("{} (clone)", libc::SYS_clone),
-        "process-wide",
+        "process-wide or inherited",
     );
 }
 
@@ -339,7 +343,7 @@ fn files_open_for_reading_only() {
     killed_naming(
         &out,
         &format!("{} (openat)", libc::SYS_openat),
-        "process-wide",
+        "process-wide or inherited",
     );
     assert!(!dir.path().join("new").exists());
 }
@@ -348,7 +352,11 @@ fn files_open_for_reading_only() {
 fn no_executable_memory() {
     let dir = tempfile::tempdir().unwrap();
     let out = sandboxed("exec-memory", dir.path());
-    killed_naming(&out, &format!("{} (mmap)", libc::SYS_mmap), "process-wide");
+    killed_naming(
+        &out,
+        &format!("{} (mmap)", libc::SYS_mmap),
+        "process-wide or inherited",
+    );
 }
 
 #[test]
@@ -362,6 +370,6 @@ fn limits_are_read_never_set() {
     killed_naming(
         &out,
         &format!("{} (prlimit64)", libc::SYS_prlimit64),
-        "process-wide",
+        "process-wide or inherited",
     );
 }

@@ -51,8 +51,8 @@ impl Call {
     }
 }
 
-/// Conditions on a call's arguments (compared as 32-bit values, which every flag and command
-/// below fits in).
+/// Conditions on a call's arguments. `OneOf` and `Masked` compare the low 32 bits, which
+/// every flag and command below fits in (and all the kernel reads of an int argument).
 #[derive(Debug, Clone, Copy)]
 pub enum Only {
     Any,

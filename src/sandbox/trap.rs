@@ -68,7 +68,7 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
             LIST.try_with(Cell::get)
                 .ok()
                 .flatten()
-                .unwrap_or("process-wide"),
+                .unwrap_or("process-wide or inherited"),
         );
         line.push(" list) made system call ");
         line.push_num(i64::from(nr));
