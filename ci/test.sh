@@ -19,6 +19,11 @@ REMAPBLK_ENGINE=io_uring cargo test --workspace --all-targets 2>&1
 step "integration tests again on the sync engine"
 REMAPBLK_ENGINE=sync cargo test --tests 2>&1
 
+# CI runs as root; the same tests must pass for a user without privileges. As root this
+# creates the user remapblk-ci and runs the test executables as that user, on both engines.
+step "unit and integration tests as an unprivileged user, both engines"
+ci/unprivileged.sh 2>&1
+
 # The teardown-under-load tests are seeded (REMAPBLK_SEED, printed on failure); `cargo test`
 # above ran them with their default seeds, these runs add three more (the stuck-request
 # teardown tests are not seeded; they simply run three more times).

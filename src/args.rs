@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::backend::{MAX_NUM_QUEUES, MAX_QUEUE_SIZE};
 use crate::control::protocol::CommandName;
+use crate::filemode::SocketMode;
 use crate::io::EngineKind;
 use crate::sandbox;
 use crate::virtio::ID_BYTES;
@@ -123,6 +124,12 @@ pub struct ServeArgs {
     /// without this flag.
     #[arg(long, value_name = "N", conflicts_with = "socket")]
     pub fd: Option<i32>,
+
+    /// Mode of the vhost-user socket and the control socket this process creates, in octal
+    /// as chmod takes it (e.g. 0660 lets the group connect). Whoever can connect to either
+    /// can read, write or fail the disk. An inherited socket (--fd) keeps its own mode.
+    #[arg(long, value_name = "MODE", default_value_t = SocketMode::default())]
+    pub socket_mode: SocketMode,
 
     /// Print the backend's capabilities as vhost-user's backend program conventions define
     /// them (a JSON object, "type": "block") and exit.

@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -25,9 +26,14 @@ impl EventLog {
         }
     }
 
-    /// Appends to `path`, creating it.
+    /// Appends to `path`, creating it readable by this process's user only (what a lab logs
+    /// is its own business); an existing file keeps its mode.
     pub fn open(path: &Path) -> std::io::Result<EventLog> {
-        let file = File::options().create(true).append(true).open(path)?;
+        let file = File::options()
+            .create(true)
+            .append(true)
+            .mode(crate::filemode::PRIVATE_FILE)
+            .open(path)?;
         Ok(EventLog {
             file: Some(Mutex::new(file)),
             start: Instant::now(),

@@ -51,6 +51,7 @@ use serde::Serialize;
 use serde_json::json;
 use thiserror::Error;
 
+use crate::denied;
 use crate::events::EventLog;
 use crate::remap::RemapTable;
 use crate::storage::lock::{Holder, Kind, LockFile};
@@ -136,7 +137,7 @@ impl fmt::Display for Holders {
 pub enum HandoverError {
     #[error("{role} {} does not exist. serve --incoming takes over the files of a running remapblk and creates neither: give it the source's --image and --spare (the spare defaults to <image>.spare), on storage both hosts share", path.display())]
     Missing { role: Role, path: PathBuf },
-    #[error("cannot open {role} {} to lock it: {source}", path.display())]
+    #[error("cannot open {role} {} to lock it: {source}{}", path.display(), denied::advice(.source, .path, denied::READ_WRITE))]
     Open {
         role: Role,
         path: PathBuf,

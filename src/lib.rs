@@ -4,9 +4,12 @@
 pub mod args;
 pub mod backend;
 pub mod control;
+pub mod denied;
 pub mod events;
 pub mod fault;
+pub mod fdlimit;
 pub mod fields;
+pub mod filemode;
 pub mod handover;
 pub mod inline_vec;
 pub mod io;

@@ -108,7 +108,7 @@ fn listen_on(a: &ServeArgs) -> Result<Listen, String> {
         Some(fd) => unix::inherited_listener(fd)
             .map(Listen::Inherited)
             .map_err(|e| e.to_string()),
-        None => Ok(Listen::Path(a.socket.clone())),
+        None => Ok(Listen::Path(a.socket.clone(), a.socket_mode)),
     }
 }
 
@@ -262,7 +262,7 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
         faults,
         remap: target,
     });
-    let _control = ControlServer::start(&control_path, commands)
+    let _control = ControlServer::start(&control_path, a.socket_mode, commands)
         .map_err(|e| format!("control socket: {e}"))?;
     serve(dev, live, listen, a.seccomp).map_err(|e| e.to_string())
 }

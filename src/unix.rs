@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use log::info;
 use thiserror::Error;
 
+use crate::denied;
+use crate::filemode::{self, SocketMode};
+
 #[derive(Debug, Error)]
 pub enum SocketError {
     #[error("socket {0} is in use by a running process; stop that process or choose another path")]
@@ -18,9 +21,9 @@ pub enum SocketError {
         "{0} exists and is not a socket; refusing to replace it. Remove it or choose another path"
     )]
     NotASocket(PathBuf),
-    #[error("cannot remove stale socket {path}: {source}")]
+    #[error("cannot remove stale socket {path}: {source}{}", denied::advice(.source, .path, denied::CREATE))]
     RemoveStale { path: PathBuf, source: io::Error },
-    #[error("cannot listen on {path}: {source}")]
+    #[error("cannot listen on {path}: {source}{}", denied::advice(.source, .path, denied::CREATE))]
     Listen { path: PathBuf, source: io::Error },
     #[error("descriptor {fd} is not a listening unix socket ({reason}); pass the descriptor of one (--fd, or systemd's socket activation), or use --socket PATH")]
     Inherited { fd: RawFd, reason: String },
@@ -28,8 +31,9 @@ pub enum SocketError {
 
 /// Where the vhost-user socket comes from.
 pub enum Listen {
-    /// Claim this path and listen on it; the socket file is removed at exit.
-    Path(PathBuf),
+    /// Claim this path and listen on it, the socket file made with this mode; the file is
+    /// removed at exit.
+    Path(PathBuf, SocketMode),
     /// A listening socket the process was handed (`--fd`, systemd socket activation); it is
     /// left as it is at exit, since whoever made it owns its file.
     Inherited(UnixListener),
@@ -39,7 +43,7 @@ impl Listen {
     /// The socket's path in the filesystem (None for an inherited socket that has none).
     pub fn path(&self) -> Option<PathBuf> {
         match self {
-            Listen::Path(p) => Some(p.clone()),
+            Listen::Path(p, _) => Some(p.clone()),
             Listen::Inherited(l) => l
                 .local_addr()
                 .ok()
@@ -50,7 +54,7 @@ impl Listen {
     /// The listener: claims and binds the path, or takes the inherited socket as it is.
     pub fn open(self) -> Result<UnixListener, SocketError> {
         match self {
-            Listen::Path(p) => listen(&p),
+            Listen::Path(p, mode) => listen(&p, mode),
             Listen::Inherited(l) => Ok(l),
         }
     }
@@ -126,10 +130,10 @@ pub fn claim_socket(path: &Path) -> Result<(), SocketError> {
     })
 }
 
-/// Claims `path` (see [`claim_socket`]) and listens on it.
-pub fn listen(path: &Path) -> Result<UnixListener, SocketError> {
+/// Claims `path` (see [`claim_socket`]) and listens on it, the socket file made with `mode`.
+pub fn listen(path: &Path, mode: SocketMode) -> Result<UnixListener, SocketError> {
     claim_socket(path)?;
-    UnixListener::bind(path).map_err(|source| SocketError::Listen {
+    filemode::bind_unix(path, mode).map_err(|source| SocketError::Listen {
         path: path.to_path_buf(),
         source,
     })

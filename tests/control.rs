@@ -118,6 +118,60 @@ fn bad_requests_get_named_errors_and_the_connection_stays_usable() {
     assert_eq!(v["return"]["state"], "waiting");
 }
 
+/// One request line on a raw control connection and its reply, parsed.
+fn exchange(w: &mut UnixStream, r: &mut BufReader<UnixStream>, line: &[u8]) -> serde_json::Value {
+    w.write_all(line).unwrap();
+    w.write_all(b"\n").unwrap();
+    let mut reply = String::new();
+    r.read_line(&mut reply).unwrap();
+    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("reply {reply:?}: {e}"))
+}
+
+/// The longest line the control socket takes (1 MiB).
+const MAX_LINE: usize = 1 << 20;
+
+#[test]
+fn bad_utf8_and_over_long_lines_get_errors_and_the_connection_stays_usable() {
+    let s = Server::start(4 * MIB, &[]);
+    let stream = UnixStream::connect(s.control()).unwrap();
+    let mut w = stream.try_clone().unwrap();
+    let mut r = BufReader::new(stream);
+    let status = br#"{"execute": "query-status"}"#;
+
+    let v = exchange(&mut w, &mut r, b"{\"execute\": \"query-\xff\xfestatus\"}");
+    assert_eq!(v["error"]["class"], "GenericError", "{v}");
+    let desc = v["error"]["desc"].as_str().unwrap();
+    assert!(
+        desc.contains("UTF-8") && desc.contains("offset 19"),
+        "{desc}"
+    );
+    assert_eq!(
+        exchange(&mut w, &mut r, status)["return"]["state"],
+        "waiting"
+    );
+
+    // A line of exactly the bound is taken (JSON allows the trailing spaces)...
+    let mut at_bound = status.to_vec();
+    at_bound.resize(MAX_LINE, b' ');
+    assert_eq!(
+        exchange(&mut w, &mut r, &at_bound)["return"]["state"],
+        "waiting"
+    );
+    // ... one byte more is refused, naming the bound, and so is a far longer one.
+    for len in [MAX_LINE + 1, 5 * MAX_LINE] {
+        let mut long = status.to_vec();
+        long.resize(len, b' ');
+        let v = exchange(&mut w, &mut r, &long);
+        assert_eq!(v["error"]["class"], "GenericError", "{v}");
+        let desc = v["error"]["desc"].as_str().unwrap();
+        assert!(desc.contains("longer than 1048576 bytes"), "{desc}");
+        assert_eq!(
+            exchange(&mut w, &mut r, status)["return"]["state"],
+            "waiting"
+        );
+    }
+}
+
 #[test]
 fn ctl_says_when_nothing_listens() {
     let dir = tempfile::tempdir().unwrap();

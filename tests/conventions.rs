@@ -4,9 +4,8 @@
 
 mod common;
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -24,28 +23,6 @@ fn image() -> (tempfile::TempDir, PathBuf) {
         .set_len(4 * MIB)
         .unwrap();
     (dir, img)
-}
-
-/// Gives the child `fd` as its descriptor 3 (where socket activation puts the first socket,
-/// and where `--fd 3` looks).
-fn pass_as_fd3(cmd: &mut Command, fd: RawFd) {
-    // SAFETY: dup2 and fcntl are async-signal-safe, and the closure touches nothing else
-    // between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            // dup2 clears close-on-exec on the copy; a descriptor that is 3 already keeps its
-            // flag, so clear it by hand.
-            let r = if fd == 3 {
-                libc::fcntl(3, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(fd, 3)
-            };
-            if r < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
 }
 
 fn spawn(cmd: &mut Command, dir: &Path) -> Child {

@@ -4,6 +4,7 @@
 mod common;
 
 use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
@@ -213,7 +214,7 @@ impl Loop {
             .args(["--find", "--show"])
             .arg(file)
             .output()
-            .expect("run losetup (this test needs root and util-linux)");
+            .expect("run losetup (this test needs util-linux)");
         assert!(
             out.status.success(),
             "losetup failed: {}",
@@ -229,19 +230,86 @@ impl Drop for Loop {
     }
 }
 
+/// The block device the test serves, and where to check what reached it.
+enum Device {
+    /// A loop device of the test's own over the file `backing`: needs root.
+    Own {
+        _lo: Loop,
+        dev: PathBuf,
+        backing: PathBuf,
+    },
+    /// `REMAPBLK_TEST_BLOCK_DEVICE`: a device this user may read and write (its contents are
+    /// lost), which is how the unprivileged run (`ci/unprivileged.sh`) gets one.
+    Given(PathBuf),
+}
+
+const BLOCK_DEVICE_ENV: &str = "REMAPBLK_TEST_BLOCK_DEVICE";
+
+impl Device {
+    fn get(dir: &Path, size: u64) -> Option<Device> {
+        if let Some(dev) = std::env::var_os(BLOCK_DEVICE_ENV) {
+            return Some(Device::Given(dev.into()));
+        }
+        if !privilege::is_root() {
+            return None;
+        }
+        let backing = dir.join("backing.img");
+        std::fs::File::create(&backing)
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+        let lo = Loop::attach(&backing);
+        Some(Device::Own {
+            dev: PathBuf::from(&lo.0),
+            _lo: lo,
+            backing,
+        })
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            Device::Own { dev, .. } => dev,
+            Device::Given(dev) => dev,
+        }
+    }
+
+    /// Where the data the server wrote must be found: under our own loop device, the file
+    /// beneath it (so the test sees it went through the device); else the device node.
+    fn contents(&self) -> &Path {
+        match self {
+            Device::Own { backing, .. } => backing,
+            Device::Given(dev) => dev,
+        }
+    }
+}
+
 #[test]
 fn block_device_as_image() {
     let dir = tempfile::tempdir().unwrap();
-    let backing = dir.path().join("backing.img");
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(16 * MIB)
-        .unwrap();
-    let lo = Loop::attach(&backing);
-    let dev = std::path::PathBuf::from(&lo.0);
+    let Some(device) = Device::get(dir.path(), 16 * MIB) else {
+        privilege::skip(
+            "block_device_as_image",
+            &format!("attaching a loop device needs root; as another user, set {BLOCK_DEVICE_ENV} to a block device of at least 4 MiB this user may read and write (and whose contents may be lost)"),
+        );
+        return;
+    };
+    let dev = device.path().to_path_buf();
+    // The size as the device node itself says (lseek to its end), not as remapblk asks it.
+    let size = {
+        use std::io::{Seek, SeekFrom};
+        let mut f =
+            std::fs::File::open(&dev).unwrap_or_else(|e| panic!("open {}: {e}", dev.display()));
+        f.seek(SeekFrom::End(0)).unwrap()
+    };
+    assert!(
+        size >= 4 * MIB,
+        "{} holds {size} bytes; the test needs 4 MiB",
+        dev.display()
+    );
 
     // A block device cannot be resized: a different --size is refused.
-    let (code, err) = serve_refused(&dev, &dir.path().join("x.sock"), &["--size", "32M"]);
+    let other = format!("{}M", size / MIB + 16);
+    let (code, err) = serve_refused(&dev, &dir.path().join("x.sock"), &["--size", &other]);
     assert_eq!(code, Some(1));
     assert!(err.contains("block device"), "{err}");
 
@@ -249,7 +317,7 @@ fn block_device_as_image() {
     let spare = dir.path().join("loop.spare");
     let s = Server::start_on(dir, dev, &["--spare", spare.to_str().unwrap()]);
     let mut c = s.client(1);
-    assert_eq!(c.capacity, 16 * MIB);
+    assert_eq!(c.capacity, size);
     fill(&mut c, 21, 0, 4 * MIB, CHUNK, 32);
     verify(&mut c, 21, 0, 4 * MIB, CHUNK, 32);
     assert_eq!(
@@ -268,5 +336,5 @@ fn block_device_as_image() {
     );
     assert!(c.read(0, MIB, CHUNK).unwrap().iter().all(|&b| b == 0));
     drop(c);
-    verify_file(&backing, 21, 0, MIB, CHUNK);
+    verify_file(device.contents(), 21, 0, MIB, CHUNK);
 }

@@ -42,6 +42,7 @@ use super::device::Device;
 use super::inflight::{log_used_ring, Gm, Phase};
 use super::live::Live;
 use super::session::Session;
+use crate::fdlimit::hint;
 use crate::virtio::config::WRITEBACK_OFFSET;
 use crate::virtio::ring::dirty_log::DirtyLog;
 use crate::virtio::ring::inflight::InflightRegion;
@@ -298,7 +299,7 @@ impl VhostUserBackendReqHandlerMut for Frontend {
             info!("frontend re-initialised the device on its connection (SET_OWNER again, as QEMU does on device_add); starting a fresh session");
             self.end_session("SET_OWNER again");
             self.start_session()
-                .map_err(|e| refuse(format!("cannot start a fresh session: {e}")))?;
+                .map_err(|e| refuse(format!("cannot start a fresh session: {e}{}", hint(&e))))?;
             // The connection's negotiation stays: apply it to the fresh rings.
             self.set_features(self.acked_features)?;
         }
@@ -310,7 +311,7 @@ impl VhostUserBackendReqHandlerMut for Frontend {
         self.end_session("RESET_OWNER");
         self.owned = false;
         self.start_session()
-            .map_err(|e| refuse(format!("cannot start a fresh session: {e}")))
+            .map_err(|e| refuse(format!("cannot start a fresh session: {e}{}", hint(&e))))
     }
 
     fn reset_device(&mut self) -> Result<()> {
@@ -603,7 +604,7 @@ impl VhostUserBackendReqHandlerMut for Frontend {
         let file = region
             .file()
             .try_clone()
-            .map_err(|e| refuse(format!("cannot share the inflight region: {e}")))?;
+            .map_err(|e| refuse(format!("cannot share the inflight region: {e}{}", hint(&e))))?;
         let reply = VhostUserInflight::new(region.mmap_size(), 0, num_queues, queue_size);
         info!("inflight tracking: a region for {num_queues} queues of {queue_size} entries");
         self.attach_inflight(region)?;

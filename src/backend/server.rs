@@ -3,19 +3,21 @@
 
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
 use log::{info, warn};
 use thiserror::Error;
+use vhost::vhost_user::message::MAX_ATTACHED_FD_ENTRIES;
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 
 use super::device::Device;
 use super::handler::Frontend;
 use super::inflight::Phase;
 use super::live::Live;
+use crate::fdlimit::{self, Acceptor, Reserve};
 use crate::io::EngineKind;
 use crate::sandbox::{self, Role, SandboxError};
 use crate::unix::{self, Listen, SocketError};
@@ -80,10 +82,10 @@ pub fn serve(
     let signals = SignalPipe::new().map_err(ServeError::Signals)?;
     let path = listen.path();
     // A socket we bound is ours to remove at exit; an inherited one belongs to whoever made it.
-    let owned = matches!(listen, Listen::Path(_))
+    let owned = matches!(listen, Listen::Path(..))
         .then(|| path.clone())
         .flatten();
-    let listener = listen.open()?;
+    let mut listener = Acceptor::new(listen.open()?);
     // Start-up is over: everything the process opens for writing is open.
     sandbox::lock_down(seccomp, dev.cfg.engine == EngineKind::IoUring)?;
     match &path {
@@ -92,16 +94,17 @@ pub fn serve(
     }
     let result = (|| -> Result<(), ServeError> {
         loop {
-            if unix::wait_any(&[listener.as_raw_fd(), signals.fd()]).map_err(ServeError::Poll)? == 1
-            {
+            if unix::wait_any(&[listener.fd(), signals.fd()]).map_err(ServeError::Poll)? == 1 {
                 info!("signal received while idle; exiting");
                 live.set_stopping();
                 return Ok(());
             }
             let frontend = match listener.accept() {
-                Ok((s, _)) => s,
+                Ok(s) => s,
                 Err(e) => {
-                    warn!("accept failed: {e}");
+                    if !e.is_repeat() {
+                        warn!("vhost-user socket: {e}");
+                    }
                     continue;
                 }
             };
@@ -124,7 +127,8 @@ pub fn serve(
 }
 
 /// Serves one frontend connection until it ends. Returns true when a signal asked the process
-/// to exit. A frontend that breaks the protocol gets its connection closed; the server goes on.
+/// to exit. A frontend that breaks the protocol, or that this process lacks the resources to
+/// serve (descriptors, a thread), gets its connection closed; the server goes on.
 fn serve_connection(
     dev: &Arc<Device>,
     live: &Arc<Live>,
@@ -133,15 +137,35 @@ fn serve_connection(
 ) -> Result<bool, ServeError> {
     info!("frontend connected");
     live.events.emit("connect", serde_json::json!({}));
-    let front_ctl = frontend.try_clone().map_err(ServeError::Poll)?;
-    let (done_rx, done_tx) = UnixStream::pair().map_err(ServeError::Poll)?;
+    // A handle to shut the connection down on a signal, and a pair whose end closes when the
+    // requests' thread is done.
+    let watch = frontend
+        .try_clone()
+        .and_then(|ctl| Ok((ctl, UnixStream::pair()?)));
+    let (front_ctl, (done_rx, done_tx)) = match watch {
+        Ok(w) => w,
+        Err(e) => {
+            connection_ended(
+                live,
+                Some(format!("cannot serve it: {e}{}", fdlimit::hint(&e))),
+            );
+            return Ok(false);
+        }
+    };
 
     thread::scope(|s| {
-        let requests = s.spawn(move || {
+        let requests = thread::Builder::new().spawn_scoped(s, move || {
             let end = handle_requests(dev, live, frontend);
             drop(done_tx);
             end
         });
+        let requests = match requests {
+            Ok(r) => r,
+            Err(e) => {
+                connection_ended(live, Some(format!("cannot start its thread: {e}")));
+                return Ok(false);
+            }
+        };
         let stop =
             unix::wait_any(&[done_rx.as_raw_fd(), signals.fd()]).map_err(ServeError::Poll)? == 1;
         if stop {
@@ -158,36 +182,61 @@ fn serve_connection(
         let end = requests
             .join()
             .map_err(|_| ServeError::Daemon("request handler thread panicked".to_string()))?;
-        match end {
-            None => {
-                info!("frontend disconnected");
-                live.events.emit("disconnect", serde_json::json!({}));
-            }
-            Some(e) => {
-                warn!("frontend connection closed: {e}");
-                live.events
-                    .emit("disconnect", serde_json::json!({ "error": e.to_string() }));
-            }
-        }
+        connection_ended(live, end);
         Ok(stop)
     })
 }
 
+/// Logs the end of a connection: a clean close (None) or why it was closed.
+fn connection_ended(live: &Live, end: Option<String>) {
+    match end {
+        None => {
+            info!("frontend disconnected");
+            live.events.emit("disconnect", serde_json::json!({}));
+        }
+        Some(e) => {
+            warn!("frontend connection closed: {e}");
+            live.events
+                .emit("disconnect", serde_json::json!({ "error": e }));
+        }
+    }
+}
+
 /// Answers the frontend's requests until it disconnects (None) or sends something refused
 /// (the reason). Either way the session is over and drained when this returns.
+///
+/// While the connection lives, as many descriptors as a message may carry are held in reserve
+/// and let go only while a message is received: a message whose descriptors found no room
+/// would lose them, and the vhost crate its framing (it reads on past the failed receive).
+/// When they cannot be taken again, the connection is closed with that reason.
 fn handle_requests(dev: &Arc<Device>, live: &Arc<Live>, frontend: UnixStream) -> Option<String> {
     sandbox::enter(Role::Session);
+    let mut reserve = match Reserve::take(frontend.as_fd(), MAX_ATTACHED_FD_ENTRIES) {
+        Ok(r) => r,
+        Err(e) => return Some(no_reserve(&e)),
+    };
     let handler = match Frontend::new(dev.clone(), live.clone()) {
         Ok(h) => Arc::new(Mutex::new(h)),
-        Err(e) => return Some(format!("cannot start serving it: {e}")),
+        Err(e) => return Some(format!("cannot start serving it: {e}{}", fdlimit::hint(&e))),
     };
     let mut requests = BackendReqHandler::from_stream(frontend, handler.clone());
     let end = loop {
+        reserve.release();
         match requests.handle_request() {
             Ok(()) => {}
             Err(VuError::Disconnected | VuError::PartialMessage) => break None,
             Err(VuError::SocketBroken(e)) if is_disconnect(&e) => break None,
+            // Descriptors the kernel could not hand over (a message's body that carries some,
+            // more than a message may carry) are dropped, and the receive says only ENOBUFS.
+            Err(VuError::SocketRetry(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                break Some(format!(
+                    "{e}: a message's file descriptors could not all be received: it carried more than a message may, or where it may not"
+                ))
+            }
             Err(e) => break Some(e.to_string()),
+        }
+        if let Err(e) = reserve.retake() {
+            break Some(no_reserve(&e));
         }
     };
     // The session ends here (drained), before the connection closes.
@@ -195,8 +244,16 @@ fn handle_requests(dev: &Arc<Device>, live: &Arc<Live>, frontend: UnixStream) ->
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .end_session("disconnect");
+    drop(reserve);
     drop(requests);
     end
+}
+
+fn no_reserve(e: &io::Error) -> String {
+    format!(
+        "cannot keep {MAX_ATTACHED_FD_ENTRIES} file descriptors free to receive its messages' descriptors: {e}{}",
+        fdlimit::hint(e)
+    )
 }
 
 fn is_disconnect(e: &io::Error) -> bool {

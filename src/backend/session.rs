@@ -95,16 +95,25 @@ impl Session {
         Ok(s)
     }
 
-    /// Starts one thread per queue. They run until [`Session::stop_threads`].
+    /// Starts one thread per queue. They run until [`Session::stop_threads`]. When one cannot
+    /// be started, those that were are ended again: nothing is left holding the session.
     pub fn spawn_threads(self: &Arc<Self>) -> io::Result<Vec<JoinHandle<()>>> {
-        (0..self.queues.len())
-            .map(|q| {
-                let s = self.clone();
-                std::thread::Builder::new()
-                    .name(format!("queue{q}"))
-                    .spawn(move || s.run(q))
-            })
-            .collect()
+        let mut threads = Vec::with_capacity(self.queues.len());
+        for q in 0..self.queues.len() {
+            let s = self.clone();
+            match std::thread::Builder::new()
+                .name(format!("queue{q}"))
+                .spawn(move || s.run(q))
+            {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    self.stop_threads();
+                    threads.into_iter().for_each(|t| drop(t.join()));
+                    return Err(e);
+                }
+            }
+        }
+        Ok(threads)
     }
 
     /// Asks every queue thread to end (after its current event).

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod commands;
+pub mod lines;
 pub mod protocol;
 pub mod server;
 

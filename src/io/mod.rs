@@ -12,6 +12,7 @@ mod iovec;
 mod null;
 mod sync;
 mod uring;
+mod uring_refused;
 
 use std::io;
 use std::os::fd::RawFd;

@@ -19,6 +19,7 @@ use log::{error, warn};
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag};
 
 use super::inline::{zero, Inline, Inlined};
+use super::uring_refused;
 use super::{Done, Engine, Job, Reaped, Started, Target};
 use crate::storage::{Dir, MapIo, Mapping, Pass, PerIo, Source};
 
@@ -30,7 +31,8 @@ const DROP_WAIT: Duration = Duration::from_secs(5);
 /// Whether this kernel lets us use io_uring with the operations the engine needs. The error
 /// says why not (io_uring disabled by sysctl or seccomp, kernel too old...).
 pub fn probe() -> io::Result<()> {
-    let ring = IoUring::new(8)?;
+    uring_refused::read_limits();
+    let ring = disabled_ring(8)?;
     let mut probe = io_uring::Probe::new();
     ring.submitter().register_probe(&mut probe)?;
     for (code, name) in [
@@ -47,8 +49,7 @@ pub fn probe() -> io::Result<()> {
             ));
         }
     }
-    drop(ring);
-    restricted_ring(8, None).map(drop).map_err(|e| {
+    restrict(&ring).map_err(|e| {
         io::Error::new(
             e.kind(),
             format!(
@@ -69,18 +70,20 @@ const OPS: [u8; 5] = [
     opcode::AsyncCancel::CODE,
 ];
 
-/// A ring of `entries` that accepts only [`OPS`] (without submission flags) and no further
-/// registrations, with `eventfd` signalled on completions.
-fn restricted_ring(entries: u32, eventfd: Option<RawFd>) -> io::Result<IoUring> {
-    let ring = IoUring::builder().setup_r_disabled().build(entries)?;
-    let submitter = ring.submitter();
-    if let Some(fd) = eventfd {
-        submitter.register_eventfd(fd)?;
-    }
+/// A ring of `entries` that takes nothing until [`restrict`] enables it.
+fn disabled_ring(entries: u32) -> io::Result<IoUring> {
+    IoUring::builder()
+        .setup_r_disabled()
+        .build(entries)
+        .map_err(uring_refused::explain)
+}
+
+/// Restricts a ring set up by [`disabled_ring`] to [`OPS`] (without submission flags) and no
+/// further registrations, and enables it.
+fn restrict(ring: &IoUring) -> io::Result<()> {
     let mut allow = OPS.map(Restriction::sqe_op);
-    submitter.register_restrictions(&mut allow)?;
-    submitter.register_enable_rings()?;
-    Ok(ring)
+    ring.submitter().register_restrictions(&mut allow)?;
+    ring.submitter().register_enable_rings()
 }
 
 /// A job on the ring.
@@ -130,7 +133,9 @@ impl UringEngine {
         // No SINGLE_ISSUER (a drain cancels from another thread) and no COOP_TASKRUN (the
         // worker sleeps in epoll and must be woken by every completion's eventfd).
         let (events, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
-        let ring = restricted_ring(entries, Some(notifier.as_raw_fd()))?;
+        let ring = disabled_ring(entries)?;
+        ring.submitter().register_eventfd(notifier.as_raw_fd())?;
+        restrict(&ring)?;
         // The kernel holds its own reference to the eventfd; the consumer end is ours.
         drop(notifier);
         Ok(UringEngine {
@@ -403,7 +408,8 @@ mod tests {
     /// no way around the seccomp sandbox.
     #[test]
     fn rings_refuse_operations_the_engine_does_not_submit() {
-        let mut ring = restricted_ring(8, None).unwrap();
+        let mut ring = disabled_ring(8).unwrap();
+        restrict(&ring).unwrap();
         let zero = std::fs::File::open("/dev/zero").unwrap();
         let mut buf = [1u8; 64];
         let read = opcode::Read::new(types::Fd(zero.as_raw_fd()), buf.as_mut_ptr(), 64)

@@ -4,7 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -14,11 +14,17 @@ use super::metadata::{
     Entry, Header, MetaError, PendingRecord, Slot, HEADER_LEN, PENDING_HEADER_LEN,
 };
 use super::mirror::Mirror;
+use crate::denied;
+use crate::filemode::PRIVATE_FILE;
 use crate::storage::{open_noatime, Extent, Source};
+
+/// What the user needs of a spare file it cannot open or create.
+const SPARE_NEEDS: &str = "read and write access to it, and to create it, write and search \
+     access to its directory";
 
 #[derive(Debug, Error)]
 pub enum SpareError {
-    #[error("spare file {path}: cannot {what}: {source}")]
+    #[error("spare file {path}: cannot {what}: {source}{}", denied::advice(.source, .path, SPARE_NEEDS))]
     Io {
         path: PathBuf,
         what: &'static str,
@@ -78,9 +84,14 @@ fn io_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> S
 }
 
 impl Spare {
+    /// Creates the spare file, readable by this process's user only: it holds guest data.
     pub fn create(path: &Path, header: Header) -> Result<Spare, SpareError> {
         let file = open_noatime(
-            OpenOptions::new().read(true).write(true).create_new(true),
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(PRIVATE_FILE),
             0,
             path,
         )

@@ -229,6 +229,17 @@ pub const GROUPS: &[Group] = &[
         )],
     },
     Group {
+        why: "who this process is, for the advice a permission error's message gives",
+        roles: ALL,
+        when: When::Always,
+        calls: &[
+            call!(SYS_getuid),
+            call!(SYS_geteuid),
+            call!(SYS_getgid),
+            call!(SYS_getegid),
+        ],
+    },
+    Group {
         why: "the descriptor limit, read (never set) for the message of an error that ran out \
               of descriptors",
         roles: ALL,

@@ -12,6 +12,7 @@ use thiserror::Error;
 
 use super::iov::{gather, scatter};
 use super::{open_noatime, BlockIo, Dir, Extent, MapIo, Mapping, Source};
+use crate::denied;
 
 /// `BLKGETSIZE64`, `_IOR(0x12, 114, size_t)`.
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -44,9 +45,9 @@ pub struct OpenOptions {
 
 #[derive(Debug, Error)]
 pub enum ImageError {
-    #[error("cannot open image {path}: {source}")]
+    #[error("cannot open image {path}: {source}{}", denied::advice(.source, .path, denied::READ_WRITE))]
     Open { path: PathBuf, source: io::Error },
-    #[error("cannot create image {path}: {source}")]
+    #[error("cannot create image {path}: {source}{}", denied::advice(.source, .path, denied::CREATE))]
     Create { path: PathBuf, source: io::Error },
     #[error("image {path} does not exist, and --readonly will not create it; create it first or drop --readonly")]
     MissingReadonly { path: PathBuf },

@@ -4,11 +4,14 @@
 #![allow(dead_code)]
 
 pub mod load;
+pub mod privilege;
 pub mod raw;
 
 use std::fs::File;
 use std::io::Read;
 use std::mem::MaybeUninit;
+use std::os::fd::RawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -24,6 +27,8 @@ pub struct Server {
     pub log: PathBuf,
     child: Option<Child>,
     args: Vec<String>,
+    /// The process's descriptor limit (RLIMIT_NOFILE), when the test sets one.
+    nofile: Option<u64>,
 }
 
 /// Runs `remapblk serve --image IMAGE --socket SOCKET EXTRA...` that is expected to stop at
@@ -42,6 +47,28 @@ pub fn serve_refused(image: &Path, socket: &Path, extra: &[&str]) -> (Option<i32
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Gives the child `fd` as its descriptor 3 (where socket activation puts the first socket,
+/// and where `--fd 3` looks).
+pub fn pass_as_fd3(cmd: &mut Command, fd: RawFd) {
+    // SAFETY: dup2 and fcntl are async-signal-safe, and the closure touches nothing else
+    // between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 clears close-on-exec on the copy; a descriptor that is 3 already keeps its
+            // flag, so clear it by hand.
+            let r = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Polls `cond` every few milliseconds until it holds or `deadline` passes.
@@ -66,7 +93,27 @@ impl Server {
         Self::start_on(dir, image, extra)
     }
 
+    /// As [`Server::start`], with the process's descriptor limit (RLIMIT_NOFILE, soft and
+    /// hard) set to `nofile`, as `prlimit --nofile` would.
+    pub fn start_with_fd_limit(size: u64, extra: &[&str], nofile: u64) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("disk.img");
+        File::create(&image)
+            .and_then(|f| f.set_len(size))
+            .expect("create image");
+        Self::start_inner(dir, image, extra, Some(nofile))
+    }
+
     pub fn start_on(dir: tempfile::TempDir, image: PathBuf, extra: &[&str]) -> Server {
+        Self::start_inner(dir, image, extra, None)
+    }
+
+    fn start_inner(
+        dir: tempfile::TempDir,
+        image: PathBuf,
+        extra: &[&str],
+        nofile: Option<u64>,
+    ) -> Server {
         let socket = dir.path().join("disk.sock");
         let log = dir.path().join("server.log");
         let mut args = vec![
@@ -84,6 +131,7 @@ impl Server {
             log,
             child: None,
             args,
+            nofile,
         };
         s.spawn();
         s
@@ -101,14 +149,29 @@ impl Server {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_remapblk"))
-            .args(&self.args)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_remapblk"));
+        cmd.args(&self.args)
             .env("RUST_LOG", "debug")
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn remapblk");
+            .stdin(Stdio::null());
+        if let Some(n) = self.nofile {
+            let limit = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: setrlimit is async-signal-safe and reads only `limit`, a copy the
+            // closure owns; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().expect("spawn remapblk");
         self.child = Some(child);
         let sock = self.socket.clone();
         let log_path = self.log.clone();
@@ -254,6 +317,26 @@ impl Drop for Server {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // A server starved of descriptors on purpose may fall back to sync for want of one
+        // (the fd-limit tests): that is what it should do there, not a test that lies.
+        if !std::thread::panicking() && self.nofile.is_none() {
+            assert_no_engine_fallback(&self.log());
+        }
+    }
+}
+
+/// A queue whose io_uring the kernel refused runs on the sync engine, with a warning, and
+/// serves as well: a test would pass while its io_uring run tested sync. A user without
+/// CAP_IPC_LOCK meets this when RLIMIT_MEMLOCK cannot hold the rings of all its servers.
+fn assert_no_engine_fallback(log: &str) {
+    if let Some(line) = log
+        .lines()
+        .find(|l| l.contains("cannot set up the io_uring engine"))
+    {
+        panic!(
+            "a queue fell back from io_uring to sync, so this run did not test io_uring: {line}\n\
+             raise the locked-memory limit (ulimit -l) or run with REMAPBLK_ENGINE=sync"
+        );
     }
 }
 

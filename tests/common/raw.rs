@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -87,6 +88,11 @@ impl RawGuest {
 
     /// Connects, and sends nothing yet.
     pub fn new(socket: &Path, queues: usize, qsize: u16) -> RawGuest {
+        Self::on_stream(UnixStream::connect(socket).unwrap(), queues, qsize)
+    }
+
+    /// As `new`, on a connection the caller made (say, with a read timeout).
+    pub fn on_stream(stream: UnixStream, queues: usize, qsize: u16) -> RawGuest {
         let file = memfd(MEM_SIZE);
         let mem = GuestMemoryMmap::from_ranges_with_files(&[(
             GuestAddress(0),
@@ -102,7 +108,7 @@ impl RawGuest {
                 avail: 0,
             })
             .collect();
-        let frontend = Frontend::connect(socket, queues as u64).unwrap();
+        let frontend = Frontend::from_stream(stream, queues as u64);
         RawGuest {
             mem,
             file,
