@@ -54,6 +54,7 @@ cp "$here/guest/init" "$stage/init"
 cp "$here"/guest/scenarios/*.sh "$stage/scenarios/"
 cp "$here"/guest/lib/*.sh "$stage/lib/"
 gcc -O2 -static -o "$stage/bin/blkzero" "$here/guest/blkzero.c"
+gcc -O2 -static -o "$stage/bin/incore" "$here/guest/incore.c"
 chmod +x "$stage/init" "$stage"/scenarios/*.sh
 (cd "$stage" && find . | cpio -o -H newc --quiet | gzip -1) > "$dir/initramfs.gz.tmp"
 mv "$dir/initramfs.gz.tmp" "$dir/initramfs.gz"
