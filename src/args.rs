@@ -8,6 +8,7 @@ use crate::backend::{MAX_NUM_QUEUES, MAX_QUEUE_SIZE};
 use crate::control::protocol::CommandName;
 use crate::filemode::SocketMode;
 use crate::io::EngineKind;
+use crate::sandbox;
 use crate::virtio::ID_BYTES;
 
 #[derive(Debug, Parser)]
@@ -217,6 +218,19 @@ pub struct ServeArgs {
     /// disconnect and drain, with a CLOCK_MONOTONIC timestamp (monotonic_ns).
     #[arg(long, value_name = "PATH")]
     pub event_log: Option<PathBuf>,
+
+    /// System call filter (seccomp), installed once the image, spare, sockets and event log
+    /// are open: on (a call outside the allow-list ends the process with SIGSYS and a line on
+    /// stderr naming it), log (such calls are allowed and the kernel logs them: dmesg, audit
+    /// type=1326), off. Also read from REMAPBLK_SECCOMP.
+    #[arg(
+        long,
+        value_name = "MODE",
+        value_enum,
+        default_value = "on",
+        env = "REMAPBLK_SECCOMP"
+    )]
+    pub seccomp: sandbox::Mode,
 }
 
 /// Parses `4096`, `512K`, `512M`, `20G`, `1T` (also `20GiB`, `20g`): binary units.
@@ -341,6 +355,9 @@ mod tests {
         assert_eq!(a.queue_size, 256);
         assert_eq!(a.block_size, 512);
         assert_eq!(a.drain_timeout_ms, 10_000);
+        if std::env::var_os("REMAPBLK_SECCOMP").is_none() {
+            assert_eq!(a.seccomp, sandbox::Mode::On);
+        }
         assert!(Cli::try_parse_from(["remapblk", "serve", "--num-queues", "17"]).is_err());
         assert!(Cli::try_parse_from(["remapblk", "serve", "--block-size", "1024"]).is_err());
         assert!(

@@ -14,6 +14,7 @@ pub mod handover;
 pub mod inline_vec;
 pub mod io;
 pub mod remap;
+pub mod sandbox;
 pub mod stats;
 pub mod storage;
 pub mod unix;

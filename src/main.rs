@@ -264,7 +264,7 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
     });
     let _control = ControlServer::start(&control_path, a.socket_mode, commands)
         .map_err(|e| format!("control socket: {e}"))?;
-    serve(dev, live, listen).map_err(|e| e.to_string())
+    serve(dev, live, listen, a.seccomp).map_err(|e| e.to_string())
 }
 
 /// Opens the image and attaches to it and to an existing spare file (see `handover`) before

@@ -18,6 +18,8 @@ use super::handler::Frontend;
 use super::inflight::Phase;
 use super::live::Live;
 use crate::fdlimit::{self, Acceptor, Reserve};
+use crate::io::EngineKind;
+use crate::sandbox::{self, Role, SandboxError};
 use crate::unix::{self, Listen, SocketError};
 
 #[derive(Debug, Error)]
@@ -32,6 +34,8 @@ pub enum ServeError {
     Poll(io::Error),
     #[error("final fdatasync of the image failed: {0}")]
     FinalFlush(io::Error),
+    #[error("{0}")]
+    Sandbox(#[from] SandboxError),
 }
 
 /// SIGINT and SIGTERM, turned into a readable fd so the accept loop can poll for them.
@@ -67,8 +71,14 @@ impl Drop for SignalPipe {
     }
 }
 
-/// Serves frontends on the socket `listen` names, one after another, until SIGINT or SIGTERM.
-pub fn serve(dev: Arc<Device>, live: Arc<Live>, listen: Listen) -> Result<(), ServeError> {
+/// Serves frontends on the socket `listen` names, one after another, until SIGINT or SIGTERM,
+/// under the system call filter `seccomp` (installed once the socket listens).
+pub fn serve(
+    dev: Arc<Device>,
+    live: Arc<Live>,
+    listen: Listen,
+    seccomp: sandbox::Mode,
+) -> Result<(), ServeError> {
     let signals = SignalPipe::new().map_err(ServeError::Signals)?;
     let path = listen.path();
     // A socket we bound is ours to remove at exit; an inherited one belongs to whoever made it.
@@ -76,6 +86,8 @@ pub fn serve(dev: Arc<Device>, live: Arc<Live>, listen: Listen) -> Result<(), Se
         .then(|| path.clone())
         .flatten();
     let mut listener = Acceptor::new(listen.open()?);
+    // Start-up is over: everything the process opens for writing is open.
+    sandbox::lock_down(seccomp, dev.cfg.engine == EngineKind::IoUring)?;
     match &path {
         Some(p) => info!("listening on {}", p.display()),
         None => info!("listening on an inherited socket"),
@@ -202,6 +214,7 @@ pub fn handle_requests(
     live: &Arc<Live>,
     frontend: UnixStream,
 ) -> Option<String> {
+    sandbox::enter(Role::Session);
     let mut reserve = match Reserve::take(frontend.as_fd(), MAX_ATTACHED_FD_ENTRIES) {
         Ok(r) => r,
         Err(e) => return Some(no_reserve(&e)),

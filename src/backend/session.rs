@@ -127,6 +127,7 @@ impl Session {
     /// Queue `q`'s thread: waits for a kick, a wake-up or engine completions, and hands each
     /// to the queue's worker.
     fn run(&self, q: usize) {
+        crate::sandbox::enter(crate::sandbox::Role::Worker);
         let mut events = [EpollEvent::default(); 4];
         loop {
             let n = match self.polls[q].wait(-1, &mut events) {

@@ -14,6 +14,7 @@ use super::lines::{Lines, MAX_LINE};
 use super::protocol::{parse_request, reply, CommandError};
 use crate::fdlimit::Acceptor;
 use crate::filemode::SocketMode;
+use crate::sandbox::{self, Role};
 use crate::unix::{self, SocketError};
 
 pub struct ControlServer {
@@ -33,7 +34,11 @@ impl ControlServer {
         thread::Builder::new()
             .name("control".to_string())
             .spawn(move || loop {
-                match listener.accept() {
+                let conn = listener.accept();
+                // Not at the thread's start: it starts before the process-wide filter, which
+                // must come first (see `sandbox`).
+                sandbox::enter(Role::Control);
+                match conn {
                     Ok(stream) => {
                         let commands = commands.clone();
                         let spawned = thread::Builder::new()

@@ -9,9 +9,11 @@
 //! unmap buffers the kernel is still filling.
 
 use std::io;
+use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
+use io_uring::register::Restriction;
 use io_uring::{opcode, squeue, types, IoUring};
 use log::{error, warn};
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag};
@@ -30,7 +32,7 @@ const DROP_WAIT: Duration = Duration::from_secs(5);
 /// says why not (io_uring disabled by sysctl or seccomp, kernel too old...).
 pub fn probe() -> io::Result<()> {
     uring_refused::read_limits();
-    let ring = IoUring::new(8).map_err(uring_refused::explain)?;
+    let ring = disabled_ring(8)?;
     let mut probe = io_uring::Probe::new();
     ring.submitter().register_probe(&mut probe)?;
     for (code, name) in [
@@ -47,7 +49,41 @@ pub fn probe() -> io::Result<()> {
             ));
         }
     }
-    Ok(())
+    restrict(&ring).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "the kernel's io_uring cannot restrict a ring's operations (Linux 5.10 can): {e}"
+            ),
+        )
+    })
+}
+
+/// The operations the engine submits, the only ones its rings accept: io_uring requests
+/// pass no seccomp filter, so a ring that took any (an openat, a connect) would be a way
+/// around the sandbox for whoever gets to write its submission queue.
+const OPS: [u8; 5] = [
+    opcode::Read::CODE,
+    opcode::Readv::CODE,
+    opcode::Write::CODE,
+    opcode::Writev::CODE,
+    opcode::AsyncCancel::CODE,
+];
+
+/// A ring of `entries` that takes nothing until [`restrict`] enables it.
+fn disabled_ring(entries: u32) -> io::Result<IoUring> {
+    IoUring::builder()
+        .setup_r_disabled()
+        .build(entries)
+        .map_err(uring_refused::explain)
+}
+
+/// Restricts a ring set up by [`disabled_ring`] to [`OPS`] (without submission flags) and no
+/// further registrations, and enables it.
+fn restrict(ring: &IoUring) -> io::Result<()> {
+    let mut allow = OPS.map(Restriction::sqe_op);
+    ring.submitter().register_restrictions(&mut allow)?;
+    ring.submitter().register_enable_rings()
 }
 
 /// A job on the ring.
@@ -73,7 +109,8 @@ unsafe impl Send for Slot {}
 
 pub struct UringEngine {
     target: Target,
-    ring: IoUring,
+    /// Dropped by hand: never while the kernel may still write into guest memory for it.
+    ring: ManuallyDrop<IoUring>,
     events: EventConsumer,
     slots: Vec<Option<Slot>>,
     free: Vec<u32>,
@@ -95,14 +132,15 @@ impl UringEngine {
         let entries = u32::from(queue_size).next_power_of_two().max(8);
         // No SINGLE_ISSUER (a drain cancels from another thread) and no COOP_TASKRUN (the
         // worker sleeps in epoll and must be woken by every completion's eventfd).
-        let ring = IoUring::new(entries).map_err(uring_refused::explain)?;
         let (events, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
+        let ring = disabled_ring(entries)?;
         ring.submitter().register_eventfd(notifier.as_raw_fd())?;
+        restrict(&ring)?;
         // The kernel holds its own reference to the eventfd; the consumer end is ours.
         drop(notifier);
         Ok(UringEngine {
             target,
-            ring,
+            ring: ManuallyDrop::new(ring),
             events,
             slots: Vec::new(),
             free: Vec::new(),
@@ -356,15 +394,49 @@ impl Drop for UringEngine {
                 self.queue, self.in_kernel, DROP_WAIT
             );
             std::mem::forget(std::mem::take(&mut self.slots));
-            // Closing the ring would let the kernel finish into memory we no longer track.
-            let ring = std::mem::replace(
-                &mut self.ring,
-                match IoUring::new(1) {
-                    Ok(r) => r,
-                    Err(_) => return,
-                },
-            );
-            std::mem::forget(ring);
+            // Closing the ring would let the kernel finish into memory we no longer track:
+            // it stays open, for good.
+            return;
         }
+        // SAFETY: the ring is not used again; this is the engine's drop.
+        unsafe { ManuallyDrop::drop(&mut self.ring) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The engine's rings take its operations and refuse every other (EACCES), so a ring is
+    /// no way around the seccomp sandbox.
+    #[test]
+    fn rings_refuse_operations_the_engine_does_not_submit() {
+        let mut ring = disabled_ring(8).unwrap();
+        restrict(&ring).unwrap();
+        let zero = std::fs::File::open("/dev/zero").unwrap();
+        let mut buf = [1u8; 64];
+        let read = opcode::Read::new(types::Fd(zero.as_raw_fd()), buf.as_mut_ptr(), 64)
+            .build()
+            .user_data(1);
+        let path = c"/tmp";
+        let open = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr())
+            .build()
+            .user_data(2);
+        let nop = opcode::Nop::new().build().user_data(3);
+        // One at a time: the kernel stops a batch at the first request it refuses.
+        let mut results = Vec::new();
+        for e in [read, open, nop] {
+            // SAFETY: the buffer and the path outlive the wait below.
+            unsafe { ring.submission().push(&e).unwrap() };
+            ring.submit_and_wait(1).unwrap();
+            results.extend(ring.completion().map(|c| (c.user_data(), c.result())));
+        }
+        assert_eq!(results, [(1, 64), (2, -libc::EACCES), (3, -libc::EACCES)]);
+        assert_eq!(buf, [0u8; 64]);
+        // Nor does it take registrations any more.
+        assert!(ring
+            .submitter()
+            .register_probe(&mut io_uring::Probe::new())
+            .is_err());
     }
 }

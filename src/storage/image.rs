@@ -17,9 +17,9 @@ use crate::denied;
 /// `BLKGETSIZE64`, `_IOR(0x12, 114, size_t)`.
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 /// `BLKDISCARD`, `_IO(0x12, 119)`.
-const BLKDISCARD: libc::c_ulong = 0x1277;
+pub const BLKDISCARD: libc::c_ulong = 0x1277;
 /// `BLKZEROOUT`, `_IO(0x12, 127)`.
-const BLKZEROOUT: libc::c_ulong = 0x127f;
+pub const BLKZEROOUT: libc::c_ulong = 0x127f;
 
 /// O_DIRECT wants memory, offsets and lengths aligned; 4096 covers every logical block size.
 const DIRECT_ALIGN: usize = 4096;

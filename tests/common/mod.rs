@@ -139,6 +139,7 @@ impl Server {
 
     /// (Re)starts the process with the same arguments and waits until it listens.
     pub fn spawn(&mut self) {
+        self.check_not_killed_by_seccomp();
         // Earlier runs' lines stay in the log; only what this run adds counts.
         let seen = std::fs::metadata(&self.log)
             .map(|m| m.len() as usize)
@@ -211,6 +212,24 @@ impl Server {
         });
         self.child = None;
         status.expect("exit status")
+    }
+
+    /// Fails the test if the process ended by SIGSYS: a system call outside the seccomp
+    /// allow-list (its log names the call), which would otherwise pass unseen in a test that
+    /// never asks how the server ended.
+    fn check_not_killed_by_seccomp(&mut self) {
+        use std::os::unix::process::ExitStatusExt;
+        if self.try_wait().and_then(|st| st.signal()) == Some(libc::SIGSYS) {
+            self.child = None;
+            panic!(
+                "the server was killed by its seccomp filter: {}",
+                self.log()
+                    .lines()
+                    .filter(|l| l.contains("seccomp"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
     }
 
     pub fn is_alive(&mut self) -> bool {
@@ -290,6 +309,9 @@ impl Drop for Server {
             for l in tail.iter().rev() {
                 eprintln!("{l}");
             }
+        }
+        if !std::thread::panicking() {
+            self.check_not_killed_by_seccomp();
         }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

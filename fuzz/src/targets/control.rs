@@ -231,10 +231,11 @@ fn socket() -> &'static PathBuf {
             let dir = scratch::dir().join("control-socket");
             let _ = std::fs::create_dir_all(&dir);
             let path = dir.join("ctl.sock");
-            let server = match ControlServer::start(&path, Arc::new(commands(&dir))) {
-                Ok(s) => s,
-                Err(e) => panic!("cannot start the control socket: {e}"),
-            };
+            let server =
+                match ControlServer::start(&path, Default::default(), Arc::new(commands(&dir))) {
+                    Ok(s) => s,
+                    Err(e) => panic!("cannot start the control socket: {e}"),
+                };
             (path, server)
         })
         .0
