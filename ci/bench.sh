@@ -265,15 +265,18 @@ run_one() {
 }
 
 # start_pair LOAD: starts both sides' servers of an interleaved load, each in its own directory.
-# Under a read load both read one fresh copy of the seed: two copies can differ by more than
-# what is measured (how the page cache holds each), and that would stay for every pair.
+# Under a read load both read one fresh copy of the seed (two copies can differ by more than
+# what is measured: how the page cache holds each), unless both sides are remapblk: two
+# remapblk processes may not open one image (it is locked), so they get a copy each.
 start_pair() {
     local name rw bs qd queues a b side kind share=""
     IFS='|' read -r name rw bs qd queues a b _ <<<"$1"
     for side in A B; do
         kind=$(side_backend "$side" "$a" "$b")
         RUN_DIR=$OUT/run-$side SHARE_IMAGE=$share start_server "$kind" "$queues"
-        if [[ $rw == *read ]]; then share=$OUT/run-A/disk.img; fi
+        if [[ $rw == *read && $(side_backend B "$a" "$b") != remapblk* ]]; then
+            share=$OUT/run-A/disk.img
+        fi
         PAIR_PID[$side]=$SERVER_PID PAIR_SOCK[$side]=$SOCK PAIR_DIR[$side]=$OUT/run-$side
         SERVER_PID=""
     done
