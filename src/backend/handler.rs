@@ -225,6 +225,18 @@ impl Frontend {
         Ok(())
     }
 
+    /// The queues and queue size a GET/SET_INFLIGHT_FD asks for, if the device has them.
+    fn check_inflight_shape(&self, inflight: &VhostUserInflight) -> Result<(u16, u16)> {
+        let (num_queues, queue_size) = (inflight.num_queues, inflight.queue_size);
+        let (max_q, max_size) = (self.dev.cfg.num_queues, self.dev.cfg.queue_size);
+        if num_queues == 0 || num_queues > max_q || queue_size == 0 || queue_size > max_size {
+            return Err(refuse(format!(
+                "inflight region for {num_queues} queues of {queue_size} entries refused: the device has up to {max_q} queues of up to {max_size}"
+            )));
+        }
+        Ok((num_queues, queue_size))
+    }
+
     fn attach_inflight(&self, region: InflightRegion) -> Result<()> {
         self.quiet("inflight region change")?;
         let s = self.s()?;
@@ -592,13 +604,7 @@ impl VhostUserBackendReqHandlerMut for Frontend {
         &mut self,
         inflight: &VhostUserInflight,
     ) -> Result<(VhostUserInflight, File)> {
-        let (num_queues, queue_size) = (inflight.num_queues, inflight.queue_size);
-        let (max_q, max_size) = (self.dev.cfg.num_queues, self.dev.cfg.queue_size);
-        if num_queues == 0 || num_queues > max_q || queue_size == 0 || queue_size > max_size {
-            return Err(refuse(format!(
-                "inflight region for {num_queues} queues of {queue_size} entries refused: the device has up to {max_q} queues of up to {max_size}"
-            )));
-        }
+        let (num_queues, queue_size) = self.check_inflight_shape(inflight)?;
         let region = InflightRegion::create(num_queues, queue_size)
             .map_err(|e| refuse(format!("cannot create the inflight region: {e}")))?;
         let file = region
@@ -612,13 +618,7 @@ impl VhostUserBackendReqHandlerMut for Frontend {
     }
 
     fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> Result<()> {
-        let (num_queues, queue_size) = (inflight.num_queues, inflight.queue_size);
-        let (max_q, max_size) = (self.dev.cfg.num_queues, self.dev.cfg.queue_size);
-        if num_queues == 0 || num_queues > max_q || queue_size == 0 || queue_size > max_size {
-            return Err(refuse(format!(
-                "inflight region for {num_queues} queues of {queue_size} entries refused: the device has up to {max_q} queues of up to {max_size}"
-            )));
-        }
+        let (num_queues, queue_size) = self.check_inflight_shape(inflight)?;
         let region = InflightRegion::open(
             file,
             inflight.mmap_size,
