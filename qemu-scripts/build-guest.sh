@@ -11,8 +11,15 @@ dir=${REMAPBLK_GUEST_DIR:-$root/target/guest}
 mkdir -p "$dir"
 "$here/ensure-packages.sh"
 
-# Kernel and modules.
-if [ ! -f "$dir/vmlinuz" ] || [ ! -d "$dir/modules" ]; then
+# Kernel and modules: the virtio ones init loads, and ext4 with what it needs (loaded by the
+# crash-lab scenarios; the Debian kernel's ext4 also mounts ext2). Fetched again when one is
+# missing, as after this list grew.
+modules="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk crc16 mbcache jbd2 crc32c_generic ext4"
+have_modules() {
+    local m
+    for m in $modules; do [ -f "$dir/modules/$m.ko" ] || return 1; done
+}
+if [ ! -f "$dir/vmlinuz" ] || ! have_modules; then
     pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
     if [ -z "$pkg" ]; then
         apt-get update -qq
@@ -25,7 +32,7 @@ if [ ! -f "$dir/vmlinuz" ] || [ ! -d "$dir/modules" ]; then
     (cd "$dir/dl" && apt-get download "$pkg" 2>/dev/null)
     dpkg -x "$dir"/dl/*.deb "$dir/kernel"
     mkdir -p "$dir/modules"
-    for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+    for m in $modules; do
         f=$(find "$dir/kernel/lib/modules" -name "$m.ko*" | head -n 1)
         [ -n "$f" ] || { echo "build-guest: module $m not in $pkg" >&2; exit 1; }
         case "$f" in
@@ -40,7 +47,7 @@ if [ ! -f "$dir/vmlinuz" ] || [ ! -d "$dir/modules" ]; then
 fi
 
 # Initramfs: rebuilt only when its inputs change.
-stamp=$(cat "$here/build-guest.sh" "$here"/guest/init "$here"/guest/lib/*.sh "$here"/guest/*.c "$here"/guest/scenarios/*.sh /bin/busybox | sha256sum | cut -c1-16)
+stamp=$(cat "$here/build-guest.sh" /sbin/mke2fs /sbin/e2fsck "$here"/guest/init "$here"/guest/lib/*.sh "$here"/guest/*.c "$here"/guest/scenarios/*.sh /bin/busybox | sha256sum | cut -c1-16)
 if [ -f "$dir/initramfs.gz" ] && [ "$(cat "$dir/initramfs.stamp" 2>/dev/null)" = "$stamp" ]; then
     exit 0
 fi
@@ -53,6 +60,17 @@ cp "$dir"/modules/*.ko "$stage/modules/"
 cp "$here/guest/init" "$stage/init"
 cp "$here"/guest/scenarios/*.sh "$stage/scenarios/"
 cp "$here"/guest/lib/*.sh "$stage/lib/"
+# mke2fs and e2fsck with the libraries they load, for the scenarios that make and check file
+# systems inside the guest.
+for bin in /sbin/mke2fs /sbin/e2fsck; do
+    cp "$bin" "$stage/sbin/"
+    ldd "$bin" | awk '/=> \// {print $3} /^\t\/lib/ {print $1}' | while read -r lib; do
+        mkdir -p "$stage$(dirname "$lib")"
+        cp -L "$lib" "$stage$lib"
+    done
+done
+ln -s mke2fs "$stage/sbin/mkfs.ext4"
+ln -s mke2fs "$stage/sbin/mkfs.ext2"
 gcc -O2 -static -o "$stage/bin/blkzero" "$here/guest/blkzero.c"
 gcc -O2 -static -o "$stage/bin/incore" "$here/guest/incore.c"
 chmod +x "$stage/init" "$stage"/scenarios/*.sh
