@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the guest tests need when they are missing: QEMU, busybox, cpio,
-# and gcc for the guest's small static helper. Never skips: a missing package is installed or
-# this fails loudly.
+# Installs the Debian packages the tests need when they are missing: for the guest, QEMU,
+# busybox, cpio and gcc (the guest's small static helper); xfsprogs for the overlay's reflink
+# test. Never skips: a missing package is installed or this fails loudly.
 set -euo pipefail
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
@@ -10,6 +10,8 @@ command -v cpio >/dev/null || need+=(cpio)
 command -v gcc >/dev/null || need+=(gcc)
 [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
 command -v python3 >/dev/null || need+=(python3)
+# tests/overlay.rs makes a loop-mounted XFS with reflinks for the overlay's reflink mode.
+command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
 if [ ${#need[@]} -gt 0 ]; then
     echo "ensure-packages: installing ${need[*]}"
     if [ "$(id -u)" -ne 0 ]; then

@@ -21,7 +21,10 @@ struct Lab {
 
 impl Lab {
     fn new() -> Lab {
-        let dir = tempfile::tempdir().unwrap();
+        Lab::on(tempfile::tempdir().unwrap())
+    }
+
+    fn on(dir: tempfile::TempDir) -> Lab {
         let image = dir.path().join("disk.img");
         std::fs::write(&image, pattern(1, 0, SIZE as usize)).unwrap();
         let overlay = dir.path().join("overlay");
@@ -42,14 +45,23 @@ impl Lab {
         Server::start_on(tempfile::tempdir().unwrap(), self.image.clone(), &args)
     }
 
-    fn serve_overlaid(&self) -> Server {
+    /// A server with `--overlay`, which must have picked `mode`.
+    fn serve_in_mode(&self, mode: &str) -> Server {
         let s = self.serve(&["--overlay", self.overlay.to_str().unwrap()]);
         let st = s.ctl_ok("query-status", &[]);
-        let mode = st["overlay"]["mode"].as_str().unwrap().to_string();
-        // tmpfs and ext4 (where the tests run) share no extents; XFS with reflink does.
-        assert!(mode == "map" || mode == "reflink", "{st}");
+        assert_eq!(st["overlay"]["mode"], mode, "{st}");
         assert_eq!(st["overlay"]["blocks"], 0, "{st}");
+        assert!(
+            s.log().contains(&format!("({mode}), spare copy")),
+            "the banner says which"
+        );
         s
+    }
+
+    /// A server with `--overlay` on the test directory's filesystem: tmpfs and ext4, where
+    /// the tests run, share no extents (the reflink mode has its test on XFS, below).
+    fn serve_overlaid(&self) -> Server {
+        self.serve_in_mode("map")
     }
 }
 
@@ -277,4 +289,128 @@ fn the_image_stays_locked_under_an_overlay() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("in use by process"), "{err}");
     stop(s);
+}
+
+/// Many writes at once on several queues (mapped writes on io_uring, marked at `end_io`),
+/// every one read back, then a reset under a connected client.
+#[test]
+fn parallel_writes_read_back_and_reset_drops_them_all() {
+    let lab = Lab::new();
+    let base = file(&lab.image);
+    let events = lab.dir.path().join("events");
+    let s = lab.serve(&[
+        "--overlay",
+        lab.overlay.to_str().unwrap(),
+        "--num-queues",
+        "2",
+        "--event-log",
+        events.to_str().unwrap(),
+    ]);
+    let mut c = s.client(2);
+    fill(&mut c, 8, 0, SIZE, 64 << 10, 16);
+    verify(&mut c, 8, 0, SIZE, 64 << 10, 16);
+    assert!(file(&lab.image) == base);
+    let r = s.ctl_ok("overlay-reset", &[]);
+    assert_eq!(r["blocks"], SIZE / 512, "{r}");
+    assert!(read_all(&mut c) == base);
+    let log = std::fs::read_to_string(&events).unwrap();
+    let ev: serde_json::Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["event"] == "overlay-reset")
+        .unwrap_or_else(|| panic!("no overlay-reset event in {log}"));
+    assert_eq!(
+        (&ev["ok"], &ev["blocks"]),
+        (&true.into(), &(SIZE / 512).into()),
+        "{ev}"
+    );
+}
+
+/// A loop-mounted XFS with reflinks, unmounted when dropped; None (the reason printed) where
+/// one cannot be made: not root, no mkfs.xfs (Debian's xfsprogs), no loop device.
+struct Xfs {
+    _dir: tempfile::TempDir,
+    mnt: PathBuf,
+}
+
+impl Xfs {
+    fn mount() -> Option<Xfs> {
+        use std::process::Command;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: mounting an XFS image needs root");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("xfs.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(320 * MIB)
+            .unwrap();
+        let run = |cmd: &mut Command| match cmd.output() {
+            Ok(o) if o.status.success() => Ok(()),
+            Ok(o) => Err(String::from_utf8_lossy(&o.stderr).into_owned()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = run(Command::new("mkfs.xfs")
+            .args(["-q", "-m", "reflink=1"])
+            .arg(&img))
+        {
+            eprintln!("skipped: mkfs.xfs -m reflink=1 failed (install xfsprogs): {e}");
+            return None;
+        }
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        if let Err(e) = run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt))
+        {
+            eprintln!("skipped: cannot loop-mount the XFS image: {e}");
+            return None;
+        }
+        Some(Xfs { _dir: dir, mnt })
+    }
+}
+
+impl Drop for Xfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.mnt).status();
+    }
+}
+
+#[test]
+fn on_a_filesystem_with_reflinks_the_overlay_is_a_clone() {
+    let Some(xfs) = Xfs::mount() else { return };
+    {
+        let lab = Lab::on(tempfile::tempdir_in(&xfs.mnt).unwrap());
+        let base = file(&lab.image);
+        let s = lab.serve_in_mode("reflink");
+        let mut c = s.client(1);
+        s.ctl_ok("remap-add", &["lba=30"]);
+        let want = scribble(&mut c, 11, &base);
+        assert!(read_all(&mut c) == want);
+        assert!(file(&lab.image) == base);
+        let r = s.ctl_ok("overlay-reset", &[]);
+        assert_eq!(
+            (&r["remaps_before"], &r["remaps_after"]),
+            (&1.into(), &0.into()),
+            "{r}"
+        );
+        assert!(read_all(&mut c) == base);
+        let want = scribble(&mut c, 12, &base);
+        s.ctl_ok("overlay-commit", &[]);
+        assert!(
+            file(&lab.image) == want,
+            "the commit cloned the overlay onto the image"
+        );
+        drop(c);
+        stop(s);
+        let s = lab.serve(&[]);
+        let mut c = s.client(1);
+        assert!(read_all(&mut c) == want);
+        drop(c);
+        stop(s);
+    }
+    drop(xfs);
 }
