@@ -233,6 +233,12 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
     let handover = Handover::new(mode, image_lock, spare_lock, remap.clone())
         .map_err(|e| e.to_string())?
         .with_events(events.clone());
+    // A migration would hand over the image without the overlay: the guest's disk stays here.
+    let handover = if a.overlay.is_some() {
+        handover.never_yield()
+    } else {
+        handover
+    };
     if mode == Mode::Incoming {
         info!(
             "waiting to take over {} and {} when the frontend starts the rings (serve --incoming)",
