@@ -133,6 +133,11 @@ fn writes_go_to_the_overlay_and_reset_brings_the_image_back() {
     assert!(file(&lab.image) == base, "the image is still untouched");
     assert_eq!(s.ctl_ok("query-status", &[])["overlay"]["blocks"], 0);
     assert_eq!(s.ctl_ok("query-status", &[])["state"], "running", "resumed");
+    // A device quiesced by hand stays quiesced across a reset.
+    s.ctl_ok("quiesce", &[]);
+    s.ctl_ok("overlay-reset", &[]);
+    assert_eq!(s.ctl_ok("query-status", &[])["state"], "quiesced");
+    s.ctl_ok("resume", &[]);
 
     // Again, with other data: a reset is not a one-off.
     let want = scribble(&mut c, 3, &base);
@@ -413,4 +418,65 @@ fn on_a_filesystem_with_reflinks_the_overlay_is_a_clone() {
         stop(s);
     }
     drop(xfs);
+}
+
+/// A reset while the guest writes: the queues quiesce around it (the writes wait, none
+/// fails), every block then reads as the image's or as written, and every write that started
+/// after the reset had returned is there.
+#[test]
+fn a_reset_under_writes_fails_none_and_keeps_those_after_it() {
+    use std::time::Instant;
+    let lab = Lab::new();
+    let base = file(&lab.image);
+    let s = lab.serve_overlaid();
+    let mut c = s.client(1);
+    let blocks = SIZE / 4096;
+    let mut started = Vec::new();
+    let written = std::sync::atomic::AtomicU64::new(0);
+    let reset_done = std::thread::scope(|scope| {
+        let t = scope.spawn(|| {
+            // Into the stream of writes, not before it.
+            wait_until("writes under way", Duration::from_secs(10), || {
+                written.load(std::sync::atomic::Ordering::Relaxed) >= 100
+            });
+            s.ctl_ok("overlay-reset", &[]);
+            Instant::now()
+        });
+        let mut i = 0u64;
+        // Writes go on until the reset is over, and a while after it.
+        let mut after = 0;
+        while after < 200 {
+            let off = (i % blocks) * 4096;
+            started.push((off, Instant::now()));
+            assert_eq!(
+                c.write(0, off, &pattern(21, off, 4096)),
+                0,
+                "write {i} failed"
+            );
+            written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if t.is_finished() {
+                after += 1;
+            }
+            i += 1;
+        }
+        t.join().unwrap()
+    });
+    let now = read_all(&mut c);
+    let mut last_start = vec![None; blocks as usize];
+    for (off, at) in &started {
+        last_start[(off / 4096) as usize] = Some(*at);
+    }
+    for (b, last) in last_start.iter().enumerate() {
+        let range = b * 4096..(b + 1) * 4096;
+        let written = pattern(21, range.start as u64, 4096);
+        let got = &now[range.clone()];
+        match *last {
+            Some(at) if at > reset_done => {
+                assert!(got == written, "block {b}: a write after the reset is lost")
+            }
+            Some(_) => assert!(got == written || got == &base[range], "block {b}: neither"),
+            None => assert!(got == &base[range], "block {b} was never written"),
+        }
+    }
+    assert!(file(&lab.image) == base);
 }
