@@ -480,3 +480,20 @@ fn a_reset_under_writes_fails_none_and_keeps_those_after_it() {
     }
     assert!(file(&lab.image) == base);
 }
+
+/// What an overlay held when its server stopped is gone at the next start, remaps too.
+#[test]
+fn every_start_begins_with_an_empty_overlay() {
+    let lab = Lab::new();
+    let base = file(&lab.image);
+    let s = lab.serve_overlaid();
+    let mut c = s.client(1);
+    s.ctl_ok("remap-add", &["lba=3"]);
+    scribble(&mut c, 13, &base);
+    drop(c);
+    stop(s);
+    let s = lab.serve_overlaid();
+    assert!(s.remapped_lbas().is_empty());
+    let mut c = s.client(1);
+    assert!(read_all(&mut c) == base);
+}

@@ -270,12 +270,16 @@ impl Overlay {
                 (&spare.copy, "spare file"),
             ],
         )?;
+        // Emptied first: a clone does not shorten a longer file, and a sparse overlay must
+        // hold nothing of a previous run.
+        file.set_len(0)
+            .map_err(io_err("empty the overlay file", path))?;
         let kind = match files::reflink(&file, base.file()) {
             Ok(()) => Kind::Reflink,
             Err(e) if files::no_reflink(&e) => {
-                // Empty and sparse: every block reads from the image until written.
-                let size = |f: &File| f.set_len(0).and_then(|()| f.set_len(image.size()));
-                size(&file).map_err(io_err("size the overlay file", path))?;
+                // Sparse: every block reads from the image until written.
+                file.set_len(image.size())
+                    .map_err(io_err("size the overlay file", path))?;
                 Kind::Map
             }
             Err(e) => return Err(io_err("clone the image to", path)(e)),
@@ -331,12 +335,12 @@ impl Overlay {
     pub fn reset(&self) -> io::Result<Applied> {
         let _one = self.busy.lock().unwrap_or_else(|p| p.into_inner());
         let blocks = self.map.held();
+        self.map.clear();
         match self.kind {
             Kind::Reflink => files::reflink(self.upper.file(), self.base.file())?,
             // Punched only to give the space back: the map alone decides what is read.
             Kind::Map => drop(files::punch(self.upper.file(), 0, self.upper.size())),
         }
-        self.map.clear();
         self.spare.revert()?;
         self.resets.fetch_add(1, Ordering::Relaxed);
         Ok(Applied {
