@@ -13,6 +13,10 @@ cargo fmt --all --check
 step "cargo clippy --workspace"
 cargo clippy --workspace --all-targets -- -D warnings
 
+# Packages some integration tests need too (mkfs.xfs for the overlay's reflink test).
+step "packages"
+qemu-scripts/ensure-packages.sh
+
 step "cargo test --workspace (io_uring engine)"
 REMAPBLK_ENGINE=io_uring cargo test --workspace --all-targets 2>&1
 

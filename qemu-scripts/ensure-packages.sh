@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the guest tests need when they are missing: QEMU, busybox, cpio,
-# gcc for the guest's small static helper, and e2fsprogs. Never skips: a missing package is
+# Installs the Debian packages the tests need when they are missing: for the guest, QEMU,
+# busybox, cpio and gcc (the guest's small static helper); e2fsprogs for the crash-lab
+# scenarios; xfsprogs for the overlay's reflink test. Never skips: a missing package is
 # installed or this fails loudly.
 set -euo pipefail
 need=()
@@ -12,6 +13,8 @@ command -v gcc >/dev/null || need+=(gcc)
 command -v python3 >/dev/null || need+=(python3)
 # mkfs.ext4 and e2fsck on the host, and copied into the guest, for the crash-lab scenarios.
 { [ -x /sbin/mke2fs ] && [ -x /sbin/e2fsck ]; } || need+=(e2fsprogs)
+# tests/overlay.rs makes a loop-mounted XFS with reflinks for the overlay's reflink mode.
+command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
 if [ ${#need[@]} -gt 0 ]; then
     echo "ensure-packages: installing ${need[*]}"
     if [ "$(id -u)" -ne 0 ]; then

@@ -535,6 +535,43 @@ def scenario_remap(ctx, off_mib=4):
     ctx.finish_guest()
 
 
+def scenario_overlay(ctx, off_mib=4):
+    """serve --overlay: a guest's writes never reach the image; after overlay-reset the next
+    boot reads the image's data again; after overlay-commit the image holds the guest's."""
+    with open(ctx.image, "r+b") as f:
+        f.seek(off_mib * MIB)
+        f.write(os.urandom(MIB))
+    size = os.path.getsize(ctx.image)
+    before = md5_of(ctx.image, 0, size)
+    base = md5_of(ctx.image, off_mib * MIB, MIB)
+    ctx.start_server("--overlay", os.path.join(ctx.workdir, "overlay"))
+
+    def boot(mode, marker):
+        g = ctx.boot("overlay", args=f"off={off_mib},mode={mode}")
+        line = g.expect(marker, 120)
+        ctx.finish_guest()
+        return line.split()[-1]
+
+    def ctl(name):
+        subprocess.run([ctx.binary, "ctl", "--control", ctx.socket + ".ctl", name],
+                       capture_output=True, text=True, check=True)
+
+    boot("write", "WRITTEN")
+    if md5_of(ctx.image, 0, size) != before:
+        raise ScenarioError("the guest's write reached the image under --overlay")
+    ctl("overlay-reset")
+    if md5_of(ctx.image, 0, size) != before:
+        raise ScenarioError("overlay-reset changed the image")
+    if boot("read", "READ") != base:
+        raise ScenarioError("the guest booted after overlay-reset does not read the image's data")
+    written = boot("write", "WRITTEN")
+    ctl("overlay-commit")
+    if md5_of(ctx.image, off_mib * MIB, MIB) != written:
+        raise ScenarioError("overlay-commit did not put the guest's data into the image")
+    if ctx.server.stop() != 0:
+        raise ScenarioError("remapblk did not exit 0 on SIGTERM")
+
+
 def no_io_errors(*guests):
     """The guest kernel logged no I/O error on the console (it prints them at loglevel 4)."""
     for g in guests:
@@ -772,6 +809,7 @@ SCENARIOS = [
     ("backend-restart", scenario_backend_restart),
     ("read-fault", scenario_read_fault),
     ("remap", scenario_remap),
+    ("overlay", scenario_overlay),
     ("reconnect-under-io", scenario_reconnect_under_io),
     ("migrate", scenario_migrate),
     ("save-restore", scenario_save_restore),

@@ -214,6 +214,15 @@ pub struct ServeArgs {
     #[arg(long, conflicts_with = "size")]
     pub incoming: bool,
 
+    /// Keep the image (and spare file) as they are: every guest write, and every change the
+    /// remap layer makes, goes to a copy-on-write overlay at PATH (a reflinked clone where the
+    /// filesystem offers FICLONE, else a sparse file and a block map) and the spare's copy at
+    /// PATH.spare. Emptied at every start; `ctl overlay-reset` drops the changes,
+    /// `ctl overlay-commit` writes them into the image. Not with --readonly (nothing to keep),
+    /// --incoming (a migration would carry the image, not the overlay) or --direct.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["readonly", "incoming", "direct"])]
+    pub overlay: Option<PathBuf>,
+
     /// Append one JSON object per line for every fault that fires, quiesce, resume, connect,
     /// disconnect and drain, with a CLOCK_MONOTONIC timestamp (monotonic_ns).
     #[arg(long, value_name = "PATH")]

@@ -381,6 +381,9 @@ pub struct Handover {
     inner: Mutex<Inner>,
     claim_wait: Duration,
     events: Arc<EventLog>,
+    /// Never yield (`serve --overlay`: the guest's data is in an overlay that a process
+    /// taking over the image would not see).
+    keep: bool,
 }
 
 impl Handover {
@@ -396,6 +399,7 @@ impl Handover {
             }),
             claim_wait: CLAIM_WAIT,
             events: Arc::new(EventLog::disabled()),
+            keep: false,
         }
     }
 
@@ -431,6 +435,7 @@ impl Handover {
             inner: Mutex::new(Inner { phase, other: None }),
             claim_wait: CLAIM_WAIT,
             events: Arc::new(EventLog::disabled()),
+            keep: false,
         })
     }
 
@@ -438,6 +443,13 @@ impl Handover {
     /// [`CLAIM_WAIT`]).
     pub fn with_claim_wait(mut self, wait: Duration) -> Handover {
         self.claim_wait = wait;
+        self
+    }
+
+    /// A writer that never yields, whoever waits: the files do not hold the guest's data
+    /// (`serve --overlay`), so a process taking them over would serve a stale disk.
+    pub fn never_yield(mut self) -> Handover {
+        self.keep = true;
         self
     }
 
@@ -574,6 +586,10 @@ impl Handover {
             .waited()
             .and_then(|w| Ok(w || files.spare.waited()?));
         match waited {
+            Ok(true) if self.keep => {
+                warn!("a process waits to take over the image and spare file, but this one serves them with --overlay, whose changes it would not see; keeping them (overlay-commit, then stop this process, to hand them over)");
+                return false;
+            }
             Ok(true) => {}
             Ok(false) => return false,
             Err(e) => {

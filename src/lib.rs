@@ -13,6 +13,7 @@ pub mod filemode;
 pub mod handover;
 pub mod inline_vec;
 pub mod io;
+pub mod overlay;
 pub mod remap;
 pub mod sandbox;
 pub mod stats;

@@ -15,6 +15,7 @@ use remapblk::events::EventLog;
 use remapblk::fault::{FaultTable, FaultyTarget};
 use remapblk::handover::{Attachment, Handover, Mode, Role};
 use remapblk::io::EngineKind;
+use remapblk::overlay::{Overlay, SpareCopy};
 use remapblk::remap::spare::inspect;
 use remapblk::remap::{self, RemapTable, RemapTarget};
 use remapblk::storage::{BlockIo, Image, NullTarget, OpenOptions};
@@ -184,6 +185,12 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
     serial[..n].copy_from_slice(&serial_str.as_bytes()[..n]);
 
     let engine = pick_engine(a.engine)?;
+    if engine == EngineKind::Null && a.overlay.is_some() {
+        return Err(
+            "--overlay has nothing to keep with --engine null, whose writes go nowhere: drop one of them"
+                .to_string(),
+        );
+    }
     let cfg = DeviceConfig {
         image: a.image.clone(),
         capacity,
@@ -220,11 +227,18 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
     if let Some(path) = &a.faults {
         faults.load_file(path, capacity / bs)?;
     }
-    let (remap, spare_lock) = open_spare(&spare_path, &a, capacity, spare_lock)?;
+    let (remap, spare_lock, spare_copy) =
+        open_spare(&spare_path, &a, capacity, spare_lock, &image)?;
     let remap = Arc::new(remap);
     let handover = Handover::new(mode, image_lock, spare_lock, remap.clone())
         .map_err(|e| e.to_string())?
         .with_events(events.clone());
+    // A migration would hand over the image without the overlay: the guest's disk stays here.
+    let handover = if a.overlay.is_some() {
+        handover.never_yield()
+    } else {
+        handover
+    };
     if mode == Mode::Incoming {
         info!(
             "waiting to take over {} and {} when the frontend starts the rings (serve --incoming)",
@@ -240,12 +254,15 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
         &control_path,
         engine,
     );
-    // Guest I/O goes remap -> faults -> image: faults apply to the main image only, so a
-    // remapped block is healthy again.
-    let base: Arc<dyn BlockIo> = if engine == EngineKind::Null {
-        Arc::new(NullTarget)
-    } else {
-        Arc::new(image)
+    // Guest I/O goes remap -> faults -> image (or its overlay): faults apply to the main
+    // image only, so a remapped block is healthy again.
+    let (base, overlay): (Arc<dyn BlockIo>, _) = match spare_copy {
+        Some(copy) => {
+            let o = open_overlay(&a, image, capacity, copy)?;
+            (o.clone(), Some(o))
+        }
+        None if engine == EngineKind::Null => (Arc::new(NullTarget), None),
+        None => (Arc::new(image), None),
     };
     let faulty = Arc::new(FaultyTarget::new(base, faults.clone(), a.block_size));
     let target = Arc::new(RemapTarget::new(
@@ -261,6 +278,7 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
         live: live.clone(),
         faults,
         remap: target,
+        overlay,
     });
     let _control = ControlServer::start(&control_path, a.socket_mode, commands)
         .map_err(|e| format!("control socket: {e}"))?;
@@ -318,8 +336,30 @@ fn open_image(
 
 /// Opens the spare file attached to as `lock` (which may repair a metadata slot; an
 /// `--incoming` process repairs nothing until it takes over), or creates a missing one and
-/// attaches to it.
+/// attaches to it. With `--overlay`, the table lives in the spare's copy beside the overlay,
+/// returned too.
 fn open_spare(
+    path: &Path,
+    a: &ServeArgs,
+    capacity: u64,
+    lock: Option<Attachment>,
+    image: &Image,
+) -> Result<(RemapTable, Attachment, Option<SpareCopy>), String> {
+    let (table, lock) = open_real_spare(path, a, capacity, lock)?;
+    let Some(overlay) = &a.overlay else {
+        return Ok((table, lock, None));
+    };
+    // The real spare was checked (a bad slot repaired) or created as without --overlay; from
+    // here on it is left alone, and the table is loaded from its copy.
+    drop(table);
+    let copy = SpareCopy::prepare(path, overlay, image.file()).map_err(|e| e.to_string())?;
+    lock.check_file(copy.real()).map_err(|e| e.to_string())?;
+    let table = remap::open(copy.copy_path(), a.block_size, capacity, None)?;
+    Ok((table, lock, Some(copy)))
+}
+
+/// [`open_spare`] of the spare file itself.
+fn open_real_spare(
     path: &Path,
     a: &ServeArgs,
     capacity: u64,
@@ -340,6 +380,27 @@ fn open_spare(
     lock.check_file(table.spare().file())
         .map_err(|e| e.to_string())?;
     Ok((table, lock))
+}
+
+/// `--overlay`: the bottom of the block stack, over the image (kept for commits only).
+fn open_overlay(
+    a: &ServeArgs,
+    image: Image,
+    capacity: u64,
+    spare: SpareCopy,
+) -> Result<Arc<Overlay>, String> {
+    let Some(path) = &a.overlay else {
+        return Err("internal error: an overlay without --overlay".to_string());
+    };
+    let spare_copy = spare.copy_path().to_path_buf();
+    let o = Overlay::open(image, path, a.block_size, capacity, spare).map_err(|e| e.to_string())?;
+    println!(
+        "overlay: {} ({}), spare copy {}; the image and spare file are not written while serving (ctl overlay-reset drops the changes, ctl overlay-commit writes them)",
+        absolute(path),
+        o.kind().name(),
+        absolute(&spare_copy)
+    );
+    Ok(Arc::new(o))
 }
 
 /// The engine to run: the one asked for, or io_uring when the kernel allows it.

@@ -12,6 +12,7 @@ use crate::fault::{FaultSpec, FaultTable};
 use crate::fields::{one, ArgError, Args};
 use crate::handover::WriterState;
 use crate::io::EngineKind;
+use crate::overlay::{self, lab::Lab, Overlay};
 use crate::remap::RemapTarget;
 use crate::stats::{Counters, Latency};
 
@@ -20,6 +21,8 @@ pub struct Commands {
     pub live: Arc<Live>,
     pub faults: Arc<FaultTable>,
     pub remap: Arc<RemapTarget>,
+    /// `serve --overlay`'s layer.
+    pub overlay: Option<Arc<Overlay>>,
 }
 
 /// `query-status`.
@@ -46,6 +49,8 @@ pub struct Status {
     /// Whether this process writes the image and spare, or waits for or gave them up in a
     /// migration.
     pub handover: WriterState,
+    /// `serve --overlay`: where the changes go and how many there are; null without.
+    pub overlay: Option<overlay::Status>,
 }
 
 /// `query-stats`.
@@ -157,6 +162,21 @@ impl Commands {
                 self.dev.handover().check_writer().map_err(generic)?;
                 reply(self.remap.remap_remove(blocks).map_err(generic)?)
             }
+            CommandName::OverlayReset => {
+                none().and_then(|_| reply(self.lab().reset().map_err(generic)?))
+            }
+            CommandName::OverlayCommit => {
+                none().and_then(|_| reply(self.lab().commit().map_err(generic)?))
+            }
+        }
+    }
+
+    fn lab(&self) -> Lab<'_> {
+        Lab {
+            overlay: self.overlay.as_deref(),
+            dev: &self.dev,
+            live: &self.live,
+            table: self.remap.table(),
         }
     }
 
@@ -212,6 +232,7 @@ impl Commands {
             spare_free: table.spare_free(),
             pending: table.pending().len(),
             handover: self.dev.writer_state(),
+            overlay: self.overlay.as_ref().map(|o| o.status()),
         }
     }
 

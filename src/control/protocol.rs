@@ -36,6 +36,10 @@ pub enum CommandName {
     RemapAdd,
     /// Copy remapped blocks back to the image and free their spare: lba=N [count=N] [stride=N].
     RemapRemove,
+    /// With --overlay (quiesced): drop every change since start or the last commit, remaps too.
+    OverlayReset,
+    /// With --overlay (quiesced): write the overlay into the image and spare file, durably.
+    OverlayCommit,
 }
 
 impl CommandName {

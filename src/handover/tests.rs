@@ -196,6 +196,23 @@ fn the_writer_yields_only_when_a_process_waits() {
     assert!(!src.h.yield_if_waited(), "yields once");
 }
 
+/// `serve --overlay`: the files do not hold the guest's data, so the writer keeps them however
+/// long a process waits, and the waiting one cannot claim them.
+#[test]
+fn a_writer_that_never_yields_keeps_the_files_from_a_waiting_process() {
+    let f = files();
+    let mut src = serve(&f).unwrap();
+    src.h = src.h.never_yield();
+    let dest = incoming(&f);
+    assert!(!src.h.yield_if_waited());
+    assert!(src.h.is_writer());
+    assert!(src
+        .table
+        .remap_with_data(1, &[1; BS], Cause::Manual)
+        .is_ok());
+    assert!(dest.h.claim().is_err(), "the writer lock stays taken");
+}
+
 /// The destination, started before the source changed anything, takes over the table, the
 /// spare blocks' data and the pending list as the source left them; the source's later claim
 /// fails and names the destination.

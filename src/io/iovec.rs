@@ -29,30 +29,7 @@ pub fn guest_iovecs(
     Ok(())
 }
 
-/// The part `[at, at + len)` of the byte stream `iov` describes, into `out` (cleared first).
-pub fn sub_iovecs(iov: &[libc::iovec], at: u64, len: u64, out: &mut Vec<libc::iovec>) {
-    out.clear();
-    let mut pos = 0u64;
-    let end = at + len;
-    for v in iov {
-        let (start, stop) = (pos, pos + v.iov_len as u64);
-        pos = stop;
-        if stop <= at {
-            continue;
-        }
-        if start >= end {
-            break;
-        }
-        let skip = at.saturating_sub(start);
-        let take = stop.min(end) - start - skip;
-        out.push(libc::iovec {
-            // Stays inside the same iovec: `skip` is less than its length. wrapping_add keeps
-            // this free of unsafe code; nothing is dereferenced here.
-            iov_base: v.iov_base.cast::<u8>().wrapping_add(skip as usize).cast(),
-            iov_len: take as usize,
-        });
-    }
-}
+pub use crate::storage::iov::sub_iovecs;
 
 #[cfg(test)]
 mod tests {

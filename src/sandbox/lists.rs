@@ -377,6 +377,17 @@ pub const GROUPS: &[Group] = &[
         ],
     },
     Group {
+        why: "serve --overlay: overlay-reset and overlay-commit clone the image and spare \
+              (FICLONE) where the filesystem shares extents, and size a spare's copy to match \
+              (ftruncate); the files were opened for writing at start-up",
+        roles: CONTROL,
+        when: When::Always,
+        calls: &[
+            call!(SYS_ioctl, Only::OneOf(1, &[crate::overlay::files::FICLONE])),
+            call!(SYS_ftruncate),
+        ],
+    },
+    Group {
         why: "the control socket: accepting clients, reading their lines (std's recv)",
         roles: CONTROL,
         when: When::Always,

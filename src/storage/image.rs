@@ -241,6 +241,11 @@ impl Image {
         self.kind
     }
 
+    /// The open file, for whole-file operations (the overlay's reflinks and commits).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     fn fd(&self) -> libc::c_int {
         self.file.as_raw_fd()
     }

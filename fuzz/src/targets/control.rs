@@ -95,6 +95,8 @@ fn commands(dir: &std::path::Path) -> Commands {
         live: Arc::new(Live::new(events)),
         faults,
         remap,
+        // overlay-reset and overlay-commit meet their refusal here: without --overlay.
+        overlay: None,
     }
 }
 
