@@ -8,6 +8,7 @@ use serde_json::{json, Map, Value};
 
 use super::protocol::{CommandError, CommandName, CommandResult, Request};
 use crate::backend::{Device, Live};
+use crate::cache::{CacheModel, CacheTarget};
 use crate::fault::{FaultSpec, FaultTable};
 use crate::fields::{one, ArgError, Args};
 use crate::handover::WriterState;
@@ -20,6 +21,8 @@ pub struct Commands {
     pub live: Arc<Live>,
     pub faults: Arc<FaultTable>,
     pub remap: Arc<RemapTarget>,
+    /// The top of the block stack: the cache model and the power state.
+    pub cache: Arc<CacheTarget>,
 }
 
 /// `query-status`.
@@ -46,6 +49,15 @@ pub struct Status {
     /// Whether this process writes the image and spare, or waits for or gave them up in a
     /// migration.
     pub handover: WriterState,
+    /// `--cache-model`.
+    pub cache_model: CacheModel,
+    /// Bytes of completed writes no completed flush covers: what a power cut may lose.
+    pub unflushed_bytes: u64,
+    /// Flushes the volatile cache did by itself (it was full, or a write's old data could not
+    /// be read).
+    pub cache_auto_flushes: u64,
+    /// False between power-cut and power-on: every request fails or is held.
+    pub powered: bool,
 }
 
 /// `query-stats`.
@@ -157,6 +169,8 @@ impl Commands {
                 self.dev.handover().check_writer().map_err(generic)?;
                 reply(self.remap.remap_remove(blocks).map_err(generic)?)
             }
+            CommandName::PowerCut => self.power_cut(&req.arguments),
+            CommandName::PowerOn => none().and_then(|_| self.power_on()),
         }
     }
 
@@ -212,6 +226,10 @@ impl Commands {
             spare_free: table.spare_free(),
             pending: table.pending().len(),
             handover: self.dev.writer_state(),
+            cache_model: self.cache.model(),
+            unflushed_bytes: self.cache.unflushed_bytes(),
+            cache_auto_flushes: self.cache.auto_flushes(),
+            powered: self.cache.powered(),
         }
     }
 
@@ -237,7 +255,7 @@ impl Commands {
 }
 
 /// A command's reply object.
-fn reply(value: impl Serialize) -> CommandResult {
+pub(super) fn reply(value: impl Serialize) -> CommandResult {
     // Replies are structs of numbers and strings: serde_json cannot fail on them (it fails
     // only on maps with non-string keys), but say so rather than panic if one ever does.
     serde_json::to_value(value)

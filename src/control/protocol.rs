@@ -36,6 +36,10 @@ pub enum CommandName {
     RemapAdd,
     /// Copy remapped blocks back to the image and free their spare: lba=N [count=N] [stride=N].
     RemapRemove,
+    /// Cut the power (quiesced): lose unflushed writes: [mode=drop-all|keep-all|random] [seed=S] [probability=P] [torn=off|sector] [then=fail|hold].
+    PowerCut,
+    /// Power the disk on again after power-cut: requests run again, as on a fresh disk.
+    PowerOn,
 }
 
 impl CommandName {
