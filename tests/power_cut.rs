@@ -7,7 +7,13 @@ use std::mem::MaybeUninit;
 use std::time::Duration;
 
 use blkio::{Completion, ReqFlags};
+use common::raw::*;
 use common::*;
+use vhost::vhost_user::message::VhostUserConfigFlags;
+use vhost::vhost_user::VhostUserFrontend;
+
+/// The `writeback` byte of virtio-blk's config space (CONFIG_WCE).
+const WRITEBACK: u32 = 32;
 
 const VOLATILE: &[&str] = &["--cache-model", "volatile"];
 
@@ -281,4 +287,48 @@ fn power_cut_arguments_are_named_when_wrong() {
     let (code, _, err) = s.ctl("power-on", &["now=1"]);
     assert_eq!(code, 1);
     assert!(err.contains("now: unknown argument"), "{err}");
+}
+
+/// The guest's cache in writethrough mode (CONFIG_WCE, as Linux sets it through sysfs
+/// `cache_type`): every write is flushed before it completes, so a drop-all cut loses nothing.
+/// power-on puts the cache back to writeback, as on a fresh disk.
+#[test]
+fn writethrough_loses_nothing_and_power_on_restores_writeback() {
+    let s = Server::start(4 * MIB, VOLATILE);
+    let mut g = RawGuest::connect(&s.socket, 1, 16, false);
+    let writeback = |g: &mut RawGuest| {
+        let (_, payload) = g
+            .frontend
+            .get_config(WRITEBACK, 1, VhostUserConfigFlags::WRITABLE, &[0])
+            .unwrap();
+        payload[0]
+    };
+    assert_eq!(writeback(&mut g), 1, "a fresh disk starts in writeback");
+    g.frontend
+        .set_config(WRITEBACK, VhostUserConfigFlags::WRITABLE, &[0])
+        .unwrap();
+    assert_eq!(writeback(&mut g), 0);
+
+    let data: Vec<Vec<u8>> = (0..4u64).map(|i| pattern(10 + i, i * 4096, BUF)).collect();
+    for (slot, d) in data.iter().enumerate() {
+        g.write_buf(0, slot as u16, d);
+        g.add(0, slot as u16, VIRTIO_BLK_T_OUT, slot as u64 * 8);
+    }
+    g.publish_and_kick(0);
+    g.wait("the writes to complete", Duration::from_secs(20), |g| {
+        g.used_idx(0) == 4
+    });
+    for slot in 0..4 {
+        assert_eq!(g.status(0, slot), 0, "write {slot}");
+    }
+    assert_eq!(s.ctl_ok("query-status", &[])["unflushed_bytes"], 0);
+
+    let cut = s.ctl_ok("power-cut", &["mode=drop-all"]);
+    assert_eq!(cut["counts"]["lost"], 0, "{cut}");
+    for (i, d) in data.iter().enumerate() {
+        assert_eq!(&read_file_at(&s.image, i as u64 * 4096, BUF), d);
+    }
+    let on = s.ctl_ok("power-on", &[]);
+    assert_eq!(on["cache_mode_reset"], true, "{on}");
+    assert_eq!(writeback(&mut g), 1, "back to writeback");
 }
