@@ -332,3 +332,27 @@ fn writethrough_loses_nothing_and_power_on_restores_writeback() {
     assert_eq!(on["cache_mode_reset"], true, "{on}");
     assert_eq!(writeback(&mut g), 1, "back to writeback");
 }
+
+/// A write whose old data cannot be read (a read fault) cannot be undone: it is durable at
+/// once, with everything before it (an automatic flush). The failed read is a read like any
+/// other, so the block goes on the pending list and the write remaps it.
+#[test]
+fn a_write_over_an_unreadable_block_is_durable_at_once() {
+    let s = Server::start(4 * MIB, VOLATILE);
+    let mut c = s.client(1);
+    let first = pattern(12, 0, 4096);
+    write_at(&mut c, 0, &first);
+    s.ctl_ok("fault-add", &["op=read", "lba=200", "mode=error"]);
+    let new = pattern(11, 200 * 512, 512);
+    write_at(&mut c, 200 * 512, &new);
+    let st = s.ctl_ok("query-status", &[]);
+    assert_eq!(st["cache_auto_flushes"], 1, "{st}");
+    assert_eq!(st["unflushed_bytes"], 0, "{st}");
+    assert_eq!(s.remapped_lbas(), [200]);
+
+    let cut = s.ctl_ok("power-cut", &[]);
+    assert_eq!(cut["counts"]["lost"], 0, "{cut}");
+    s.ctl_ok("power-on", &[]);
+    assert_eq!(c.read(0, 200 * 512, 512).unwrap(), new);
+    assert_eq!(c.read(0, 0, 4096).unwrap(), first, "flushed with it");
+}

@@ -18,6 +18,7 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use super::history::{CutPlan, CutReport, History, WriteKind};
 use super::CacheModel;
@@ -28,6 +29,11 @@ use crate::storage::{BlockIo, Dir, MapIo, Mapping, PerIo};
 pub enum PowerError {
     #[error("the power is already off; send power-on first")]
     AlreadyOff,
+    #[error(
+        "a write is still running in the layers below after {0:?} (a delay fault?); the power \
+         stays on: remove the fault or wait, then cut again"
+    )]
+    Busy(Duration),
     #[error(
         "the power is off, but putting back what the cut loses failed at byte {offset}: {source}; \
          the image may still hold writes the cut meant to lose (check the image's storage, then \
@@ -88,6 +94,11 @@ struct State {
     reserved: u64,
 }
 
+/// Whether a write holds a range overlapping `[start, end)`.
+fn overlaps(st: &State, start: u64, end: u64) -> bool {
+    st.busy.iter().any(|&(s, e)| s < end && start < e)
+}
+
 impl Volatile {
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state is consistent between statements: a panic elsewhere leaves it usable.
@@ -97,13 +108,36 @@ impl Volatile {
     /// Waits until no write holds a range overlapping `[start, end)`, then holds it.
     fn hold(&self, start: u64, end: u64) -> MutexGuard<'_, State> {
         let mut st = self.lock();
-        while st.busy.iter().any(|&(s, e)| s < end && start < e) {
+        while overlaps(&st, start, end) {
             st.waiters += 1;
             st = self.released.wait(st).unwrap_or_else(|p| p.into_inner());
             st.waiters -= 1;
         }
         st.busy.push((start, end));
         st
+    }
+
+    /// [`hold`](Self::hold), waiting at most `timeout`: None when a write still holds an
+    /// overlapping range then.
+    fn hold_within(
+        &self,
+        start: u64,
+        end: u64,
+        timeout: Duration,
+    ) -> Option<MutexGuard<'_, State>> {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.lock();
+        while overlaps(&st, start, end) {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            st.waiters += 1;
+            st = match self.released.wait_timeout(st, left) {
+                Ok((st, _)) => st,
+                Err(p) => p.into_inner().0,
+            };
+            st.waiters -= 1;
+        }
+        st.busy.push((start, end));
+        Some(st)
     }
 
     /// Releases `[start, end)`, which [`hold`](Self::hold) gave.
@@ -197,22 +231,32 @@ impl CacheTarget {
     /// `power-cut`, once the caller quiesced the queues: loses what `plan` picks of the
     /// unflushed writes (writing their blocks' earlier content through the layers below),
     /// flushes the layers below, and switches the power off. `hold`: the caller leaves the
-    /// queues quiesced until power-on. The power is off after any error but
-    /// [`PowerError::AlreadyOff`].
-    pub fn power_cut(&self, plan: &CutPlan, hold: bool) -> Result<CutReport, PowerError> {
+    /// queues quiesced until power-on. A write the drain gave up on that still runs below
+    /// this layer is waited for at most `wait` (the drain timeout): nothing hangs for good.
+    /// The power is off after any error but [`PowerError::AlreadyOff`] and
+    /// [`PowerError::Busy`].
+    pub fn power_cut(
+        &self,
+        plan: &CutPlan,
+        hold: bool,
+        wait: Duration,
+    ) -> Result<CutReport, PowerError> {
         let _switch = self.switch.lock().unwrap_or_else(|p| p.into_inner());
         if !self.powered() {
             return Err(PowerError::AlreadyOff);
         }
-        self.held.store(hold, Ordering::Relaxed);
         let Some(v) = &self.volatile else {
+            self.held.store(hold, Ordering::Relaxed);
             self.powered.store(false, Ordering::Release);
             self.below.flush().map_err(PowerError::Flush)?;
             return Ok(CutReport::default());
         };
         // The whole device: waits for writes still between their read and their record (a
         // request the drain gave up on may still run here).
-        let mut st = v.hold(0, u64::MAX);
+        let mut st = v
+            .hold_within(0, u64::MAX, wait)
+            .ok_or(PowerError::Busy(wait))?;
+        self.held.store(hold, Ordering::Relaxed);
         let (reverts, report) = st.history.cut(plan);
         drop(st);
         let mut result = Ok(report);

@@ -7,7 +7,7 @@ use serde_json::{json, Map, Value};
 use super::commands::Commands;
 use super::protocol::{CommandError, CommandName, CommandResult};
 use crate::backend::QuiesceReport;
-use crate::cache::{CutMode, CutPlan, CutReport, Tearing};
+use crate::cache::{CutMode, CutPlan, CutReport, PowerError, Tearing};
 use crate::fields::{ArgError, Args};
 
 /// What the queues do once the power is off.
@@ -104,8 +104,12 @@ impl Commands {
         let was_quiesced = self.dev.is_quiesced();
         let quiesce = self.live.quiesce(&self.dev);
         let hold = a.then == Then::Hold && !was_quiesced;
-        let result = self.cache.power_cut(&plan, hold);
-        if a.then == Then::Fail && !was_quiesced {
+        let result = self
+            .cache
+            .power_cut(&plan, hold, self.dev.cfg.drain_timeout);
+        // Resumed also when the cut was refused (the power stays on then).
+        let refused = matches!(result, Err(PowerError::Busy(_) | PowerError::AlreadyOff));
+        if (a.then == Then::Fail || refused) && !was_quiesced {
             self.live.resume(&self.dev);
         }
         let plan = PlanReply { plan, then: a.then };

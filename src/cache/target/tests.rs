@@ -1,7 +1,8 @@
 //! The layer over an in-memory disk: what a cut keeps and loses, the power gate, the cache's
 //! own flushes, and writes from several threads at once.
 
-use std::sync::Mutex;
+use std::sync::{mpsc, Mutex};
+use std::time::Duration;
 
 use proptest::prelude::*;
 
@@ -9,12 +10,20 @@ use super::*;
 use crate::cache::{CutMode, Tearing};
 
 const BS: u32 = 512;
+const WAIT: Duration = Duration::from_secs(10);
 
-/// A disk in memory; reads of the bytes in `bad` fail (an injected media error).
+/// A disk in memory; reads of the bytes in `bad` fail (an injected media error); a write
+/// with `stall` set says it entered, then waits to be released.
 struct MemDisk {
     bytes: Mutex<Vec<u8>>,
     bad: Mutex<Option<std::ops::Range<u64>>>,
     flushes: AtomicU64,
+    stall: Mutex<Option<Arc<Stall>>>,
+}
+
+struct Stall {
+    entered: mpsc::Sender<()>,
+    release: Mutex<mpsc::Receiver<()>>,
 }
 
 impl MemDisk {
@@ -23,6 +32,7 @@ impl MemDisk {
             bytes: Mutex::new((0..len).map(|i| (i % 251) as u8).collect()),
             bad: Mutex::new(None),
             flushes: AtomicU64::new(0),
+            stall: Mutex::new(None),
         })
     }
 
@@ -51,6 +61,11 @@ impl BlockIo for MemDisk {
     }
 
     unsafe fn writev(&self, offset: u64, iov: &[libc::iovec]) -> io::Result<()> {
+        let stall = self.stall.lock().unwrap().clone();
+        if let Some(s) = stall {
+            s.entered.send(()).unwrap();
+            s.release.lock().unwrap().recv().unwrap();
+        }
         let mut bytes = self.bytes.lock().unwrap();
         let mut at = offset as usize;
         for v in iov {
@@ -123,7 +138,7 @@ fn drop_all_keeps_what_a_flush_covered_and_loses_the_rest() {
     t.discard(8192, 1024).unwrap();
     t.write_zeroes(16384, 512, false).unwrap();
     assert_eq!(t.unflushed_bytes(), 4096 + 512 + 1024 + 512);
-    let report = t.power_cut(&plan(CutMode::DropAll), false).unwrap();
+    let report = t.power_cut(&plan(CutMode::DropAll), false, WAIT).unwrap();
     assert_eq!(report.counts.lost, 4);
     let after = disk.snapshot();
     assert_eq!(&after[..4096], &[0xaa; 4096][..], "the flushed write stays");
@@ -138,7 +153,7 @@ fn keep_all_keeps_every_write() {
     let t = volatile(&disk, 1 << 20);
     write(&t, 512, &[7; 1024]).unwrap();
     let before = disk.snapshot();
-    let report = t.power_cut(&plan(CutMode::KeepAll), false).unwrap();
+    let report = t.power_cut(&plan(CutMode::KeepAll), false, WAIT).unwrap();
     assert_eq!((report.counts.kept, report.counts.reverted_bytes), (1, 0));
     assert_eq!(disk.snapshot(), before);
 }
@@ -148,7 +163,7 @@ fn while_off_every_request_fails_until_power_on() {
     let disk = MemDisk::new(16 * 1024);
     for model in [CacheModel::None, CacheModel::Volatile] {
         let t = CacheTarget::new(disk.clone(), model, BS, 1 << 20);
-        t.power_cut(&plan(CutMode::DropAll), false).unwrap();
+        t.power_cut(&plan(CutMode::DropAll), false, WAIT).unwrap();
         assert!(read(&t, 0, 512).is_err());
         assert!(write(&t, 0, &[1; 512]).is_err());
         assert!(t.flush().is_err());
@@ -160,7 +175,7 @@ fn while_off_every_request_fails_until_power_on() {
             &mut m
         ));
         assert!(matches!(
-            t.power_cut(&plan(CutMode::DropAll), false),
+            t.power_cut(&plan(CutMode::DropAll), false, WAIT),
             Err(PowerError::AlreadyOff)
         ));
         assert_eq!(
@@ -177,6 +192,33 @@ fn while_off_every_request_fails_until_power_on() {
 }
 
 #[test]
+fn a_cut_waits_for_a_running_write_at_most_the_drain_timeout() {
+    let disk = MemDisk::new(16 * 1024);
+    let t = volatile(&disk, 1 << 20);
+    let (entered_tx, entered) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel();
+    *disk.stall.lock().unwrap() = Some(Arc::new(Stall {
+        entered: entered_tx,
+        release: Mutex::new(release_rx),
+    }));
+    std::thread::scope(|s| {
+        let w = s.spawn(|| write(&t, 0, &[9; 512]));
+        entered.recv().unwrap();
+        let r = t.power_cut(&plan(CutMode::DropAll), false, Duration::from_millis(50));
+        assert!(matches!(r, Err(PowerError::Busy(_))), "{r:?}");
+        assert!(t.powered(), "a refused cut leaves the power on");
+        *disk.stall.lock().unwrap() = None;
+        release.send(()).unwrap();
+        w.join().unwrap().unwrap();
+    });
+    let report = t.power_cut(&plan(CutMode::DropAll), false, WAIT).unwrap();
+    assert_eq!(
+        report.counts.lost, 1,
+        "the write that ran is lost with the next cut"
+    );
+}
+
+#[test]
 fn a_write_flushed_before_it_completes_is_never_lost() {
     // Writethrough (WCE off): the blocking path flushes after every write before the request
     // completes, so a cut (after the drain) finds nothing unflushed.
@@ -188,7 +230,7 @@ fn a_write_flushed_before_it_completes_is_never_lost() {
     }
     assert_eq!(t.unflushed_bytes(), 0);
     let before = disk.snapshot();
-    let report = t.power_cut(&plan(CutMode::DropAll), false).unwrap();
+    let report = t.power_cut(&plan(CutMode::DropAll), false, WAIT).unwrap();
     assert_eq!(report.counts.lost, 0);
     assert_eq!(disk.snapshot(), before);
 }
@@ -210,7 +252,7 @@ fn a_full_cache_flushes_by_itself_and_counts_it() {
     write(&t, 32 * 1024, &[0xee; 8192]).unwrap();
     assert_eq!((t.unflushed_bytes(), t.auto_flushes()), (0, 3));
     let before = disk.snapshot();
-    t.power_cut(&plan(CutMode::DropAll), false).unwrap();
+    t.power_cut(&plan(CutMode::DropAll), false, WAIT).unwrap();
     assert_eq!(disk.snapshot(), before);
 }
 
@@ -225,7 +267,7 @@ fn a_write_whose_old_data_cannot_be_read_is_durable_at_once() {
     write(&t, 2048, &[3; 512]).unwrap();
     assert_eq!(t.uncaptured_writes(), 1);
     let base = disk.snapshot();
-    let report = t.power_cut(&plan(CutMode::DropAll), false).unwrap();
+    let report = t.power_cut(&plan(CutMode::DropAll), false, WAIT).unwrap();
     assert_eq!(report.counts.lost, 1, "only the write after it");
     let after = disk.snapshot();
     assert_eq!(&after[..512], &[1; 512][..]);
@@ -283,7 +325,7 @@ proptest! {
                 });
             }
         });
-        t.power_cut(&plan(CutMode::DropAll), false).unwrap();
+        t.power_cut(&plan(CutMode::DropAll), false, WAIT).unwrap();
         prop_assert_eq!(disk.snapshot(), flushed);
     }
 }
