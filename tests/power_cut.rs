@@ -356,3 +356,21 @@ fn a_write_over_an_unreadable_block_is_durable_at_once() {
     assert_eq!(c.read(0, 200 * 512, 512).unwrap(), new);
     assert_eq!(c.read(0, 0, 4096).unwrap(), first, "flushed with it");
 }
+
+/// A server whose power was cut still exits cleanly on SIGTERM, and its image holds what the
+/// cut left.
+#[test]
+fn a_server_with_the_power_off_exits_cleanly() {
+    let mut s = Server::start(4 * MIB, VOLATILE);
+    let mut c = s.client(1);
+    write_at(&mut c, 0, &[3; 4096]);
+    s.ctl_ok("power-cut", &[]);
+    drop(c);
+    s.signal(libc::SIGTERM);
+    assert!(
+        s.wait_exit(Duration::from_secs(15)).success(),
+        "{}",
+        s.log()
+    );
+    assert_eq!(read_file_at(&s.image, 0, 4096), vec![0; 4096]);
+}

@@ -11,7 +11,7 @@ pub mod history;
 mod target;
 
 pub use history::{CutMode, CutPlan, CutReport, Tearing};
-pub use target::{CacheTarget, PowerError, PowerOn};
+pub use target::{is_powered_off, CacheTarget, PowerError, PowerOn, PoweredOff};
 
 /// `--cache-model`: what the disk keeps in a volatile cache (the variants' comments are its
 /// help).

@@ -47,9 +47,19 @@ pub enum PowerError {
     Flush(io::Error),
 }
 
-/// The error every request meets while the power is off.
+/// What every request meets while the power is off.
+#[derive(Debug, thiserror::Error)]
+#[error("the disk's power is off (power-cut); send power-on")]
+pub struct PoweredOff;
+
 fn powered_off() -> io::Error {
-    io::Error::other("the disk's power is off (power-cut); send power-on")
+    io::Error::other(PoweredOff)
+}
+
+/// Whether `e` is only that the power is off: the process's own final flush at exit may
+/// ignore it, as the cut flushed the layers below and nothing was written since.
+pub fn is_powered_off(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<PoweredOff>())
 }
 
 pub struct CacheTarget {
