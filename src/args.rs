@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::backend::{MAX_NUM_QUEUES, MAX_QUEUE_SIZE};
+use crate::cache::CacheModel;
 use crate::control::protocol::CommandName;
 use crate::filemode::SocketMode;
 use crate::io::EngineKind;
@@ -228,6 +229,18 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     pub event_log: Option<PathBuf>,
 
+    /// The disk's write cache, for crash labs: none (a completed write is on the image at
+    /// once) or volatile (a power cut, `ctl power-cut`, loses the completed writes no
+    /// completed flush covers, as a drive's cache does). See the README's crash model.
+    #[arg(long, value_name = "MODEL", value_enum, default_value = "none")]
+    pub cache_model: CacheModel,
+
+    /// With --cache-model volatile: how many bytes of unflushed writes the cache holds (it
+    /// keeps what each overwrote, to undo it); past that the disk flushes by itself, as a
+    /// drive does, and counts it (query-status: cache_auto_flushes). E.g. 64K, 64M, 1G.
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
+    pub cache_size: u64,
+
     /// System call filter (seccomp), installed once the image, spare, sockets and event log
     /// are open: on (a call outside the allow-list ends the process with SIGSYS and a line on
     /// stderr naming it), log (such calls are allowed and the kernel logs them: dmesg, audit
@@ -364,6 +377,7 @@ mod tests {
         assert_eq!(a.queue_size, 256);
         assert_eq!(a.block_size, 512);
         assert_eq!(a.drain_timeout_ms, 10_000);
+        assert_eq!((a.cache_model, a.cache_size), (CacheModel::None, 64 << 20));
         if std::env::var_os("REMAPBLK_SECCOMP").is_none() {
             assert_eq!(a.seccomp, sandbox::Mode::On);
         }

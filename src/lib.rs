@@ -3,6 +3,7 @@
 
 pub mod args;
 pub mod backend;
+pub mod cache;
 pub mod control;
 pub mod denied;
 pub mod events;

@@ -8,6 +8,7 @@ use log::{info, warn};
 
 use remapblk::args::{Cli, Command, CtlArgs, MetadataAction, ServeArgs};
 use remapblk::backend::{default_serial, serve, Device, DeviceConfig, Live};
+use remapblk::cache::CacheTarget;
 use remapblk::control::client::{call, parse_arguments, CtlError};
 use remapblk::control::commands::Commands;
 use remapblk::control::ControlServer;
@@ -254,7 +255,7 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
         &control_path,
         engine,
     );
-    // Guest I/O goes remap -> faults -> image (or its overlay): faults apply to the main
+    // Guest I/O goes cache -> remap -> faults -> image (or its overlay): faults apply to the main
     // image only, so a remapped block is healthy again.
     let (base, overlay): (Arc<dyn BlockIo>, _) = match spare_copy {
         Some(copy) => {
@@ -271,7 +272,14 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
         a.block_size,
         a.auto_remap,
     ));
-    let dev = Arc::new(Device::new(cfg, target.clone()).with_handover(Arc::new(handover)));
+    // The cache layer is always on top: it owns the power state even with --cache-model none.
+    let cache = Arc::new(CacheTarget::new(
+        target.clone(),
+        a.cache_model,
+        a.block_size,
+        a.cache_size,
+    ));
+    let dev = Arc::new(Device::new(cfg, cache.clone()).with_handover(Arc::new(handover)));
     let live = Arc::new(Live::new(events));
     let commands = Arc::new(Commands {
         dev: dev.clone(),
@@ -279,6 +287,7 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
         faults,
         remap: target,
         overlay,
+        cache,
     });
     let _control = ControlServer::start(&control_path, a.socket_mode, commands)
         .map_err(|e| format!("control socket: {e}"))?;

@@ -92,6 +92,14 @@ impl Live {
         was
     }
 
+    /// What a freshly powered disk resets (`power-on`): the guest's cache mode goes back to
+    /// writeback, as a new session starts. Whether a session was there to reset.
+    pub fn reset_cache_mode(&self) -> bool {
+        self.current()
+            .map(|s| s.writeback.store(true, Ordering::Relaxed))
+            .is_some()
+    }
+
     /// Whether a frontend is connected.
     pub fn connected(&self) -> bool {
         self.current().is_some()

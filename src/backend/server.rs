@@ -114,7 +114,12 @@ pub fn serve(
         }
     })();
 
-    let flushed = dev.target.stack.flush();
+    // After a lab's power cut nothing is left to flush: the cut flushed the layers below,
+    // and every request since failed.
+    let flushed = match dev.target.stack.flush() {
+        Err(e) if crate::cache::is_powered_off(&e) => Ok(()),
+        r => r,
+    };
     if let Some(socket) = owned {
         if let Err(e) = std::fs::remove_file(&socket) {
             warn!("cannot remove socket {}: {e}", socket.display());

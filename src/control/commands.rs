@@ -8,6 +8,7 @@ use serde_json::{json, Map, Value};
 
 use super::protocol::{CommandError, CommandName, CommandResult, Request};
 use crate::backend::{Device, Live};
+use crate::cache::{CacheModel, CacheTarget};
 use crate::fault::{FaultSpec, FaultTable};
 use crate::fields::{one, ArgError, Args};
 use crate::handover::WriterState;
@@ -23,6 +24,8 @@ pub struct Commands {
     pub remap: Arc<RemapTarget>,
     /// `serve --overlay`'s layer.
     pub overlay: Option<Arc<Overlay>>,
+    /// The top of the block stack: the cache model and the power state.
+    pub cache: Arc<CacheTarget>,
 }
 
 /// `query-status`.
@@ -51,6 +54,15 @@ pub struct Status {
     pub handover: WriterState,
     /// `serve --overlay`: where the changes go and how many there are; null without.
     pub overlay: Option<overlay::Status>,
+    /// `--cache-model`.
+    pub cache_model: CacheModel,
+    /// Bytes of completed writes no completed flush covers: what a power cut may lose.
+    pub unflushed_bytes: u64,
+    /// Flushes the volatile cache did by itself (it was full, or a write's old data could not
+    /// be read).
+    pub cache_auto_flushes: u64,
+    /// False between power-cut and power-on: every request fails or is held.
+    pub powered: bool,
 }
 
 /// `query-stats`.
@@ -168,6 +180,8 @@ impl Commands {
             CommandName::OverlayCommit => {
                 none().and_then(|_| reply(self.lab().commit().map_err(generic)?))
             }
+            CommandName::PowerCut => self.power_cut(&req.arguments),
+            CommandName::PowerOn => none().and_then(|_| self.power_on()),
         }
     }
 
@@ -233,6 +247,10 @@ impl Commands {
             pending: table.pending().len(),
             handover: self.dev.writer_state(),
             overlay: self.overlay.as_ref().map(|o| o.status()),
+            cache_model: self.cache.model(),
+            unflushed_bytes: self.cache.unflushed_bytes(),
+            cache_auto_flushes: self.cache.auto_flushes(),
+            powered: self.cache.powered(),
         }
     }
 
@@ -258,7 +276,7 @@ impl Commands {
 }
 
 /// A command's reply object.
-fn reply(value: impl Serialize) -> CommandResult {
+pub(super) fn reply(value: impl Serialize) -> CommandResult {
     // Replies are structs of numbers and strings: serde_json cannot fail on them (it fails
     // only on maps with non-string keys), but say so rather than panic if one ever does.
     serde_json::to_value(value)

@@ -4,6 +4,7 @@
 pub mod client;
 pub mod commands;
 pub mod lines;
+mod power;
 pub mod protocol;
 pub mod server;
 

@@ -40,6 +40,10 @@ pub enum CommandName {
     OverlayReset,
     /// With --overlay (quiesced): write the overlay into the image and spare file, durably.
     OverlayCommit,
+    /// Cut the power (quiesced): lose unflushed writes: [mode=drop-all|keep-all|random] [seed=S] [probability=P] [torn=off|sector] [then=fail|hold].
+    PowerCut,
+    /// Power the disk on again after power-cut: requests run again, as on a fresh disk.
+    PowerOn,
 }
 
 impl CommandName {

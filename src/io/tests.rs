@@ -296,3 +296,36 @@ fn a_cancelled_uring_engine_drops_at_once() {
         start.elapsed()
     );
 }
+
+/// With the volatile cache on top, a writeback write is unflushed once it completes, and a
+/// writethrough one (WCE off) is not: the blocking path's flush after it covers it before the
+/// request completes. Neither is moved by an engine (the cache must read what it overwrites).
+#[test]
+fn under_a_volatile_cache_only_writeback_writes_stay_unflushed() {
+    use crate::cache::{CacheModel, CacheTarget};
+    let layer = Layer::new();
+    let cache = Arc::new(CacheTarget::new(
+        layer.clone(),
+        CacheModel::Volatile,
+        512,
+        1 << 20,
+    ));
+    let t = Target {
+        stack: cache.clone(),
+        serial: *b"serial-for-the-test\0",
+    };
+    let mut e = EngineKind::Null.build(&t, 0, 64);
+    let Started::Blocking(j) = e.start(job(RequestType::Out, 0, 512, false)) else {
+        panic!("a volatile write must take the blocking path");
+    };
+    assert!(t.run(j).result.is_ok());
+    assert_eq!(cache.unflushed_bytes(), 512);
+    assert!(t.run(job(RequestType::Flush, 0, 0, false)).result.is_ok());
+    assert_eq!(cache.unflushed_bytes(), 0);
+    assert!(t.run(job(RequestType::Out, 8, 512, true)).result.is_ok());
+    assert_eq!(
+        cache.unflushed_bytes(),
+        0,
+        "writethrough leaves nothing unflushed"
+    );
+}

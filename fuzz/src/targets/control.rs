@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use arbitrary::{Arbitrary, Unstructured};
 use remapblk::backend::{Device, DeviceConfig, Live};
+use remapblk::cache::{CacheModel, CacheTarget};
 use remapblk::control::commands::Commands;
 use remapblk::control::protocol::{parse_request, reply, CommandName};
 use remapblk::control::ControlServer;
@@ -58,7 +59,8 @@ const KEYS: &[&str] = &[
     "",
 ];
 const WORDS: &[&str] = &[
-    "read", "write", "any", "error", "delay", "flaky", "", "0", "1",
+    "read", "write", "any", "error", "delay", "flaky", "", "0", "1", "drop-all", "keep-all",
+    "random", "sector", "off", "fail", "hold",
 ];
 
 /// A device, fault table and remap layer as `serve` builds them, over the null target and a
@@ -75,6 +77,12 @@ fn commands(dir: &std::path::Path) -> Commands {
         Err(e) => panic!("cannot create the spare file: {e}"),
     };
     let remap = Arc::new(RemapTarget::new(main, Arc::new(table), BLOCK, true));
+    let cache = Arc::new(CacheTarget::new(
+        remap.clone(),
+        CacheModel::Volatile,
+        BLOCK,
+        1 << 20,
+    ));
     let dev = Arc::new(Device::new(
         DeviceConfig {
             image: "fuzz".into(),
@@ -88,7 +96,7 @@ fn commands(dir: &std::path::Path) -> Commands {
             engine: EngineKind::Null,
             poll: Duration::ZERO,
         },
-        remap.clone(),
+        cache.clone(),
     ));
     Commands {
         dev,
@@ -97,6 +105,7 @@ fn commands(dir: &std::path::Path) -> Commands {
         remap,
         // overlay-reset and overlay-commit meet their refusal here: without --overlay.
         overlay: None,
+        cache,
     }
 }
 
