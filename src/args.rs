@@ -36,6 +36,71 @@ pub enum Command {
         #[command(subcommand)]
         action: MetadataAction,
     },
+    /// Read, replay and check a write log (serve --write-log) offline.
+    Log {
+        #[command(subcommand)]
+        action: LogAction,
+    },
+}
+
+/// `remapblk log`. Logs are in dm-log-writes' format (xfstests' replay-log reads them too).
+#[derive(Debug, Subcommand)]
+pub enum LogAction {
+    /// Print one JSON line per entry, in completion order: index (from 0), kind (write,
+    /// discard, write-zeroes, flush, mark), lba (in 512-byte sectors), len (in bytes), mark
+    /// (a mark's name, else null). Only entries the log made durable are listed.
+    List {
+        /// The log.
+        log: PathBuf,
+    },
+    /// Replay the log's entries, from the first up to and including the point given, onto
+    /// COPY in place. COPY must be a copy of the image as it was when the server started.
+    Replay {
+        /// The log.
+        log: PathBuf,
+        /// The file or block device to replay onto (changed in place).
+        #[arg(long, value_name = "COPY")]
+        image: PathBuf,
+        #[command(flatten)]
+        until: ReplayUntil,
+    },
+    /// Replay the log into a scratch copy of BASE point by point (each point continues from
+    /// the last) and run CMD at each, {} standing for the copy's path. Prints one JSON line
+    /// per point with CMD's exit status. Exit 0: every point passed; 1: CMD failed at a point
+    /// (the copy is kept as it was there, and named) or the log is damaged.
+    #[command(after_help = "Example: remapblk log check run.log --base base.img -- e2fsck -fn {}")]
+    Check {
+        /// The log.
+        log: PathBuf,
+        /// The image as it was when the server started (left untouched).
+        #[arg(long, value_name = "IMAGE")]
+        base: PathBuf,
+        /// Which entries are points to check at.
+        #[arg(long, value_enum, default_value = "flush")]
+        each: crate::writelog::check::Each,
+        /// Directory for the scratch copy (a reflink of BASE where the filesystem allows).
+        /// Default: BASE's directory.
+        #[arg(long, value_name = "DIR")]
+        scratch: Option<PathBuf>,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        cmd: Vec<String>,
+    },
+}
+
+/// Where `log replay` stops: exactly one of these.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct ReplayUntil {
+    /// Up to and including the first mark of this name.
+    #[arg(long, value_name = "NAME")]
+    pub to_mark: Option<String>,
+    /// Up to and including the Nth flush (counting from 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub to_flush: Option<u64>,
+    /// Up to and including the entry of index N (as `log list` numbers them).
+    #[arg(long, value_name = "N")]
+    pub to_entry: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -218,6 +283,13 @@ pub struct ServeArgs {
     /// disconnect and drain, with a CLOCK_MONOTONIC timestamp (monotonic_ns).
     #[arg(long, value_name = "PATH")]
     pub event_log: Option<PathBuf>,
+
+    /// Record every write, discard, write-zeroes and flush the guest completes, with its
+    /// data, and the marks of `ctl log-mark`, in completion order, in dm-log-writes' format
+    /// (read it with `remapblk log`). PATH is created, or truncated: one log per run. The
+    /// log is made durable at every flush and mark.
+    #[arg(long, value_name = "PATH")]
+    pub write_log: Option<PathBuf>,
 
     /// System call filter (seccomp), installed once the image, spare, sockets and event log
     /// are open: on (a call outside the allow-list ends the process with SIGSYS and a line on

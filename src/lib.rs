@@ -19,3 +19,4 @@ pub mod stats;
 pub mod storage;
 pub mod unix;
 pub mod virtio;
+pub mod writelog;

@@ -20,6 +20,7 @@ use remapblk::remap::{self, RemapTable, RemapTarget};
 use remapblk::storage::{BlockIo, Image, NullTarget, OpenOptions};
 use remapblk::unix::{self, Listen};
 use remapblk::virtio::ID_BYTES;
+use remapblk::writelog;
 
 const DEFAULT_IMAGE_SIZE: u64 = 1 << 30;
 
@@ -30,6 +31,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => run_serve(args),
         Command::Ctl(args) => return run_ctl(args),
         Command::Metadata { action } => return run_metadata(action),
+        Command::Log { action } => return remapblk::writelog::tool::run(action),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -225,6 +227,14 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
     let handover = Handover::new(mode, image_lock, spare_lock, remap.clone())
         .map_err(|e| e.to_string())?
         .with_events(events.clone());
+    // Created once the image and spare are ours, so a refused start truncates no log.
+    let write_log = writelog::open_for_serve(
+        a.write_log.as_deref(),
+        &a.image,
+        &spare_path,
+        events.clone(),
+    )
+    .map_err(|e| e.to_string())?;
     if mode == Mode::Incoming {
         info!(
             "waiting to take over {} and {} when the frontend starts the rings (serve --incoming)",
@@ -254,13 +264,16 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
         a.block_size,
         a.auto_remap,
     ));
-    let dev = Arc::new(Device::new(cfg, target.clone()).with_handover(Arc::new(handover)));
+    // The write log sits on top: it records the guest's own addresses and bytes.
+    let stack = writelog::layer(target.clone(), write_log.as_ref());
+    let dev = Arc::new(Device::new(cfg, stack).with_handover(Arc::new(handover)));
     let live = Arc::new(Live::new(events));
     let commands = Arc::new(Commands {
         dev: dev.clone(),
         live: live.clone(),
         faults,
         remap: target,
+        write_log,
     });
     let _control = ControlServer::start(&control_path, a.socket_mode, commands)
         .map_err(|e| format!("control socket: {e}"))?;

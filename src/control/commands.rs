@@ -14,12 +14,15 @@ use crate::handover::WriterState;
 use crate::io::EngineKind;
 use crate::remap::RemapTarget;
 use crate::stats::{Counters, Latency};
+use crate::writelog::{self, LogWriter};
 
 pub struct Commands {
     pub dev: Arc<Device>,
     pub live: Arc<Live>,
     pub faults: Arc<FaultTable>,
     pub remap: Arc<RemapTarget>,
+    /// `serve --write-log`'s writer, if any.
+    pub write_log: Option<Arc<LogWriter>>,
 }
 
 /// `query-status`.
@@ -46,6 +49,8 @@ pub struct Status {
     /// Whether this process writes the image and spare, or waits for or gave them up in a
     /// migration.
     pub handover: WriterState,
+    /// The write log (`serve --write-log`): null, or its path, entries and bytes.
+    pub write_log: Option<writelog::Status>,
 }
 
 /// `query-stats`.
@@ -76,6 +81,12 @@ pub struct QueueReport {
 #[derive(Deserialize)]
 struct FaultId {
     id: u64,
+}
+
+/// `log-mark`'s arguments.
+#[derive(Deserialize)]
+struct MarkArgs {
+    name: Value,
 }
 
 /// The blocks `lba`, `lba + stride`, ... (`count` of them; stride 1 by default: a run) of
@@ -157,6 +168,7 @@ impl Commands {
                 self.dev.handover().check_writer().map_err(generic)?;
                 reply(self.remap.remap_remove(blocks).map_err(generic)?)
             }
+            CommandName::LogMark => self.log_mark(&req.arguments),
         }
     }
 
@@ -176,6 +188,28 @@ impl Commands {
         } else {
             Err(ArgError::new("id", format!("no fault with id {id}; see fault-list")).into())
         }
+    }
+
+    fn log_mark(&self, map: &Map<String, Value>) -> CommandResult {
+        let mut args = Args::new(map);
+        let MarkArgs { name } = args
+            .take()
+            .map_err(|e| e.explain_missing("name", "the mark's name, e.g. name=after-mkfs"))?;
+        args.finish(&CommandName::LogMark.name())?;
+        // `ctl` sends name=42 as a number: a mark's name is its text all the same.
+        let name = match name {
+            Value::String(s) => s,
+            Value::Number(n) => n.to_string(),
+            v => return Err(ArgError::new("name", format!("must be a string, got {v}")).into()),
+        };
+        writelog::writer::check_mark_name(&name).map_err(|d| ArgError::new("name", d))?;
+        let Some(log) = &self.write_log else {
+            return Err(CommandError::generic(
+                "this server keeps no write log: start it with --write-log PATH to record marks",
+            ));
+        };
+        let entry = log.mark(&name).map_err(generic)?;
+        Ok(json!({ "entry": entry }))
     }
 
     /// The `lba=N [count=M] [stride=S]` of remap-add and remap-remove.
@@ -212,6 +246,7 @@ impl Commands {
             spare_free: table.spare_free(),
             pending: table.pending().len(),
             handover: self.dev.writer_state(),
+            write_log: self.write_log.as_ref().map(|w| w.status()),
         }
     }
 

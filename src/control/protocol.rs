@@ -36,6 +36,8 @@ pub enum CommandName {
     RemapAdd,
     /// Copy remapped blocks back to the image and free their spare: lba=N [count=N] [stride=N].
     RemapRemove,
+    /// Add a mark to the write log (serve --write-log) and make the log durable: name=TEXT.
+    LogMark,
 }
 
 impl CommandName {

@@ -95,6 +95,7 @@ fn commands(dir: &std::path::Path) -> Commands {
         live: Arc::new(Live::new(events)),
         faults,
         remap,
+        write_log: None,
     }
 }
 

@@ -1,0 +1,359 @@
+//! The write log (`serve --write-log`) and `remapblk log list|replay|check`: what a libblkio
+//! client does through the socket is what the log lists, in order, and replaying it onto a
+//! copy of the starting image gives back the bytes the client read at each point.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+const DISK: u64 = 4 * MIB;
+
+/// Runs `remapblk ARGS...`: (exit code, stdout, stderr).
+fn remapblk(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_remapblk"))
+        .args(args)
+        .output()
+        .expect("run remapblk");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("a UTF-8 path")
+}
+
+/// `log list LOG` as JSON values.
+fn list(log: &Path) -> Vec<Value> {
+    let (code, out, err) = remapblk(&["log", "list", s(log)]);
+    assert_eq!(code, 0, "log list failed: {err}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+/// A server on a copy of a base image full of pattern(1), with a write log; (server, base,
+/// log).
+fn start(extra: &[&str]) -> (Server, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("base.img");
+    std::fs::write(&base, pattern(1, 0, DISK as usize)).expect("base image");
+    let image = dir.path().join("disk.img");
+    std::fs::copy(&base, &image).expect("image");
+    let log = dir.path().join("run.log");
+    let mut args = vec!["--write-log", s(&log)];
+    args.extend_from_slice(extra);
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    (Server::start_on(dir, image, &args), base, log)
+}
+
+/// The whole disk as the client reads it.
+fn read_disk(c: &mut Client) -> Vec<u8> {
+    let mut all = Vec::with_capacity(DISK as usize);
+    for off in (0..DISK).step_by(SLOT) {
+        all.extend(c.read(0, off, SLOT).expect("read"));
+    }
+    all
+}
+
+/// A fresh copy of `base` beside it, replayed with `log replay LOG --image COPY UNTIL...`.
+fn replayed(base: &Path, log: &Path, until: &[&str]) -> Vec<u8> {
+    let copy = base.with_file_name(format!("copy-{}.img", until.join("-")));
+    std::fs::copy(base, &copy).expect("copy");
+    let mut args = vec!["log", "replay", s(log), "--image", s(&copy)];
+    args.extend_from_slice(until);
+    let (code, _, err) = remapblk(&args);
+    assert_eq!(code, 0, "log replay {until:?} failed: {err}");
+    std::fs::read(&copy).expect("read copy")
+}
+
+fn one(c: &mut Client, op: Op) {
+    assert_eq!(c.batch(0, &[op]), vec![0], "{op:?}");
+}
+
+fn write(c: &mut Client, offset: u64, seed: u64, len: usize) {
+    c.slot_mut(0, len)
+        .copy_from_slice(&pattern(seed, offset, len));
+    one(c, Op::Write { offset, len });
+}
+
+#[test]
+fn the_log_lists_what_the_client_did_and_replays_to_what_it_read() {
+    let (s, base, log) = start(&[]);
+    let mut c = s.client(2);
+    write(&mut c, 0, 2, 4096);
+    write(&mut c, 64 << 10, 3, 8192);
+    one(&mut c, Op::Flush);
+    assert_eq!(s.ctl_ok("log-mark", &["name=one"]), json!({"entry": 3}));
+    let at_one = read_disk(&mut c);
+    one(
+        &mut c,
+        Op::Discard {
+            offset: 0,
+            len: 4096,
+        },
+    );
+    one(
+        &mut c,
+        Op::WriteZeroes {
+            offset: 64 << 10,
+            len: 4096,
+            unmap: false,
+        },
+    );
+    write(&mut c, 1 << 20, 4, 65536);
+    one(&mut c, Op::Flush);
+    assert_eq!(s.ctl_ok("log-mark", &["name=two"]), json!({"entry": 8}));
+    let at_two = read_disk(&mut c);
+    // Unflushed, on both queues: a mark alone makes them durable in the log.
+    fill(&mut c, 5, 2 * MIB, 3 * MIB, 16 << 10, 8);
+    s.ctl_ok("log-mark", &["name=three"]);
+    let at_three = read_disk(&mut c);
+
+    let entries = list(&log);
+    let want = [
+        json!({"index": 0, "kind": "write", "lba": 0, "len": 4096, "mark": null}),
+        json!({"index": 1, "kind": "write", "lba": 128, "len": 8192, "mark": null}),
+        json!({"index": 2, "kind": "flush", "lba": 0, "len": 0, "mark": null}),
+        json!({"index": 3, "kind": "mark", "lba": 0, "len": 0, "mark": "one"}),
+        json!({"index": 4, "kind": "discard", "lba": 0, "len": 4096, "mark": null}),
+        json!({"index": 5, "kind": "write-zeroes", "lba": 128, "len": 4096, "mark": null}),
+        json!({"index": 6, "kind": "write", "lba": 2048, "len": 65536, "mark": null}),
+        json!({"index": 7, "kind": "flush", "lba": 0, "len": 0, "mark": null}),
+        json!({"index": 8, "kind": "mark", "lba": 0, "len": 0, "mark": "two"}),
+    ];
+    assert_eq!(&entries[..9], &want);
+    // The load: 64 writes of 16 KiB (any order across the queues), then the mark.
+    let load = &entries[9..];
+    assert_eq!(load.len(), 65);
+    let mut lbas: Vec<u64> = load[..64]
+        .iter()
+        .map(|e| {
+            assert_eq!((&e["kind"], &e["len"]), (&json!("write"), &json!(16384)));
+            e["lba"].as_u64().unwrap()
+        })
+        .collect();
+    lbas.sort_unstable();
+    assert_eq!(lbas, (0..64).map(|i| 4096 + i * 32).collect::<Vec<u64>>());
+    assert_eq!(load[64]["mark"], "three");
+
+    assert!(replayed(&base, &log, &["--to-mark", "one"]) == at_one);
+    assert!(replayed(&base, &log, &["--to-flush", "1"]) == at_one);
+    assert!(replayed(&base, &log, &["--to-mark", "two"]) == at_two);
+    assert!(replayed(&base, &log, &["--to-flush", "2"]) == at_two);
+    assert!(replayed(&base, &log, &["--to-entry", "7"]) == at_two);
+    assert!(replayed(&base, &log, &["--to-mark", "three"]) == at_three);
+    // Entry 5 (write-zeroes) done, entry 6 not: the zeros are there, the 64 KiB write is not.
+    let at5 = replayed(&base, &log, &["--to-entry", "5"]);
+    assert_eq!(&at5[..4096], &[0u8; 4096][..]);
+    assert_eq!(&at5[64 << 10..(64 << 10) + 4096], &[0u8; 4096][..]);
+    assert!(at5[1 << 20..(1 << 20) + 65536] == pattern(1, 1 << 20, 65536));
+
+    let st = s.ctl_ok("query-status", &[]);
+    assert_eq!(st["write_log"]["path"], s(&log));
+    assert_eq!(st["write_log"]["entries"], 74);
+    assert_eq!(st["write_log"]["durable_entries"], 74);
+    assert_eq!(
+        st["write_log"]["bytes"],
+        std::fs::metadata(&log).unwrap().len()
+    );
+}
+
+#[test]
+fn log_check_stops_at_the_first_failing_point_and_keeps_that_copy() {
+    let (s, base, log) = start(&[]);
+    let mut c = s.client(1);
+    write(&mut c, 0, 2, 4096);
+    one(&mut c, Op::Flush);
+    s.ctl_ok("log-mark", &["name=a"]);
+    write(&mut c, 8192, 3, 4096);
+    one(&mut c, Op::Flush);
+    s.ctl_ok("log-mark", &["name=b"]);
+    let at_b = read_disk(&mut c);
+    write(&mut c, 16384, 4, 4096);
+    one(&mut c, Op::Flush);
+    s.ctl_ok("log-mark", &["name=c"]);
+    drop(c);
+
+    // Fails once the second write is there: at mark b, the second point.
+    let dir = base.parent().unwrap();
+    let second = dir.join("second.bin");
+    std::fs::write(&second, pattern(3, 8192, 4096)).unwrap();
+    let script = "! cmp -s -i 8192:0 -n 4096 \"$1\" \"$2\"";
+    let (code, out, err) = remapblk(&[
+        "log",
+        "check",
+        s(&log),
+        "--base",
+        s(&base),
+        "--each",
+        "mark",
+        "--",
+        "sh",
+        "-c",
+        script,
+        "sh",
+        "{}",
+        s(&second),
+    ]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    let points: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(points.len(), 2, "{out}");
+    assert_eq!(points[0]["mark"], "a");
+    assert_eq!(points[0]["status"], 0);
+    assert_eq!(points[1]["mark"], "b");
+    assert_eq!(points[1]["status"], 1);
+    assert_eq!(points[1]["ok"], false);
+    let kept = err
+        .split("kept at ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(PathBuf::from)
+        .expect("the kept copy's path");
+    assert!(kept.starts_with(dir), "{err}");
+    assert!(
+        std::fs::read(&kept).unwrap() == at_b,
+        "the kept copy is the disk at mark b"
+    );
+
+    // A command that passes everywhere: one line per flush, exit 0, no copy left.
+    std::fs::remove_file(&kept).unwrap();
+    let (code, out, err) = remapblk(&[
+        "log",
+        "check",
+        s(&log),
+        "--base",
+        s(&base),
+        "--",
+        "test",
+        "-s",
+        "{}",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 3, "{out}");
+    assert!(out.lines().all(|l| l.contains("\"ok\":true")), "{out}");
+    let left = std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains(".check-")
+        })
+        .count();
+    assert_eq!(left, 0);
+
+    // Bad usage: no {} in the command, no stop for replay.
+    let (code, _, err) = remapblk(&["log", "check", s(&log), "--base", s(&base), "--", "true"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("{}"), "{err}");
+    let (code, _, _) = remapblk(&["log", "replay", s(&log), "--image", s(&base)]);
+    assert_eq!(code, 2);
+    let (code, _, _) = remapblk(&[
+        "log",
+        "replay",
+        s(&log),
+        "--image",
+        s(&base),
+        "--to-flush",
+        "0",
+    ]);
+    assert_eq!(code, 2);
+    // A mark the log lacks: exit 1, the copy untouched.
+    let before = std::fs::read(&base).unwrap();
+    let (code, _, err) = remapblk(&[
+        "log",
+        "replay",
+        s(&log),
+        "--image",
+        s(&base),
+        "--to-mark",
+        "zz",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("its marks: a, b, c"), "{err}");
+    assert!(std::fs::read(&base).unwrap() == before);
+}
+
+#[test]
+fn a_killed_server_leaves_a_log_that_parses_up_to_its_last_flush() {
+    let (mut s, base, log) = start(&[]);
+    let mut c = s.client(1);
+    for round in 0..4u64 {
+        fill(
+            &mut c,
+            10 + round,
+            round * 256 << 10,
+            (round + 1) * 256 << 10,
+            32 << 10,
+            8,
+        );
+        one(&mut c, Op::Flush);
+    }
+    let flushed = read_disk(&mut c);
+    // More writes, never flushed, then the server dies without a word.
+    fill(&mut c, 20, MIB, 2 * MIB, 32 << 10, 16);
+    s.signal(libc::SIGKILL);
+    s.wait_exit(Duration::from_secs(10));
+
+    let entries = list(&log);
+    assert_eq!(entries.len(), 4 * 9, "8 writes and a flush, four times");
+    assert_eq!(entries.last().unwrap()["kind"], "flush");
+    assert!(replayed(&base, &log, &["--to-flush", "4"]) == flushed);
+
+    // The same log cut inside its last counted entry: refused, naming that entry.
+    let cut = base.with_file_name("cut.log");
+    let bytes = std::fs::read(&log).unwrap();
+    let last_write_end = 512 + 4 * (8 * (512 + (32 << 10)) + 512) - 512;
+    std::fs::write(&cut, &bytes[..last_write_end - 100]).unwrap();
+    let (code, out, err) = remapblk(&["log", "list", s(&cut)]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        out.lines().count(),
+        34,
+        "the whole entries before it are listed"
+    );
+    assert!(err.contains("entry 34 runs past the end"), "{err}");
+    let (code, _, err) = remapblk(&["log", "list", s(&base)]);
+    assert_eq!(code, 1);
+    assert!(err.contains("bad magic"), "{err}");
+}
+
+#[test]
+fn log_mark_says_what_is_wrong() {
+    let (s, _base, log) = start(&[]);
+    for (args, field) in [
+        (vec![], "name: missing"),
+        (vec!["name="], "name: empty"),
+        (vec!["name=a", "b=1"], "b: unknown argument"),
+    ] {
+        let (code, _, err) = s.ctl("log-mark", &args);
+        assert_eq!(code, 1);
+        assert!(err.contains(field), "{args:?}: {err}");
+    }
+    let long = format!("name={}", "x".repeat(480));
+    let (code, _, err) = s.ctl("log-mark", &[&long]);
+    assert_eq!(code, 1);
+    assert!(err.contains("name: 480 bytes"), "{err}");
+    // A number is a name too.
+    assert_eq!(s.ctl_ok("log-mark", &["name=42"]), json!({"entry": 0}));
+    assert_eq!(list(&log)[0]["mark"], "42");
+
+    let plain = Server::start(MIB, &[]);
+    assert_eq!(plain.ctl_ok("query-status", &[])["write_log"], Value::Null);
+    let (code, _, err) = plain.ctl("log-mark", &["name=x"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--write-log"), "{err}");
+}
