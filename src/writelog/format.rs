@@ -9,7 +9,7 @@
 //! anything after them is ignored, which is what makes a log torn by a crash readable.
 
 /// `WRITE_LOG_MAGIC`: "rhswfsj" read as a little-endian number.
-pub const MAGIC: u64 = 0x6a73_6677_7368_72;
+pub const MAGIC: u64 = 0x006a_7366_7773_6872;
 /// `WRITE_LOG_VERSION`.
 pub const VERSION: u64 = 1;
 /// The sector size remapblk writes its logs with: entries count 512-byte sectors, whatever the
