@@ -332,6 +332,90 @@ fn a_killed_server_leaves_a_log_that_parses_up_to_its_last_flush() {
     assert!(err.contains("bad magic"), "{err}");
 }
 
+/// Rounds of 8 writes of 32 KiB (round r writes pattern(100 + r) over region r % 16 of 256
+/// KiB) and a flush, one after the other, until the server stops answering; returns how many
+/// rounds it saw flushed.
+fn rounds_until_the_server_dies(socket: PathBuf) -> u64 {
+    let mut c = Client::connect(&socket, 1, false);
+    let patience = Duration::from_secs(5);
+    for round in 0u64.. {
+        let start = (round % 16) * (256 << 10);
+        let ops: Vec<Op> = (0..8u64)
+            .map(|i| {
+                let offset = start + i * (32 << 10);
+                let data = pattern(100 + round, offset, 32 << 10);
+                c.slot_mut(i as usize, 32 << 10).copy_from_slice(&data);
+                Op::Write {
+                    offset,
+                    len: 32 << 10,
+                }
+            })
+            .collect();
+        let all_done = |r: Option<Vec<i32>>| r.is_some_and(|v| v.iter().all(|&x| x == 0));
+        if !all_done(c.try_batch(0, &ops, patience)) {
+            return round;
+        }
+        if !all_done(c.try_batch(0, &[Op::Flush], patience)) {
+            return round;
+        }
+    }
+    unreachable!()
+}
+
+#[test]
+fn a_server_killed_under_load_leaves_a_log_of_whole_flushed_rounds() {
+    let (mut s, base, log) = start(&[]);
+    let socket = s.socket.clone();
+    let load = std::thread::spawn(move || rounds_until_the_server_dies(socket));
+    wait_until(
+        "20 flushed rounds in the log",
+        Duration::from_secs(30),
+        || {
+            let st = s.ctl_ok("query-status", &[]);
+            st["write_log"]["durable_entries"].as_u64().unwrap_or(0) >= 20 * 9
+        },
+    );
+    s.signal(libc::SIGKILL);
+    s.wait_exit(Duration::from_secs(10));
+    let acked = load.join().expect("the load thread");
+
+    // The super block counts whole rounds only: each flush made its round durable, nothing
+    // after the last one counts.
+    let entries = list(&log);
+    assert_eq!(entries.len() % 9, 0, "whole rounds: {}", entries.len());
+    let rounds = entries.len() as u64 / 9;
+    // A flush completes only once the log is durable up to it; the last one may have been
+    // made durable and then lost its reply to the kill.
+    assert!(
+        rounds >= 20 && (acked..=acked + 1).contains(&rounds),
+        "{rounds} rounds logged, {acked} acknowledged"
+    );
+    for (i, e) in entries.iter().enumerate() {
+        let kind = if i % 9 == 8 { "flush" } else { "write" };
+        assert_eq!(e["kind"], kind, "entry {i}");
+    }
+    // Replayed, the copy holds every logged round's data, the newest of each region.
+    let disk = replayed(
+        &base,
+        &log,
+        &["--to-entry", &(entries.len() - 1).to_string()],
+    );
+    let original = std::fs::read(&base).unwrap();
+    for region in 0..16u64 {
+        let start = region * (256 << 10);
+        let newest = (0..rounds).rev().find(|r| r % 16 == region);
+        for i in 0..8u64 {
+            let off = start + i * (32 << 10);
+            let got = &disk[off as usize..(off + (32 << 10)) as usize];
+            let want = match newest {
+                Some(r) => pattern(100 + r, off, 32 << 10),
+                None => original[off as usize..(off + (32 << 10)) as usize].to_vec(),
+            };
+            assert!(got == want, "region {region} at {off}");
+        }
+    }
+}
+
 #[test]
 fn log_mark_says_what_is_wrong() {
     let (s, _base, log) = start(&[]);

@@ -186,10 +186,12 @@ fn check(c: &Check) -> Result<ExitCode, String> {
     }
     match outcome.map_err(|e| e.to_string())? {
         Outcome::Passed { points: 0 } => {
+            let each = clap::ValueEnum::to_possible_value(&c.each)
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default();
             eprintln!(
-                "remapblk log check: {} has no point to check at (--each {:?}); nothing was run",
+                "remapblk log check: {} has no point to check at (--each {each}); nothing was run",
                 c.log.display(),
-                c.each
             );
             Ok(ExitCode::SUCCESS)
         }
