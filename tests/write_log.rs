@@ -87,7 +87,7 @@ fn write(c: &mut Client, offset: u64, seed: u64, len: usize) {
 
 #[test]
 fn the_log_lists_what_the_client_did_and_replays_to_what_it_read() {
-    let (s, base, log) = start(&["--num-queues", "2"]);
+    let (mut s, base, log) = start(&["--num-queues", "2"]);
     let mut c = s.client(2);
     write(&mut c, 0, 2, 4096);
     write(&mut c, 64 << 10, 3, 8192);
@@ -166,6 +166,19 @@ fn the_log_lists_what_the_client_did_and_replays_to_what_it_read() {
         st["write_log"]["bytes"],
         std::fs::metadata(&log).unwrap().len()
     );
+
+    // A clean exit flushes the image, and the log counts everything, that flush last.
+    write(&mut c, 3 * MIB, 6, 4096);
+    drop(c);
+    s.signal(libc::SIGTERM);
+    assert!(s.wait_exit(Duration::from_secs(20)).success());
+    let entries = list(&log);
+    assert_eq!(entries.len(), 76);
+    assert_eq!(
+        (&entries[74]["kind"], &entries[74]["lba"]),
+        (&json!("write"), &json!(6144))
+    );
+    assert_eq!(entries[75]["kind"], "flush");
 }
 
 #[test]
@@ -418,7 +431,9 @@ fn a_server_killed_under_load_leaves_a_log_of_whole_flushed_rounds() {
 
 #[test]
 fn log_mark_says_what_is_wrong() {
-    let (s, _base, log) = start(&[]);
+    let edir = tempfile::tempdir().unwrap();
+    let events = edir.path().join("events.log");
+    let (s, _base, log) = start(&["--event-log", p(&events)]);
     for (args, field) in [
         (vec![], "name: missing"),
         (vec!["name="], "name: empty"),
@@ -435,6 +450,31 @@ fn log_mark_says_what_is_wrong() {
     // A number is a name too.
     assert_eq!(s.ctl_ok("log-mark", &["name=42"]), json!({"entry": 0}));
     assert_eq!(list(&log)[0]["mark"], "42");
+
+    let events = std::fs::read_to_string(&events).unwrap();
+    let marks: Vec<Value> = events
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["event"] == "log-mark")
+        .collect();
+    assert_eq!(marks.len(), 1, "{events}");
+    assert_eq!(
+        (&marks[0]["name"], &marks[0]["entry"]),
+        (&json!("42"), &json!(0))
+    );
+
+    // A second server on the same log (a migration's destination given the source's command
+    // line) is refused, and the log is left whole.
+    let other = s.dir.path().join("other.img");
+    std::fs::write(&other, vec![0u8; MIB as usize]).unwrap();
+    let (code, err) = serve_refused(
+        &other,
+        &s.dir.path().join("other.sock"),
+        &["--write-log", p(&log)],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("being written by another process"), "{err}");
+    assert_eq!(list(&log).len(), 1);
 
     let plain = Server::start(MIB, &[]);
     assert_eq!(plain.ctl_ok("query-status", &[])["write_log"], Value::Null);

@@ -32,6 +32,8 @@ pub enum OpenError {
     Create { path: PathBuf, source: io::Error },
     #[error("--write-log {path} is the {what} itself; give the log a file of its own")]
     SameFile { path: PathBuf, what: &'static str },
+    #[error("--write-log {path} is being written by another process (another remapblk serve, e.g. the source of a migration); give this one a log of its own")]
+    InUse { path: PathBuf },
     #[error("--write-log {path}: cannot write the log's super block: {source}")]
     Super { path: PathBuf, source: io::Error },
 }
@@ -70,7 +72,10 @@ pub struct LogWriter {
 impl LogWriter {
     /// Creates `path` (0600), or truncates it: a log is a record of one run of the server.
     /// `not` are files the log must not be (the image, the spare file): truncating one of
-    /// them would destroy the disk.
+    /// them would destroy the disk. The log is locked (flock) for as long as this process
+    /// lives, and a log another process holds is refused before anything is truncated: a
+    /// migration's destination started with the source's command line must not wipe the
+    /// source's log.
     pub fn create(
         path: &Path,
         not: &[(&'static str, &Path)],
@@ -88,13 +93,30 @@ impl LogWriter {
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .mode(crate::filemode::PRIVATE_FILE)
             .open(path)
             .map_err(|source| OpenError::Create {
                 path: path.to_path_buf(),
                 source,
             })?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::EWOULDBLOCK) => OpenError::InUse {
+                    path: path.to_path_buf(),
+                },
+                _ => OpenError::Create {
+                    path: path.to_path_buf(),
+                    source: e,
+                },
+            });
+        }
+        file.set_len(0).map_err(|source| OpenError::Create {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let w = LogWriter {
             path: path.to_path_buf(),
             file,
@@ -455,6 +477,25 @@ mod tests {
             .unwrap();
         assert!(e.to_string().contains("is the image itself"), "{e}");
         assert_eq!(std::fs::read(&image).unwrap(), b"data");
+    }
+
+    #[test]
+    fn a_log_another_writer_holds_is_refused_and_left_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let w = LogWriter::create(&path, &[], Arc::new(EventLog::disabled())).unwrap();
+        w.mark("kept").unwrap();
+        // flock locks belong to the open file description: a second open conflicts as a
+        // second process's would.
+        let e = LogWriter::create(&path, &[], Arc::new(EventLog::disabled()))
+            .err()
+            .unwrap();
+        assert!(matches!(e, OpenError::InUse { .. }), "{e}");
+        assert_eq!(LogFile::open(&path).unwrap().nr_entries(), 1);
+        drop(w);
+        let w = LogWriter::create(&path, &[], Arc::new(EventLog::disabled())).unwrap();
+        assert_eq!(w.status().entries, 0, "a new run truncates");
+        assert_eq!(LogFile::open(&path).unwrap().nr_entries(), 0);
     }
 
     #[test]
