@@ -171,22 +171,22 @@ impl LogFile {
         self.entries().collect()
     }
 
-    /// A write's data, into `buf` (resized to it).
-    pub fn read_data(&self, e: &Entry, buf: &mut Vec<u8>) -> Result<(), LogError> {
-        let n = if e.kind() == Kind::Write { e.len } else { 0 };
-        buf.resize(n as usize, 0);
+    /// `buf.len()` bytes of a write's data from byte `at` of it (the caller keeps within
+    /// [`Entry::len`]).
+    pub fn read_data_at(&self, e: &Entry, at: u64, buf: &mut [u8]) -> Result<(), LogError> {
         self.file
-            .read_exact_at(buf, e.data_at)
+            .read_exact_at(buf, e.data_at + at)
             .map_err(|source| LogError::Read {
                 path: self.path.clone(),
                 source,
             })
     }
 
-    /// A write's data.
+    /// A write's data, whole (for tests and small entries: a replay reads it in pieces).
     pub fn data(&self, e: &Entry) -> Result<Vec<u8>, LogError> {
-        let mut buf = Vec::new();
-        self.read_data(e, &mut buf)?;
+        let n = if e.kind() == Kind::Write { e.len } else { 0 };
+        let mut buf = vec![0u8; n as usize];
+        self.read_data_at(e, 0, &mut buf)?;
         Ok(buf)
     }
 

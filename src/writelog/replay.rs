@@ -14,6 +14,9 @@ use crate::storage::image::BLKZEROOUT;
 
 /// Zeros written at once where a file cannot punch holes.
 const ZERO_CHUNK: usize = 1 << 20;
+/// A write's data is moved in pieces of at most this much: a log may hold (or claim) writes
+/// larger than memory.
+const DATA_CHUNK: u64 = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -151,10 +154,16 @@ impl Replayer {
             source,
         };
         if kind == Kind::Write {
-            log.read_data(e, &mut self.buf)?;
-            self.file
-                .write_all_at(&self.buf, e.offset())
-                .map_err(werr)?;
+            let mut at = 0;
+            while at < e.len() {
+                let n = (e.len() - at).min(DATA_CHUNK) as usize;
+                self.buf.resize(n, 0);
+                log.read_data_at(e, at, &mut self.buf)?;
+                self.file
+                    .write_all_at(&self.buf, e.offset() + at)
+                    .map_err(werr)?;
+                at += n as u64;
+            }
             self.bytes += e.len();
         } else {
             self.zero(e.offset(), e.len()).map_err(werr)?;
@@ -286,6 +295,27 @@ mod tests {
             let e = replay_to(&log, &base, until).unwrap_err().to_string();
             assert!(e.contains(msg), "{e}");
         }
+    }
+
+    #[test]
+    fn a_write_larger_than_a_piece_replays_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let w = LogWriter::create(&path, &[], Arc::new(EventLog::disabled())).unwrap();
+        let data: Vec<u8> = (0..DATA_CHUNK as usize + 1536)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        // SAFETY: `data` outlives the call.
+        unsafe { w.write(512, &[iov(&data)]) };
+        w.commit().unwrap();
+        let base = dir.path().join("base");
+        std::fs::write(&base, vec![0u8; data.len() + 4096]).unwrap();
+        let got = replay_to(&path, &base, Until::Entry(0)).unwrap();
+        assert!(got[512..512 + data.len()] == data[..]);
+        assert!(got[..512]
+            .iter()
+            .chain(&got[512 + data.len()..])
+            .all(|&b| b == 0));
     }
 
     #[test]
