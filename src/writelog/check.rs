@@ -2,22 +2,17 @@
 //! (each point continues from the last, never from the base again), a command run on it at
 //! each, and the copy kept where the command first fails.
 
-use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use serde::Serialize;
 
+use super::copy::clone_or_copy;
 use super::format::Kind;
 use super::reader::{Entry, LogError, LogFile};
 use super::replay::{ReplayError, Replayer};
-
-/// `FICLONE`, `_IOW(0x94, 9, int)`: share the base's blocks where the filesystem can.
-const FICLONE: libc::c_ulong = 0x4004_9409;
 
 /// Which entries are points to check at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -115,7 +110,7 @@ impl Check<'_> {
             return Ok(Outcome::Passed { points: 0 });
         }
         let copy = scratch_path(self.base, self.scratch);
-        make_copy(self.base, &copy).map_err(|source| CheckError::Copy {
+        clone_or_copy(self.base, &copy).map_err(|source| CheckError::Copy {
             base: self.base.to_path_buf(),
             copy: copy.clone(),
             source,
@@ -203,28 +198,6 @@ fn scratch_path(base: &Path, dir: Option<&Path>) -> PathBuf {
         .or_else(|| base.parent().map(Path::to_path_buf))
         .unwrap_or_default();
     dir.join(format!("{name}.check-{}", std::process::id()))
-}
-
-/// Copies `base` to a new file `copy`: a reflink where the filesystem shares blocks, else
-/// copy_file_range (std's copy between files), which may share them too.
-fn make_copy(base: &Path, copy: &Path) -> io::Result<()> {
-    let mut src = File::open(base)?;
-    let mut dst = File::options()
-        .write(true)
-        .create_new(true)
-        .mode(crate::filemode::PRIVATE_FILE)
-        .open(copy)?;
-    // SAFETY: FICLONE reads the source descriptor from its argument.
-    let cloned = unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE, src.as_raw_fd()) } == 0;
-    let copied = if cloned {
-        Ok(())
-    } else {
-        io::copy(&mut src, &mut dst).map(drop)
-    };
-    if copied.is_err() {
-        let _ = std::fs::remove_file(copy);
-    }
-    copied
 }
 
 #[cfg(test)]

@@ -4,13 +4,15 @@
 //! The log uses dm-log-writes' on-disk format, so xfstests' `replay-log` reads it too:
 //! `format` is the wire format alone; `writer` appends entries in completion order and makes
 //! them durable at flushes and marks; `target` is the block-stack layer that feeds it;
-//! `reader`, `replay` and `check` are the offline side; `tool` runs the `log` subcommand.
+//! `reader`, `replay`, `check` and `copy` (the scratch copy) are the offline side; `tool`
+//! runs the `log` subcommand.
 //!
 //! What a log records are the guest's own addresses and bytes (the layer sits above remap and
 //! faults), so a replay onto a copy of the image the run started from gives the disk the
 //! guest saw, whatever was remapped underneath.
 
 pub mod check;
+pub mod copy;
 pub mod format;
 pub mod reader;
 pub mod replay;
