@@ -31,7 +31,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => run_serve(args),
         Command::Ctl(args) => return run_ctl(args),
         Command::Metadata { action } => return run_metadata(action),
-        Command::Log { action } => return remapblk::writelog::tool::run(action),
+        Command::Log { action } => return writelog::tool::run(action),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

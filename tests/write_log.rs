@@ -482,3 +482,56 @@ fn log_mark_says_what_is_wrong() {
     assert_eq!(code, 1);
     assert!(err.contains("--write-log"), "{err}");
 }
+
+/// The log sits above remap and faults: it records what the guest asked for and got. A write
+/// that failed is not logged; one that auto-remap saved, or that went to remapped blocks, is,
+/// at the guest's address; a replay onto the starting image gives what the client reads.
+#[test]
+fn remaps_and_faults_under_the_log_leave_the_guests_view_in_it() {
+    let (s, base, log) = start(&[]);
+    let mut c = s.client(1);
+    // Blocks 100..104 fail writes on the image: auto-remap moves them to the spare.
+    s.ctl_ok("fault-add", &["op=write", "lba=100", "count=4"]);
+    write(&mut c, 100 * 512, 2, 2048);
+    assert_eq!(s.remapped_lbas(), vec![100, 101, 102, 103]);
+    // Blocks 300..308 remapped by hand, then written.
+    s.ctl_ok("remap-add", &["lba=300", "count=8"]);
+    write(&mut c, 300 * 512, 3, 4096);
+    one(&mut c, Op::Flush);
+    s.ctl_ok("log-mark", &["name=end"]);
+    let at_end = read_disk(&mut c);
+    let entries = list(&log);
+    let kinds: Vec<(&str, u64)> = entries
+        .iter()
+        .map(|e| (e["kind"].as_str().unwrap(), e["lba"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [("write", 100), ("write", 300), ("flush", 0), ("mark", 0)]
+    );
+    assert!(replayed(&base, &log, &["--to-mark", "end"]) == at_end);
+
+    // Without auto-remap the faulted write fails, and the log has nothing of it.
+    let (s2, _base2, log2) = start(&["--auto-remap", "off"]);
+    let mut c2 = s2.client(1);
+    s2.ctl_ok("fault-add", &["op=write", "lba=100", "count=4"]);
+    c2.slot_mut(0, 2048)
+        .copy_from_slice(&pattern(2, 100 * 512, 2048));
+    assert_eq!(
+        c2.batch(
+            0,
+            &[Op::Write {
+                offset: 100 * 512,
+                len: 2048
+            }]
+        ),
+        vec![-libc::EIO]
+    );
+    write(&mut c2, 0, 4, 512);
+    s2.ctl_ok("log-mark", &["name=end"]);
+    let kinds: Vec<String> = list(&log2)
+        .iter()
+        .map(|e| format!("{} {}", e["kind"].as_str().unwrap(), e["lba"]))
+        .collect();
+    assert_eq!(kinds, ["write 0", "mark 0"]);
+}
