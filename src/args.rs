@@ -46,15 +46,20 @@ pub enum Command {
 /// `remapblk log`. Logs are in dm-log-writes' format (xfstests' replay-log reads them too).
 #[derive(Debug, Subcommand)]
 pub enum LogAction {
-    /// Print one JSON line per entry, in completion order: index (from 0), kind (write,
-    /// discard, write-zeroes, flush, mark), lba (in 512-byte sectors), len (in bytes), mark
-    /// (a mark's name, else null). Only entries the log made durable are listed.
+    /// Print one JSON line per entry, in completion order.
+    ///
+    /// Fields: index (from 0), kind (write, discard, write-zeroes, flush, mark), lba (in
+    /// 512-byte sectors), len (in bytes), mark (a mark's name, else null). Only entries the
+    /// log made durable are listed.
     List {
         /// The log.
         log: PathBuf,
     },
-    /// Replay the log's entries, from the first up to and including the point given, onto
-    /// COPY in place. COPY must be a copy of the image as it was when the server started.
+    /// Replay the log onto a copy of the image, up to a mark, a flush or an entry.
+    ///
+    /// Entries from the first up to and including the point given are applied onto COPY in
+    /// place. COPY must be a copy of the image as it was when the server started; it is left
+    /// untouched when the log is damaged or lacks the point.
     Replay {
         /// The log.
         log: PathBuf,
@@ -64,10 +69,12 @@ pub enum LogAction {
         #[command(flatten)]
         until: ReplayUntil,
     },
-    /// Replay the log into a scratch copy of BASE point by point (each point continues from
-    /// the last) and run CMD at each, {} standing for the copy's path. Prints one JSON line
+    /// Run a command on the disk at every flush (or mark, or entry) of the log.
+    ///
+    /// Replays the log into a scratch copy of BASE point by point (each point continues from
+    /// the last) and runs CMD at each, {} standing for the copy's path. Prints one JSON line
     /// per point with CMD's exit status. Exit 0: every point passed; 1: CMD failed at a point
-    /// (the copy is kept as it was there, and named) or the log is damaged.
+    /// (the copy is kept as it was there, and named) or the log is damaged; 2: bad usage.
     #[command(after_help = "Example: remapblk log check run.log --base base.img -- e2fsck -fn {}")]
     Check {
         /// The log.
@@ -415,6 +422,54 @@ mod tests {
             panic!("not ctl")
         };
         assert_eq!(a.name, "no-such-command");
+    }
+
+    #[test]
+    fn log_commands_take_one_stop_and_a_command() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["remapblk", "log"], args].concat());
+        let cli = parse(&["replay", "l", "--image", "c", "--to-flush", "2"]).unwrap();
+        let Command::Log {
+            action: LogAction::Replay { until, .. },
+        } = cli.command
+        else {
+            panic!("not log replay")
+        };
+        assert_eq!(
+            (until.to_flush, until.to_mark, until.to_entry),
+            (Some(2), None, None)
+        );
+        assert!(
+            parse(&["replay", "l", "--image", "c"]).is_err(),
+            "a stop is required"
+        );
+        assert!(parse(&["replay", "l", "--image", "c", "--to-flush", "0"]).is_err());
+        assert!(
+            parse(&[
+                "replay",
+                "l",
+                "--image",
+                "c",
+                "--to-entry",
+                "1",
+                "--to-mark",
+                "m"
+            ])
+            .is_err(),
+            "one stop only"
+        );
+        let cli = parse(&["check", "l", "--base", "b", "--", "e2fsck", "-fn", "{}"]).unwrap();
+        let Command::Log {
+            action: LogAction::Check { each, cmd, .. },
+        } = cli.command
+        else {
+            panic!("not log check")
+        };
+        assert_eq!(each, crate::writelog::check::Each::Flush);
+        assert_eq!(cmd, ["e2fsck", "-fn", "{}"]);
+        assert!(
+            parse(&["check", "l", "--base", "b"]).is_err(),
+            "a command is required"
+        );
     }
 
     #[test]
