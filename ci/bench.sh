@@ -31,6 +31,9 @@
 #   remap10k-randread-4k-qd32                              remapblk with 10,000 scattered remaps
 #                                                          vs remapblk with an empty table
 #                                                          (interleaved, see below)
+#   volatile-rand{write,read}-4k-qd32                      remapblk --cache-model volatile vs
+#                                                          remapblk (A is the lab's mode)
+#   writelog-rand{write,read}-4k-qd32                      remapblk --write-log vs remapblk
 #   --self-check: selfcheck-{randread-4k-qd1,randread-4k-qd32,randwrite-4k-qd32,read-1M-qd8},
 #   selfcheck-interleaved-randread-4k-qd32, selfcheck-null-{randread,randwrite}-4k-qd32
 #
@@ -128,6 +131,10 @@ else
         "poll-null-randread-4k-qd32|randread|4k|32|1|remapblk-null-poll|qsd-null|interleaved"
         "poll-null-randwrite-4k-qd32|randwrite|4k|32|1|remapblk-null-poll|qsd-null|interleaved"
         "remap10k-randread-4k-qd32|randread|4k|32|1|remapblk-remap|remapblk-empty|interleaved"
+        "volatile-randwrite-4k-qd32|randwrite|4k|32|1|remapblk-volatile|remapblk"
+        "volatile-randread-4k-qd32|randread|4k|32|1|remapblk-volatile|remapblk"
+        "writelog-randwrite-4k-qd32|randwrite|4k|32|1|remapblk-writelog|remapblk"
+        "writelog-randread-4k-qd32|randread|4k|32|1|remapblk-writelog|remapblk"
     )
 fi
 SELECTED=()
@@ -203,7 +210,8 @@ start_server() {
     local cmd engine=()
     [[ -n "$ENGINE" ]] && engine=(--engine "$ENGINE")
     case "$kind" in
-        remapblk|remapblk-poll|remapblk-remap|remapblk-empty|remapblk-null|remapblk-null-poll)
+        remapblk|remapblk-poll|remapblk-remap|remapblk-empty|remapblk-null|remapblk-null-poll|\
+        remapblk-volatile|remapblk-writelog)
             cmd=(taskset -c 1 "$REMAPBLK" serve --image "$img" --socket "$SOCK"
                  --num-queues "$queues" --queue-size 1024)
             case "$kind" in
@@ -211,6 +219,12 @@ start_server() {
                 remapblk-poll)
                     fresh_copy "$SEED" "$img"
                     cmd+=(--poll-us "$POLL_US") ;;
+                remapblk-volatile)
+                    fresh_copy "$SEED" "$img"
+                    cmd+=(--cache-model volatile) ;;
+                remapblk-writelog)
+                    fresh_copy "$SEED" "$img"
+                    cmd+=(--write-log "$RUN_DIR/writes.log") ;;
                 remapblk-remap|remapblk-empty)
                     image_for "$img"
                     fresh_copy "$OUT/${kind#remapblk-}.spare" "$RUN_DIR/disk.spare"
@@ -416,7 +430,9 @@ meta, skipped, order = json.loads(meta), json.loads(skipped), json.loads(order)
 label = {"remapblk": "remapblk", "qsd": "qsd", "remapblk-null": "remapblk null",
          "qsd-null": "qsd null-co", "remapblk-remap": "remapblk 10k remaps",
          "remapblk-empty": "remapblk empty table", "remapblk-poll": "remapblk --poll-us",
-         "remapblk-null-poll": "remapblk null --poll-us"}
+         "remapblk-null-poll": "remapblk null --poll-us",
+         "remapblk-volatile": "remapblk --cache-model volatile",
+         "remapblk-writelog": "remapblk --write-log"}
 
 summary = []
 for load in order:

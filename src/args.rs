@@ -37,6 +37,78 @@ pub enum Command {
         #[command(subcommand)]
         action: MetadataAction,
     },
+    /// Read, replay and check a write log (serve --write-log) offline.
+    Log {
+        #[command(subcommand)]
+        action: LogAction,
+    },
+}
+
+/// `remapblk log`. Logs are in dm-log-writes' format (xfstests' replay-log reads them too).
+#[derive(Debug, Subcommand)]
+pub enum LogAction {
+    /// Print one JSON line per entry, in completion order.
+    ///
+    /// Fields: index (from 0), kind (write, discard, write-zeroes, flush, mark), lba (in
+    /// 512-byte sectors), len (in bytes), mark (a mark's name, else null). Only entries the
+    /// log made durable are listed.
+    List {
+        /// The log.
+        log: PathBuf,
+    },
+    /// Replay the log onto a copy of the image, up to a mark, a flush or an entry.
+    ///
+    /// Entries from the first up to and including the point given are applied onto COPY in
+    /// place. COPY must be a copy of the image as it was when the server started; it is left
+    /// untouched when the log is damaged or lacks the point.
+    Replay {
+        /// The log.
+        log: PathBuf,
+        /// The file or block device to replay onto (changed in place).
+        #[arg(long, value_name = "COPY")]
+        image: PathBuf,
+        #[command(flatten)]
+        until: ReplayUntil,
+    },
+    /// Run a command on the disk at every flush (or mark, or entry) of the log.
+    ///
+    /// Replays the log into a scratch copy of BASE point by point (each point continues from
+    /// the last) and runs CMD at each, {} standing for the copy's path. Prints one JSON line
+    /// per point with CMD's exit status. Exit 0: every point passed; 1: CMD failed at a point
+    /// (the copy is kept as it was there, and named) or the log is damaged; 2: bad usage.
+    #[command(after_help = "Example: remapblk log check run.log --base base.img -- e2fsck -fn {}")]
+    Check {
+        /// The log.
+        log: PathBuf,
+        /// The image as it was when the server started (left untouched).
+        #[arg(long, value_name = "IMAGE")]
+        base: PathBuf,
+        /// Which entries are points to check at.
+        #[arg(long, value_enum, default_value = "flush")]
+        each: crate::writelog::check::Each,
+        /// Directory for the scratch copy (a reflink of BASE where the filesystem allows).
+        /// Default: BASE's directory.
+        #[arg(long, value_name = "DIR")]
+        scratch: Option<PathBuf>,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        cmd: Vec<String>,
+    },
+}
+
+/// Where `log replay` stops: exactly one of these.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct ReplayUntil {
+    /// Up to and including the first mark of this name.
+    #[arg(long, value_name = "NAME")]
+    pub to_mark: Option<String>,
+    /// Up to and including the Nth flush (counting from 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub to_flush: Option<u64>,
+    /// Up to and including the entry of index N (as `log list` numbers them).
+    #[arg(long, value_name = "N")]
+    pub to_entry: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -240,6 +312,12 @@ pub struct ServeArgs {
     /// drive does, and counts it (query-status: cache_auto_flushes). E.g. 64K, 64M, 1G.
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
     pub cache_size: u64,
+    /// Record every write, discard, write-zeroes and flush the guest completes, with its
+    /// data, and the marks of `ctl log-mark`, in completion order, in dm-log-writes' format
+    /// (read it with `remapblk log`). PATH is created, or truncated: one log per run. The
+    /// log is made durable at every flush and mark.
+    #[arg(long, value_name = "PATH")]
+    pub write_log: Option<PathBuf>,
 
     /// System call filter (seccomp), installed once the image, spare, sockets and event log
     /// are open: on (a call outside the allow-list ends the process with SIGSYS and a line on
@@ -365,6 +443,54 @@ mod tests {
             panic!("not ctl")
         };
         assert_eq!(a.name, "no-such-command");
+    }
+
+    #[test]
+    fn log_commands_take_one_stop_and_a_command() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["remapblk", "log"], args].concat());
+        let cli = parse(&["replay", "l", "--image", "c", "--to-flush", "2"]).unwrap();
+        let Command::Log {
+            action: LogAction::Replay { until, .. },
+        } = cli.command
+        else {
+            panic!("not log replay")
+        };
+        assert_eq!(
+            (until.to_flush, until.to_mark, until.to_entry),
+            (Some(2), None, None)
+        );
+        assert!(
+            parse(&["replay", "l", "--image", "c"]).is_err(),
+            "a stop is required"
+        );
+        assert!(parse(&["replay", "l", "--image", "c", "--to-flush", "0"]).is_err());
+        assert!(
+            parse(&[
+                "replay",
+                "l",
+                "--image",
+                "c",
+                "--to-entry",
+                "1",
+                "--to-mark",
+                "m"
+            ])
+            .is_err(),
+            "one stop only"
+        );
+        let cli = parse(&["check", "l", "--base", "b", "--", "e2fsck", "-fn", "{}"]).unwrap();
+        let Command::Log {
+            action: LogAction::Check { each, cmd, .. },
+        } = cli.command
+        else {
+            panic!("not log check")
+        };
+        assert_eq!(each, crate::writelog::check::Each::Flush);
+        assert_eq!(cmd, ["e2fsck", "-fn", "{}"]);
+        assert!(
+            parse(&["check", "l", "--base", "b"]).is_err(),
+            "a command is required"
+        );
     }
 
     #[test]

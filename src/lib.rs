@@ -21,3 +21,4 @@ pub mod stats;
 pub mod storage;
 pub mod unix;
 pub mod virtio;
+pub mod writelog;

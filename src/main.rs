@@ -22,6 +22,7 @@ use remapblk::remap::{self, RemapTable, RemapTarget};
 use remapblk::storage::{BlockIo, Image, NullTarget, OpenOptions};
 use remapblk::unix::{self, Listen};
 use remapblk::virtio::ID_BYTES;
+use remapblk::writelog;
 
 const DEFAULT_IMAGE_SIZE: u64 = 1 << 30;
 
@@ -32,6 +33,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => run_serve(args),
         Command::Ctl(args) => return run_ctl(args),
         Command::Metadata { action } => return run_metadata(action),
+        Command::Log { action } => return writelog::tool::run(action),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -240,6 +242,14 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
     } else {
         handover
     };
+    // Created once the image and spare are ours, so a refused start truncates no log.
+    let write_log = writelog::open_for_serve(
+        a.write_log.as_deref(),
+        &a.image,
+        &spare_path,
+        events.clone(),
+    )
+    .map_err(|e| e.to_string())?;
     if mode == Mode::Incoming {
         info!(
             "waiting to take over {} and {} when the frontend starts the rings (serve --incoming)",
@@ -272,9 +282,12 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
         a.block_size,
         a.auto_remap,
     ));
+    // The write log sits under the cache: it records the guest's own addresses and bytes, a
+    // power cut's reverts included.
+    let stack = writelog::layer(target.clone(), write_log.as_ref());
     // The cache layer is always on top: it owns the power state even with --cache-model none.
     let cache = Arc::new(CacheTarget::new(
-        target.clone(),
+        stack,
         a.cache_model,
         a.block_size,
         a.cache_size,
@@ -288,6 +301,7 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
         remap: target,
         overlay,
         cache,
+        write_log,
     });
     let _control = ControlServer::start(&control_path, a.socket_mode, commands)
         .map_err(|e| format!("control socket: {e}"))?;

@@ -16,6 +16,7 @@ use crate::io::EngineKind;
 use crate::overlay::{self, lab::Lab, Overlay};
 use crate::remap::RemapTarget;
 use crate::stats::{Counters, Latency};
+use crate::writelog::{self, LogWriter};
 
 pub struct Commands {
     pub dev: Arc<Device>,
@@ -26,6 +27,8 @@ pub struct Commands {
     pub overlay: Option<Arc<Overlay>>,
     /// The top of the block stack: the cache model and the power state.
     pub cache: Arc<CacheTarget>,
+    /// `serve --write-log`'s writer, if any.
+    pub write_log: Option<Arc<LogWriter>>,
 }
 
 /// `query-status`.
@@ -63,6 +66,8 @@ pub struct Status {
     pub cache_auto_flushes: u64,
     /// False between power-cut and power-on: every request fails or is held.
     pub powered: bool,
+    /// The write log (`serve --write-log`): null, or its path, entries and bytes.
+    pub write_log: Option<writelog::Status>,
 }
 
 /// `query-stats`.
@@ -93,6 +98,12 @@ pub struct QueueReport {
 #[derive(Deserialize)]
 struct FaultId {
     id: u64,
+}
+
+/// `log-mark`'s arguments.
+#[derive(Deserialize)]
+struct MarkArgs {
+    name: Value,
 }
 
 /// The blocks `lba`, `lba + stride`, ... (`count` of them; stride 1 by default: a run) of
@@ -182,6 +193,7 @@ impl Commands {
             }
             CommandName::PowerCut => self.power_cut(&req.arguments),
             CommandName::PowerOn => none().and_then(|_| self.power_on()),
+            CommandName::LogMark => self.log_mark(&req.arguments),
         }
     }
 
@@ -210,6 +222,28 @@ impl Commands {
         } else {
             Err(ArgError::new("id", format!("no fault with id {id}; see fault-list")).into())
         }
+    }
+
+    fn log_mark(&self, map: &Map<String, Value>) -> CommandResult {
+        let mut args = Args::new(map);
+        let MarkArgs { name } = args
+            .take()
+            .map_err(|e| e.explain_missing("name", "the mark's name, e.g. name=after-mkfs"))?;
+        args.finish(&CommandName::LogMark.name())?;
+        // `ctl` sends name=42 as a number: a mark's name is its text all the same.
+        let name = match name {
+            Value::String(s) => s,
+            Value::Number(n) => n.to_string(),
+            v => return Err(ArgError::new("name", format!("must be a string, got {v}")).into()),
+        };
+        writelog::writer::check_mark_name(&name).map_err(|d| ArgError::new("name", d))?;
+        let Some(log) = &self.write_log else {
+            return Err(CommandError::generic(
+                "this server keeps no write log: start it with --write-log PATH to record marks",
+            ));
+        };
+        let entry = log.mark(&name).map_err(generic)?;
+        Ok(json!({ "entry": entry }))
     }
 
     /// The `lba=N [count=M] [stride=S]` of remap-add and remap-remove.
@@ -251,6 +285,7 @@ impl Commands {
             unflushed_bytes: self.cache.unflushed_bytes(),
             cache_auto_flushes: self.cache.auto_flushes(),
             powered: self.cache.powered(),
+            write_log: self.write_log.as_ref().map(|w| w.status()),
         }
     }
 

@@ -56,6 +56,11 @@ struct CutReply {
     report: CutReport,
     /// The drain before the cut.
     quiesce: QuiesceReport,
+    /// With --write-log: the index of the `power-cut` mark, logged after the drain and before
+    /// the cut's own writes (`remapblk log replay --to-entry` it for the disk just before the
+    /// cut, the whole log for the disk after it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_mark_entry: Option<u64>,
 }
 
 /// `power-on`'s reply.
@@ -104,6 +109,12 @@ impl Commands {
         let was_quiesced = self.dev.is_quiesced();
         let quiesce = self.live.quiesce(&self.dev);
         let hold = a.then == Then::Hold && !was_quiesced;
+        // A log that cannot take the mark has stopped by itself (query-status says why); the
+        // cut goes on without it.
+        let log_mark_entry = self
+            .write_log
+            .as_ref()
+            .and_then(|log| log.mark("power-cut").ok());
         let result = self
             .cache
             .power_cut(&plan, hold, self.dev.cfg.drain_timeout);
@@ -124,6 +135,7 @@ impl Commands {
                     plan,
                     report,
                     quiesce,
+                    log_mark_entry,
                 })
             }
             Err(e) => {

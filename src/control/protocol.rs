@@ -44,6 +44,8 @@ pub enum CommandName {
     PowerCut,
     /// Power the disk on again after power-cut: requests run again, as on a fresh disk.
     PowerOn,
+    /// Add a mark to the write log (serve --write-log) and make the log durable: name=TEXT.
+    LogMark,
 }
 
 impl CommandName {

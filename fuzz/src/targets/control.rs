@@ -106,6 +106,7 @@ fn commands(dir: &std::path::Path) -> Commands {
         // overlay-reset and overlay-commit meet their refusal here: without --overlay.
         overlay: None,
         cache,
+        write_log: None,
     }
 }
 
