@@ -86,6 +86,10 @@ pub enum LogAction {
         /// Which entries are points to check at.
         #[arg(long, value_enum, default_value = "flush")]
         each: crate::writelog::check::Each,
+        /// Check only from the first mark of this name on; the entries before it are replayed
+        /// but not checked (e.g. the flushes of a mkfs still under way).
+        #[arg(long, value_name = "NAME")]
+        from_mark: Option<String>,
         /// Directory for the scratch copy (a reflink of BASE where the filesystem allows).
         /// Default: BASE's directory.
         #[arg(long, value_name = "DIR")]

@@ -23,6 +23,7 @@ pub fn run(action: LogAction) -> ExitCode {
             log,
             base,
             each,
+            from_mark,
             scratch,
             cmd,
         } => {
@@ -37,6 +38,7 @@ pub fn run(action: LogAction) -> ExitCode {
                 log: &log,
                 base: &base,
                 each,
+                from_mark: from_mark.as_deref(),
                 scratch: scratch.as_deref(),
                 cmd: &cmd,
             };
