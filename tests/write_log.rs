@@ -26,6 +26,16 @@ fn remapblk(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Whether `path` is on tmpfs, which refuses O_DIRECT.
+fn on_tmpfs(path: &Path) -> bool {
+    let c = std::ffi::CString::new(p(path)).expect("no NUL in the path");
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: a valid C string and a buffer statfs fills.
+    assert_eq!(unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) }, 0);
+    // SAFETY: statfs succeeded, so it filled the buffer.
+    unsafe { st.assume_init() }.f_type == libc::TMPFS_MAGIC
+}
+
 fn p(p: &Path) -> &str {
     p.to_str().expect("a UTF-8 path")
 }
@@ -162,9 +172,14 @@ fn the_log_lists_what_the_client_did_and_replays_to_what_it_read() {
     assert_eq!(st["write_log"]["path"], p(&log));
     assert_eq!(st["write_log"]["entries"], 74);
     assert_eq!(st["write_log"]["durable_entries"], 74);
+    // The file ends on a page: the log is written in whole pages (O_DIRECT), the last padded.
+    let bytes = st["write_log"]["bytes"].as_u64().unwrap();
+    let file = std::fs::metadata(&log).unwrap().len();
+    assert!(file >= bytes && file - bytes < 4096, "{bytes} {file}");
     assert_eq!(
-        st["write_log"]["bytes"],
-        std::fs::metadata(&log).unwrap().len()
+        st["write_log"]["direct"],
+        !on_tmpfs(&log),
+        "O_DIRECT wherever the filesystem takes it (tmpfs does not): {st}"
     );
 
     // A clean exit flushes the image, and the log counts everything, that flush last.

@@ -171,14 +171,14 @@ impl History {
         }
     }
 
-    /// A buffer of `len` bytes for a pre-image (from the pool when one is large enough).
+    /// An empty buffer with room for a pre-image of `len` bytes (from the pool when one is
+    /// large enough). Not zeroed: the pre-image is read straight into its spare capacity.
     pub fn buffer(&mut self, len: usize) -> Vec<u8> {
         let mut buf = match self.pool.iter().position(|b| b.capacity() >= len) {
             Some(i) => self.pool.swap_remove(i),
             None => Vec::with_capacity(len),
         };
         buf.clear();
-        buf.resize(len, 0);
         buf
     }
 

@@ -339,14 +339,20 @@ impl CacheTarget {
         }
         drop(st);
         let pre = buf.and_then(|mut b| {
+            let room = &mut b.spare_capacity_mut()[..len as usize];
             let iov = [libc::iovec {
-                iov_base: b.as_mut_ptr() as *mut libc::c_void,
-                iov_len: b.len(),
+                iov_base: room.as_mut_ptr() as *mut libc::c_void,
+                iov_len: room.len(),
             }];
-            // SAFETY: the iovec points to `b`, owned here and `len` bytes long, until the call
-            // returns.
+            // SAFETY: the iovec points to `len` bytes of `b`'s spare capacity, owned here until
+            // the call returns.
             match unsafe { self.below.readv(offset, &iov) } {
-                Ok(()) => Some(b),
+                Ok(()) => {
+                    // SAFETY: a layer's readv fills the whole of its iovecs or fails, so the
+                    // first `len` bytes of the capacity are initialised now.
+                    unsafe { b.set_len(len as usize) };
+                    Some(b)
+                }
                 Err(e) => {
                     log::warn!(
                         "cache: cannot read the {len} bytes at {offset} a write overwrites ({e}); \

@@ -3,7 +3,7 @@
 //!
 //! The log uses dm-log-writes' on-disk format, so xfstests' `replay-log` reads it too:
 //! `format` is the wire format alone; `writer` appends entries in completion order and makes
-//! them durable at flushes and marks; `target` is the block-stack layer that feeds it;
+//! them durable at flushes and marks, its bytes gathered and written by `spool`; `target` is the block-stack layer that feeds it;
 //! `reader`, `replay`, `check` and `copy` (the scratch copy) are the offline side; `tool`
 //! runs the `log` subcommand.
 //!
@@ -16,6 +16,7 @@ pub mod copy;
 pub mod format;
 pub mod reader;
 pub mod replay;
+mod spool;
 pub mod target;
 pub mod tool;
 pub mod writer;

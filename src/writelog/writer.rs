@@ -8,14 +8,15 @@
 //! super block's count and fdatasync again. A crash between the two leaves the old count, so
 //! a reader never trusts an entry the disk may not hold. The count only grows.
 //!
-//! Small entries are gathered in memory and written out 128 KiB at a time (and at every
-//! commit): what a crash of this process loses of them is entries no flush covered, which the
-//! super block did not count anyway.
+//! Entries are gathered in memory and written out a chunk at a time by a thread of the log's
+//! own, with O_DIRECT where the filesystem allows (`spool`), and at every commit: what a crash
+//! of this process loses of them is entries no flush covered, which the super block did not
+//! count anyway.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
@@ -24,10 +25,8 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::format::{self, header_sector, super_sector, EntryHeader, Super, MAX_MARK, SECTOR};
+use super::spool::Spool;
 use crate::events::EventLog;
-
-/// How many iovecs one pwritev takes (IOV_MAX on Linux).
-const IOV_MAX: usize = 1024;
 
 /// Why `serve --write-log PATH` cannot use PATH.
 #[derive(Debug, thiserror::Error)]
@@ -54,22 +53,15 @@ pub struct Status {
     pub durable_entries: u64,
     /// Why the log stopped, if it did (guest I/O goes on without it).
     pub error: Option<String>,
+    /// Whether the log is written with O_DIRECT (false where the filesystem refuses it).
+    pub direct: bool,
 }
-
-/// Entries up to a quarter of this are gathered in memory and written out together: one
-/// system call per 128 KiB of small writes rather than one per write. Measured with 4 KiB
-/// random writes: 1 MiB gathers ran slower than 32 to 128 KiB ones (the kernel's copy out of
-/// a buffer that no longer sits in the CPU's cache), one write per entry slower still. Larger
-/// entries are written straight from the guest's buffers.
-const GATHER: usize = 128 << 10;
 
 /// Where the next entry goes.
 struct Tail {
     entries: u64,
-    /// The log's length, counting what `gathered` holds.
-    offset: u64,
-    /// The log's last bytes, not yet written to the file: `offset - gathered.len()` onwards.
-    gathered: Vec<u8>,
+    /// The log's bytes, written or on their way.
+    spool: Spool,
 }
 
 pub struct LogWriter {
@@ -131,14 +123,16 @@ impl LogWriter {
             path: path.to_path_buf(),
             source,
         })?;
+        let spool = Spool::new(path, &file, &super_sector(&Super::new(0))).map_err(|source| {
+            OpenError::Create {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
         let w = LogWriter {
             path: path.to_path_buf(),
             file,
-            tail: Mutex::new(Tail {
-                entries: 0,
-                offset: SECTOR,
-                gathered: Vec::with_capacity(GATHER),
-            }),
+            tail: Mutex::new(Tail { entries: 0, spool }),
             durable: Mutex::new(0),
             failed: OnceLock::new(),
             events,
@@ -269,9 +263,9 @@ impl LogWriter {
     }
 
     pub fn status(&self) -> Status {
-        let (entries, bytes) = {
+        let (entries, bytes, direct) = {
             let t = self.lock_tail();
-            (t.entries, t.offset)
+            (t.entries, t.spool.end(), t.spool.direct())
         };
         Status {
             path: self.path.display().to_string(),
@@ -279,6 +273,7 @@ impl LogWriter {
             bytes,
             durable_entries: *self.durable.lock().unwrap_or_else(|p| p.into_inner()),
             error: self.failed.get().cloned(),
+            direct,
         }
     }
 
@@ -298,47 +293,28 @@ impl LogWriter {
     unsafe fn append(&self, iov: &[libc::iovec], len: u64) -> io::Result<u64> {
         self.check_failed()?;
         let mut tail = self.lock_tail();
-        let big = len as usize > GATHER / 4;
-        if big || tail.gathered.len() + len as usize > GATHER {
-            self.write_gathered(&mut tail)?;
-        }
-        if big {
-            // SAFETY: the caller vouches for `iov`.
-            if let Err(e) = unsafe { pwritev_all(&self.file, tail.offset, iov) } {
-                drop(tail);
-                return Err(self.fail("append to the log", e));
-            }
-        } else {
-            let at = tail.gathered.len();
-            tail.gathered.resize(at + len as usize, 0);
-            // SAFETY: the caller vouches for `iov`, which holds `len` bytes in all, and
-            // `gathered` was just grown by as much.
-            unsafe { crate::storage::iov::gather(iov, &mut tail.gathered[at..]) };
+        debug_assert_eq!(iov.iter().map(|v| v.iov_len as u64).sum::<u64>(), len);
+        // SAFETY: the caller vouches for `iov`.
+        if let Err(e) = unsafe { tail.spool.push_iov(iov) } {
+            drop(tail);
+            return Err(self.fail("append to the log", e));
         }
         let index = tail.entries;
         tail.entries += 1;
-        tail.offset += len;
         Ok(index)
     }
 
-    /// Writes what `tail` has gathered to the file.
+    /// Puts every entry appended so far on the file.
     fn write_gathered(&self, tail: &mut Tail) -> io::Result<()> {
-        if tail.gathered.is_empty() {
-            return Ok(());
-        }
-        let at = tail.offset - tail.gathered.len() as u64;
-        match self.file.write_all_at(&tail.gathered, at) {
-            Ok(()) => {
-                tail.gathered.clear();
-                Ok(())
-            }
-            Err(e) => Err(self.fail("append to the log", e)),
-        }
+        tail.spool
+            .write_out()
+            .map_err(|e| self.fail("append to the log", e))
     }
 
     fn write_super(&self, nr_entries: u64) -> io::Result<()> {
-        self.file
-            .write_all_at(&super_sector(&Super::new(nr_entries)), 0)
+        self.lock_tail()
+            .spool
+            .rewrite_head(&super_sector(&Super::new(nr_entries)))
     }
 
     /// Records why the log stopped, once, and hands the error back.
@@ -397,59 +373,6 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// Writes all of `iov` at `offset`, in pieces of at most IOV_MAX buffers, through short
-/// writes.
-///
-/// # Safety
-/// Every iovec must point to memory valid for reads of its length for the duration of the
-/// call.
-unsafe fn pwritev_all(file: &File, mut offset: u64, iov: &[libc::iovec]) -> io::Result<()> {
-    let mut bufs: Vec<libc::iovec> = iov.iter().copied().filter(|v| v.iov_len > 0).collect();
-    let mut start = 0;
-    while start < bufs.len() {
-        let end = bufs.len().min(start + IOV_MAX);
-        let piece = &bufs[start..end];
-        // SAFETY: every iovec points to memory valid for reads (the caller's promise, or the
-        // remainder of one of its buffers, below).
-        let n = unsafe {
-            libc::pwritev(
-                file.as_raw_fd(),
-                piece.as_ptr(),
-                piece.len() as libc::c_int,
-                offset as libc::off_t,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "the log took no bytes",
-            ));
-        }
-        offset += n as u64;
-        let mut left = n as usize;
-        while left > 0 && start < bufs.len() {
-            let v = &mut bufs[start];
-            if left >= v.iov_len {
-                left -= v.iov_len;
-                start += 1;
-            } else {
-                // SAFETY: `left` is less than the buffer's length: the pointer stays inside it.
-                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(left) }.cast();
-                v.iov_len -= left;
-                left = 0;
-            }
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,7 +419,9 @@ mod tests {
         assert_eq!(log.data(&entries[1]).unwrap(), [b1, b2].concat());
         assert_eq!((entries[3].lba(), entries[3].len()), (8, 1024));
         assert_eq!(entries[5].mark.as_deref(), Some("m1"));
-        assert_eq!(w.status().bytes, std::fs::metadata(&path).unwrap().len());
+        // The file ends on a page: O_DIRECT writes whole ones, and the last is padded.
+        let (bytes, file) = (w.status().bytes, std::fs::metadata(&path).unwrap().len());
+        assert!(file >= bytes && file - bytes < 4096, "{bytes} {file}");
     }
 
     #[test]
@@ -514,7 +439,9 @@ mod tests {
             unsafe { w.write(i as u64 * 4096, &[iov(d)]) };
         }
         w.commit().unwrap();
-        assert_eq!(w.status().bytes, std::fs::metadata(&path).unwrap().len());
+        // The file ends on a page: O_DIRECT writes whole ones, and the last is padded.
+        let (bytes, file) = (w.status().bytes, std::fs::metadata(&path).unwrap().len());
+        assert!(file >= bytes && file - bytes < 4096, "{bytes} {file}");
         let log = LogFile::open(&path).unwrap();
         let entries = log.scan().unwrap();
         assert_eq!(entries.len(), datas.len());

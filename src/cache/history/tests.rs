@@ -52,7 +52,7 @@ fn play(ops: &[Op]) -> (Vec<u8>, History, Vec<Logged>, u64) {
             Op::Write { at, len, kind } => {
                 let (off, bytes) = ((at * BLOCK) as usize, (len * BLOCK) as usize);
                 let mut pre = h.buffer(bytes);
-                pre.copy_from_slice(&disk[off..off + bytes]);
+                pre.extend_from_slice(&disk[off..off + bytes]);
                 // Each write's bytes are its own (1..=0x7f, never the initial pattern).
                 let data = match kind {
                     0 => vec![1 + (n % 0x7f) as u8; bytes],
