@@ -34,6 +34,10 @@
 #   volatile-rand{write,read}-4k-qd32                      remapblk --cache-model volatile vs
 #                                                          remapblk (A is the lab's mode)
 #   writelog-rand{write,read}-4k-qd32                      remapblk --write-log vs remapblk
+#   log-replay                                             not a comparison: `remapblk log check
+#                                                          --each flush -- true {}` of a log of
+#                                                          2 s of 1 MiB writes (QD 8), in MB/s
+#                                                          of log replayed (--runs times)
 #   --self-check: selfcheck-{randread-4k-qd1,randread-4k-qd32,randwrite-4k-qd32,read-1M-qd8},
 #   selfcheck-interleaved-randread-4k-qd32, selfcheck-null-{randread,randwrite}-4k-qd32
 #
@@ -135,6 +139,7 @@ else
         "volatile-randread-4k-qd32|randread|4k|32|1|remapblk-volatile|remapblk"
         "writelog-randwrite-4k-qd32|randwrite|4k|32|1|remapblk-writelog|remapblk"
         "writelog-randread-4k-qd32|randread|4k|32|1|remapblk-writelog|remapblk"
+        "log-replay|write|1M|8|1|remapblk-writelog|none|replay"
     )
 fi
 SELECTED=()
@@ -392,9 +397,44 @@ if printf '%s\n' "${SELECTED[@]}" | grep -q 'remapblk-remap'; then
     log "created $REMAPS remaps in $REMAP_SECONDS s"
 fi
 
+# run_replay LOAD: logs 2 s of the load with --write-log, then times `log check` replaying the
+# whole log onto a fresh copy of the seed (its one point: the server's exit flush), --runs
+# times; appends {"load", "run", "log_bytes", "seconds", "mb_per_s"} lines to $REPLAY_RAW.
+run_replay() {
+    local load=$1 name rw bs qd queues run out entries bytes t0 t1
+    IFS='|' read -r name rw bs qd queues _ <<<"$load"
+    for ((run = 1; run <= RUNS; run++)); do
+        start_server remapblk-writelog "$queues"
+        taskset -c 0 "$BENCH" --socket "$SOCK" --rw "$rw" --bs "$bs" --iodepth "$qd" \
+            --queues "$queues" --runtime 2 --ramp 0 --seed "$run" --json >/dev/null ||
+            die "load generator failed: $name (run $run)"
+        stop_server
+        fresh_copy "$SEED" "$RUN_DIR/base.img"
+        bytes=$(stat -c %s "$RUN_DIR/writes.log")
+        sync "$RUN_DIR/writes.log"
+        t0=$(date +%s.%N)
+        "$REMAPBLK" log check "$RUN_DIR/writes.log" --base "$RUN_DIR/base.img" --each flush \
+            -- true {} >/dev/null || die "log check of the benchmark's log failed (run $run)"
+        t1=$(date +%s.%N)
+        python3 -c 'import json, sys
+b, t = int(sys.argv[3]), float(sys.argv[5]) - float(sys.argv[4])
+print(json.dumps({"load": sys.argv[1], "run": int(sys.argv[2]), "log_bytes": b,
+                  "seconds": round(t, 3), "mb_per_s": round(b / t / 1e6, 1)}))
+print(f"{sys.argv[1]} run {sys.argv[2]}: {b / 1e6:.0f} MB of log replayed in {t:.2f} s,"
+      f" {b / t / 1e6:.0f} MB/s", file=sys.stderr)' "$name" "$run" "$bytes" "$t0" "$t1" >>"$REPLAY_RAW"
+        rm -rf "$RUN_DIR"
+    done
+}
+
 # --- runs ---------------------------------------------------------------------------------
 
+REPLAY_RAW=$OUT/replay.jsonl
+: >"$REPLAY_RAW"
 for load in "${SELECTED[@]}"; do
+    if [[ $load == *"|replay" ]]; then
+        run_replay "$load"
+        continue
+    fi
     if [[ $load == *"|interleaved" ]]; then
         run_interleaved "$load"
         continue
@@ -419,13 +459,14 @@ META=$(python3 -c 'import json,sys; print(json.dumps(dict(zip(sys.argv[1::2], sy
     kernel "$(uname -r)" qsd "$(qemu-storage-daemon --version | head -n1)" \
     date "$(date -Is)")
 SKIPPED_JSON=$(python3 -c 'import json,sys; print(json.dumps(sys.argv[1:]))' ${SKIPPED[@]+"${SKIPPED[@]}"})
-LOAD_ORDER=$(printf '%s\n' "${SELECTED[@]}" | cut -d'|' -f1 | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read().split()))')
+LOAD_ORDER=$(printf '%s\n' "${SELECTED[@]}" | { grep -v '|replay$' || true; } | cut -d'|' -f1 | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read().split()))')
 
-python3 - "$RAW" "$OUT/results.json" "$META" "$SKIPPED_JSON" "$LOAD_ORDER" <<'EOF'
+python3 - "$RAW" "$OUT/results.json" "$META" "$SKIPPED_JSON" "$LOAD_ORDER" "$REPLAY_RAW" <<'EOF'
 import json, statistics, sys
 
-raw_path, out_path, meta, skipped, order = sys.argv[1:]
+raw_path, out_path, meta, skipped, order, replay_path = sys.argv[1:]
 runs = [json.loads(l) for l in open(raw_path) if l.strip()]
+replays = [json.loads(l) for l in open(replay_path) if l.strip()]
 meta, skipped, order = json.loads(meta), json.loads(skipped), json.loads(order)
 label = {"remapblk": "remapblk", "qsd": "qsd", "remapblk-null": "remapblk null",
          "qsd-null": "qsd null-co", "remapblk-remap": "remapblk 10k remaps",
@@ -466,7 +507,8 @@ for load in order:
         "paired_ratio_median": statistics.median(paired) if paired else None,
     })
 
-json.dump({"meta": meta, "skipped": skipped, "summary": summary, "runs": runs},
+json.dump({"meta": meta, "skipped": skipped, "summary": summary, "runs": runs,
+           "replays": replays},
           open(out_path, "w"), indent=1)
 
 fmt = lambda s, v: f"{v:,.0f} IOPS" if s["metric"] == "iops" else f"{v:,.1f} MB/s"
@@ -497,7 +539,13 @@ for s in summary:
 if meta["remap_create_s"]:
     print(f"\nCreating {meta['remaps']} remaps (one remapblk ctl remap-add with stride): "
           f"{meta['remap_create_s']} s.")
-others = sorted(r["others_cpu_pct"] for r in runs)
+if replays:
+    rates = [r["mb_per_s"] for r in replays]
+    print(f"\nlog-replay: `remapblk log check --each flush` replays a write log (2 s of 1 MiB"
+          f" writes, median {statistics.median(r['log_bytes'] for r in replays) / 1e6:,.0f} MB)"
+          f" at a median {statistics.median(rates):,.0f} MB/s ({min(rates):,.0f} to"
+          f" {max(rates):,.0f}, {len(rates)} runs).")
+others = sorted(r["others_cpu_pct"] for r in runs) or [0.0]
 print(f"\nCPU busy outside the server and the load generator (other processes, kernel work such"
       f" as writeback) per run: median {statistics.median(others):g}% of a core, max"
       f" {others[-1]:g}% (others_cpu_pct in the JSON; a high value marks a disturbed run).")

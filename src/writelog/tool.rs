@@ -198,7 +198,11 @@ fn check(c: &Check) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Outcome::Passed { points } => {
-            eprintln!("remapblk log check: all {points} points passed");
+            if points == 1 {
+                eprintln!("remapblk log check: the one point passed");
+            } else {
+                eprintln!("remapblk log check: all {points} points passed");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Outcome::Failed {
