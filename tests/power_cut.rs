@@ -448,3 +448,66 @@ fn a_random_torn_cut_leaves_what_its_reply_says() {
         "seed {seed}: the image is not what the cut's reply says"
     );
 }
+
+/// An overlay-reset replaces the disk under the cache: what was unflushed on the old one is
+/// forgotten (a cut must not write its pre-images onto the reset disk), and the write log
+/// marks where the reset happened.
+#[test]
+fn an_overlay_reset_leaves_nothing_for_a_cut_to_undo_and_is_marked_in_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, pattern(1, 0, 4 * MIB as usize)).unwrap();
+    let overlay = dir.path().join("overlay");
+    let log = dir.path().join("run.log");
+    let s = Server::start_on(
+        tempfile::tempdir().unwrap(),
+        image.clone(),
+        &[
+            "--cache-model",
+            "volatile",
+            "--overlay",
+            overlay.to_str().unwrap(),
+            "--write-log",
+            log.to_str().unwrap(),
+        ],
+    );
+    let mut c = s.client(1);
+    write_at(&mut c, 8192, &pattern(2, 8192, 65536));
+    assert_eq!(s.ctl_ok("query-status", &[])["unflushed_bytes"], 65536);
+    s.ctl_ok("overlay-reset", &[]);
+    assert_eq!(s.ctl_ok("query-status", &[])["unflushed_bytes"], 0);
+    // Written after the reset, unflushed: the only write a cut may lose now.
+    write_at(&mut c, 1 << 20, &pattern(3, 1 << 20, 4096));
+    let cut = s.ctl_ok("power-cut", &["mode=drop-all"]);
+    assert_eq!(cut["counts"]["lost"], 1, "{cut}");
+    s.ctl_ok("power-on", &[]);
+    let base = pattern(1, 0, 4 * MIB as usize);
+    for off in (0..4 * MIB).step_by(256 << 10) {
+        assert!(
+            c.read(0, off, 256 << 10).unwrap() == base[off as usize..(off + (256 << 10)) as usize],
+            "the disk reads as the base at {off}: nothing of before the reset came back"
+        );
+    }
+    let st = s.ctl_ok("query-status", &[]);
+    assert_eq!(st["write_log"]["error"], serde_json::Value::Null, "{st}");
+    let (_, out, _) = remapblk_log_list(&log);
+    assert!(
+        out.lines()
+            .any(|l| l.contains("\"mark\":\"overlay-reset\"")),
+        "{out}"
+    );
+}
+
+/// `remapblk log list LOG`: (exit code, stdout, stderr).
+fn remapblk_log_list(log: &std::path::Path) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_remapblk"))
+        .args(["log", "list"])
+        .arg(log)
+        .output()
+        .expect("run remapblk log list");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -296,6 +296,15 @@ impl CacheTarget {
         result
     }
 
+    /// The disk below was replaced (`overlay-reset`, quiesced): what was unflushed on the old
+    /// one can no longer be lost, and its pre-images must never be written on the new one.
+    pub fn forget_unflushed(&self) {
+        let _switch = self.switch.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = &self.volatile {
+            v.lock().history.cover_all();
+        }
+    }
+
     /// `power-on`: the disk takes requests again, with nothing unflushed.
     pub fn power_on(&self) -> PowerOn {
         let _switch = self.switch.lock().unwrap_or_else(|p| p.into_inner());

@@ -185,11 +185,12 @@ impl Commands {
                 self.dev.handover().check_writer().map_err(generic)?;
                 reply(self.remap.remap_remove(blocks).map_err(generic)?)
             }
-            CommandName::OverlayReset => {
-                none().and_then(|_| reply(self.lab().reset().map_err(generic)?))
-            }
+            CommandName::OverlayReset => none().and_then(|_| {
+                let after = || self.after_overlay_reset();
+                reply(self.lab(&after).reset().map_err(generic)?)
+            }),
             CommandName::OverlayCommit => {
-                none().and_then(|_| reply(self.lab().commit().map_err(generic)?))
+                none().and_then(|_| reply(self.lab(&|| {}).commit().map_err(generic)?))
             }
             CommandName::PowerCut => self.power_cut(&req.arguments),
             CommandName::PowerOn => none().and_then(|_| self.power_on()),
@@ -197,12 +198,25 @@ impl Commands {
         }
     }
 
-    fn lab(&self) -> Lab<'_> {
+    fn lab<'a>(&'a self, after_reset: &'a dyn Fn()) -> Lab<'a> {
         Lab {
             overlay: self.overlay.as_deref(),
             dev: &self.dev,
             live: &self.live,
             table: self.remap.table(),
+            after_reset,
+        }
+    }
+
+    /// After an overlay-reset, still quiesced.
+    fn after_overlay_reset(&self) {
+        // The disk the unflushed writes were made on is gone: none of them can be lost any
+        // more, and a cut must not write their pre-images onto the new one.
+        self.cache.forget_unflushed();
+        // A replay past this point would miss the reset: say where it happened (a log that
+        // cannot take the mark has stopped, and says why in query-status).
+        if let Some(log) = &self.write_log {
+            let _ = log.mark("overlay-reset");
         }
     }
 

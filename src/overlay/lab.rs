@@ -74,6 +74,10 @@ pub struct Lab<'a> {
     pub dev: &'a Device,
     pub live: &'a Live,
     pub table: &'a RemapTable,
+    /// Run once a reset succeeded, still quiesced: what the layers above must forget of the
+    /// disk that is gone (the volatile cache's unflushed writes, whose pre-images belong to
+    /// it) or note (a mark in the write log).
+    pub after_reset: &'a dyn Fn(),
 }
 
 impl Lab<'_> {
@@ -106,6 +110,9 @@ impl Lab<'_> {
         } else {
             self.with_gate_closed(|| self.apply(overlay, op))
         };
+        if result.is_ok() && op == Op::Reset {
+            (self.after_reset)();
+        }
         if !was_quiesced {
             self.live.resume(self.dev);
         }
