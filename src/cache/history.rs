@@ -153,12 +153,15 @@ pub struct History {
     last_seq: u64,
     /// Bytes of pre-images held.
     held: u64,
-    /// Pre-image buffers of covered writes, for the next writes to reuse.
+    /// Pre-image buffers of covered writes, for the next writes to reuse, and their bytes.
     pool: Vec<Vec<u8>>,
+    pooled: usize,
 }
 
-/// Buffers kept for reuse: enough for a queue depth's worth of writes between flushes.
-const POOL_MAX: usize = 256;
+/// Bytes of buffers kept for reuse: a default cache's worth, so that a cache that fills and
+/// flushes by itself over and over (a long run of writes without a flush) allocates nothing
+/// after its first fill.
+const POOL_BYTES: usize = 64 << 20;
 
 impl History {
     pub fn new(block: u64) -> History {
@@ -168,14 +171,24 @@ impl History {
             last_seq: 0,
             held: 0,
             pool: Vec::new(),
+            pooled: 0,
         }
     }
 
     /// An empty buffer with room for a pre-image of `len` bytes (from the pool when one is
     /// large enough). Not zeroed: the pre-image is read straight into its spare capacity.
     pub fn buffer(&mut self, len: usize) -> Vec<u8> {
-        let mut buf = match self.pool.iter().position(|b| b.capacity() >= len) {
-            Some(i) => self.pool.swap_remove(i),
+        // The last one given back: writes of one size (a guest's usual) always fit; a buffer
+        // too small is dropped rather than searched past.
+        let mut buf = match self.pool.pop() {
+            Some(b) => {
+                self.pooled -= b.capacity();
+                if b.capacity() >= len {
+                    b
+                } else {
+                    Vec::with_capacity(len)
+                }
+            }
             None => Vec::with_capacity(len),
         };
         buf.clear();
@@ -184,7 +197,8 @@ impl History {
 
     /// Gives back a buffer that [`buffer`](Self::buffer) handed out and no write kept.
     pub fn give_back(&mut self, buf: Vec<u8>) {
-        if self.pool.len() < POOL_MAX {
+        if self.pooled + buf.capacity() <= POOL_BYTES {
+            self.pooled += buf.capacity();
             self.pool.push(buf);
         }
     }
