@@ -16,6 +16,7 @@ pub mod inline_vec;
 pub mod io;
 pub mod overlay;
 pub mod remap;
+pub mod rng;
 pub mod sandbox;
 pub mod stats;
 pub mod storage;

@@ -1,28 +1,22 @@
-//! The driver's random numbers: SplitMix64, so that a run is repeatable from its seed alone on
-//! any platform and without a dependency.
+//! The driver's random numbers: remapblk's SplitMix64, so that a run is repeatable from its seed
+//! alone on any platform, with what the driver draws on top.
 
-pub struct Rng(u64);
+use remapblk::rng::SplitMix64;
+
+pub struct Rng(SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Rng {
-        Rng(seed)
+        Rng(SplitMix64::new(seed))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// A number in `0..n` (0 when `n` is 0).
     pub fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next_u64() % n as u64) as usize
-        }
+        self.0.below(n)
     }
 
     /// True with probability 1/n.

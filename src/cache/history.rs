@@ -17,6 +17,8 @@ use std::collections::{HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+use crate::rng::SplitMix64;
+
 /// The request kinds that change data: all are writes to the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -398,37 +400,13 @@ impl History {
 /// several dies, so nothing makes the first blocks of a write safer than its last.
 fn tear(rng: &mut SplitMix64, blocks: usize) -> Vec<bool> {
     let mut survived: Vec<bool> = (0..blocks).map(|_| rng.chance(0.5)).collect();
-    let pick = (rng.next_u64() % blocks as u64) as usize;
+    let pick = rng.below(blocks);
     if survived.iter().all(|s| *s) {
         survived[pick] = false;
     } else if survived.iter().all(|s| !*s) {
         survived[pick] = true;
     }
     survived
-}
-
-/// A small seeded generator (splitmix64): a cut must be repeatable from its seed, and needs
-/// no more than this.
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> SplitMix64 {
-        SplitMix64(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// True with probability `p`.
-    pub fn chance(&mut self, p: f64) -> bool {
-        // 53 random bits: a uniform float in [0, 1).
-        ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p
-    }
 }
 
 #[cfg(test)]
