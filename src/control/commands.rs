@@ -167,7 +167,8 @@ impl Commands {
                 none().map(|_| json!({ "was_quiesced": self.live.resume(&self.dev) }))
             }
             CommandName::FaultAdd => {
-                let spec = FaultSpec::from_args(&req.arguments, self.blocks())?;
+                let spec =
+                    FaultSpec::from_args(&req.arguments, self.blocks(), self.dev.cfg.block_size)?;
                 Ok(json!({ "id": self.faults.add(spec) }))
             }
             CommandName::FaultList => none().and_then(|_| reply(self.faults.list())),
