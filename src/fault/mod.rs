@@ -1,5 +1,6 @@
-//! Fault injection on the main image: chosen blocks fail (media error), are delayed, or fail
-//! now and then with a seeded, repeatable pattern. A lab turns a healthy image into a failing
+//! Fault injection on the main image: chosen blocks fail (media error), are delayed, fail
+//! now and then with a seeded, repeatable pattern, or silently mishandle data (corrupted,
+//! lost, misdirected or torn writes, corrupted reads). A lab turns a healthy image into a failing
 //! disk with these, from the control socket or a `--faults` file.
 
 pub mod corrupt;
