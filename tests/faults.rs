@@ -571,3 +571,68 @@ fn a_torn_write_lands_its_first_sectors_only() {
         "a torn write is not a media error"
     );
 }
+
+#[test]
+fn data_mode_firings_are_logged_with_the_request_and_counted_per_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let image = dir.path().join("d.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(4 * MIB)
+        .unwrap();
+    let s = Server::start_on(dir, image, &["--event-log", events.to_str().unwrap()]);
+    s.ctl_ok(
+        "fault-add",
+        &["lba=8", "count=8", "mode=misdirect", "shift=8"],
+    );
+    s.ctl_ok(
+        "fault-add",
+        &["op=read", "lba=64", "mode=corrupt", "bits=1"],
+    );
+    let mut c = s.client(1);
+    assert_eq!(c.write(0, 8 * 512, &pattern(13)), 0);
+    assert_eq!(c.read(0, 16 * 512, CHUNK).unwrap(), pattern(13));
+    let _ = c.read(0, 64 * 512, 512).unwrap();
+    let _ = c.read(0, 64 * 512, 512).unwrap();
+    let fired = &s.ctl_ok("query-stats", &[])["faults_fired"];
+    assert_eq!(
+        (&fired["misdirect"], &fired["corrupt"], &fired["torn"]),
+        (
+            &serde_json::json!(1),
+            &serde_json::json!(2),
+            &serde_json::json!(0)
+        ),
+        "{fired}"
+    );
+    let firings = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&events)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event"] == "fault-fired")
+            .collect()
+    };
+    wait_until("three fault-fired events", Duration::from_secs(10), || {
+        firings().len() == 3
+    });
+    let f = firings();
+    assert_eq!(
+        (
+            &f[0]["mode"],
+            &f[0]["op"],
+            &f[0]["first_block"],
+            &f[0]["last_block"]
+        ),
+        (
+            &serde_json::json!("misdirect"),
+            &serde_json::json!("write"),
+            &serde_json::json!(8),
+            &serde_json::json!(15)
+        )
+    );
+    assert_eq!(
+        (&f[2]["mode"], &f[2]["first_block"]),
+        (&serde_json::json!("corrupt"), &serde_json::json!(64))
+    );
+}

@@ -75,6 +75,8 @@ pub struct Status {
 pub struct StatsReport {
     pub totals: Totals,
     pub queues: Vec<QueueReport>,
+    /// Injected faults' firings per mode since start, every mode named.
+    pub faults_fired: std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// `query-stats`' totals: the counters summed over the queues.
@@ -321,6 +323,7 @@ impl Commands {
                     latency_us: q.latency.summary(),
                 })
                 .collect(),
+            faults_fired: self.faults.fired_by_mode(),
         }
     }
 }

@@ -41,7 +41,35 @@ pub enum FaultMode {
     Torn { sectors: u32, report: TornReport },
 }
 
+/// Every mode's name, as `fault-add` takes it; [`FaultMode::index`] is the position here.
+pub const MODE_NAMES: [&str; 7] = [
+    "error",
+    "delay",
+    "flaky",
+    "corrupt",
+    "lost-write",
+    "misdirect",
+    "torn",
+];
+
 impl FaultMode {
+    /// The mode's place in [`MODE_NAMES`], for counting firings per mode without a map.
+    pub fn index(&self) -> usize {
+        match self {
+            FaultMode::Error => 0,
+            FaultMode::Delay { .. } => 1,
+            FaultMode::Flaky { .. } => 2,
+            FaultMode::Corrupt(_) => 3,
+            FaultMode::LostWrite => 4,
+            FaultMode::Misdirect { .. } => 5,
+            FaultMode::Torn { .. } => 6,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        MODE_NAMES[self.index()]
+    }
+
     /// Modes that only mean something for writes: a read passes them untouched.
     pub fn writes_only(&self) -> bool {
         matches!(
@@ -594,6 +622,30 @@ mod tests {
         )
         .unwrap();
         assert!(s.applies_to(FaultOp::Write) && s.applies_to(FaultOp::Read));
+    }
+
+    #[test]
+    fn mode_names_are_the_serialized_names() {
+        let modes = [
+            FaultMode::Error,
+            FaultMode::Delay { ms: 1 },
+            FaultMode::Flaky {
+                probability: 0.5,
+                seed: 0,
+            },
+            FaultMode::Corrupt(Corruption::Xor { xor: 1, offset: 0 }),
+            FaultMode::LostWrite,
+            FaultMode::Misdirect { shift: 1 },
+            FaultMode::Torn {
+                sectors: 1,
+                report: TornReport::Ok,
+            },
+        ];
+        assert_eq!(modes.len(), MODE_NAMES.len());
+        for (i, m) in modes.iter().enumerate() {
+            assert_eq!(m.index(), i);
+            assert_eq!(serde_json::to_value(m).unwrap()["mode"], m.name());
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! nothing at all to do when it is empty); control commands replace the snapshot under a
 //! writers' lock.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,7 +11,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::spec::{Corruption, FaultMode, FaultOp, FaultSpec, TornReport};
+use super::spec::{Corruption, FaultMode, FaultOp, FaultSpec, TornReport, MODE_NAMES};
 use crate::events::EventLog;
 
 struct Fault {
@@ -92,6 +93,8 @@ pub struct FaultTable {
     count: AtomicUsize,
     writers: Mutex<u64>,
     events: Arc<EventLog>,
+    /// Firings per mode (indexed by [`FaultMode::index`]), faults removed since included.
+    fired_by_mode: [AtomicU64; MODE_NAMES.len()],
 }
 
 impl FaultTable {
@@ -101,6 +104,7 @@ impl FaultTable {
             count: AtomicUsize::new(0),
             writers: Mutex::new(1),
             events,
+            fired_by_mode: Default::default(),
         }
     }
 
@@ -191,6 +195,15 @@ impl FaultTable {
             .collect()
     }
 
+    /// How often each mode fired since start, by mode name (every mode, 0 included).
+    pub fn fired_by_mode(&self) -> BTreeMap<&'static str, u64> {
+        MODE_NAMES
+            .iter()
+            .zip(&self.fired_by_mode)
+            .map(|(&name, n)| (name, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+
     /// Whether some fault could decide the fate of a request of kind `op` on blocks
     /// `[first, last]` (without drawing or counting anything): such a request must go through
     /// [`check`](Self::check).
@@ -236,12 +249,13 @@ impl FaultTable {
             if !f.claim() {
                 continue;
             }
+            self.fired_by_mode[f.spec.mode.index()].fetch_add(1, Ordering::Relaxed);
             self.events.emit(
                 "fault-fired",
                 json!({
                     "id": f.id,
                     "op": if op == FaultOp::Read { "read" } else { "write" },
-                    "mode": f.spec.to_json()["mode"],
+                    "mode": f.spec.mode.name(),
                     "first_block": first,
                     "last_block": last,
                 }),
