@@ -636,3 +636,34 @@ fn data_mode_firings_are_logged_with_the_request_and_counted_per_mode() {
         (&serde_json::json!("corrupt"), &serde_json::json!(64))
     );
 }
+
+#[test]
+fn write_zeroes_are_lost_and_torn_like_writes() {
+    let s = Server::start(4 * MIB, &[]);
+    let mut c = s.client(1);
+    let off = 128 * 512;
+    assert_eq!(c.write(0, off, &pattern(14)), 0);
+    s.ctl_ok(
+        "fault-add",
+        &["lba=128", "count=8", "mode=lost-write", "times=1"],
+    );
+    let zeroes = Op::WriteZeroes {
+        offset: off,
+        len: CHUNK as u64,
+        unmap: false,
+    };
+    assert_eq!(c.batch(0, &[zeroes]), vec![0]);
+    assert_eq!(
+        c.read(0, off, CHUNK).unwrap(),
+        pattern(14),
+        "the zeroes were lost"
+    );
+    s.ctl_ok(
+        "fault-add",
+        &["lba=128", "count=8", "mode=torn", "sectors=1", "times=1"],
+    );
+    assert_eq!(c.batch(0, &[zeroes]), vec![0]);
+    let got = c.read(0, off, CHUNK).unwrap();
+    assert_eq!(got[..512], [0; 512]);
+    assert_eq!(got[512..], pattern(14)[512..]);
+}
