@@ -221,6 +221,151 @@ impl FaultyTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::events::EventLog;
+    use crate::fault::{FaultMode, FaultSpec};
+    use std::sync::Mutex;
+
+    /// A disk in memory: what the fault layer hands down is what it holds.
+    struct Mem(Mutex<Vec<u8>>);
+
+    impl BlockIo for Mem {
+        unsafe fn readv(&self, offset: u64, iov: &[libc::iovec]) -> io::Result<()> {
+            let bytes = self.0.lock().unwrap();
+            let mut at = offset as usize;
+            for v in iov {
+                // SAFETY: the caller vouches for `iov`.
+                let dst = unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast(), v.iov_len) };
+                dst.copy_from_slice(&bytes[at..at + v.iov_len]);
+                at += v.iov_len;
+            }
+            Ok(())
+        }
+
+        unsafe fn writev(&self, offset: u64, iov: &[libc::iovec]) -> io::Result<()> {
+            let mut bytes = self.0.lock().unwrap();
+            let mut at = offset as usize;
+            for v in iov {
+                // SAFETY: the caller vouches for `iov`.
+                let src = unsafe { std::slice::from_raw_parts(v.iov_base.cast(), v.iov_len) };
+                bytes[at..at + v.iov_len].copy_from_slice(src);
+                at += v.iov_len;
+            }
+            Ok(())
+        }
+
+        fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
+
+        fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+            self.write_zeroes(offset, len, true)
+        }
+
+        fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> io::Result<()> {
+            self.0.lock().unwrap()[offset as usize..(offset + len) as usize].fill(0);
+            Ok(())
+        }
+    }
+
+    /// A target over 16 blocks of 512 bytes holding `i as u8` at byte `i`, with one fault.
+    fn target(lba: u64, count: u64, mode: FaultMode) -> (FaultyTarget, Arc<Mem>) {
+        let mem = Arc::new(Mem(Mutex::new((0..8192).map(|i| i as u8).collect())));
+        let table = Arc::new(FaultTable::new(Arc::new(EventLog::disabled())));
+        table.add(FaultSpec {
+            op: FaultOp::Any,
+            lba,
+            count,
+            mode,
+            times: None,
+        });
+        (FaultyTarget::new(mem.clone(), table, 512), mem)
+    }
+
+    /// Two iovecs over `a` and `b`, split off-block as a guest's buffers may be.
+    fn split(a: &mut [u8], b: &mut [u8]) -> [libc::iovec; 2] {
+        [
+            libc::iovec {
+                iov_base: a.as_mut_ptr().cast(),
+                iov_len: a.len(),
+            },
+            libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            },
+        ]
+    }
+
+    #[test]
+    fn a_corrupt_read_damages_the_buffers_across_iovecs_and_not_the_disk() {
+        let how = Corruption::Xor {
+            xor: 0xff,
+            offset: 100,
+        };
+        let (t, mem) = target(2, 2, FaultMode::Corrupt(how));
+        let before = mem.0.lock().unwrap().clone();
+        // Blocks 1..=3; the buffers split at byte 700 of the request (block 2's byte 188).
+        let (mut a, mut b) = (vec![0u8; 700], vec![0u8; 836]);
+        // SAFETY: the iovecs point to `a` and `b`, live for the call.
+        unsafe { t.readv(512, &split(&mut a, &mut b)).unwrap() };
+        let got = [a, b].concat();
+        let changed: Vec<usize> = (0..got.len())
+            .filter(|&i| got[i] != before[512 + i])
+            .collect();
+        // Block 2's byte 100 is byte 612 of the request; block 3's, 1124.
+        assert_eq!(changed, vec![612, 1124]);
+        assert_eq!(*mem.0.lock().unwrap(), before);
+    }
+
+    #[test]
+    fn a_corrupt_write_stores_damage_and_leaves_the_guests_buffers() {
+        let how = Corruption::Bits { bits: 3, seed: 5 };
+        let (t, mem) = target(0, 16, FaultMode::Corrupt(how));
+        let (mut a, mut b) = (vec![0x5au8; 300], vec![0xa5u8; 724]);
+        let (a0, b0) = (a.clone(), b.clone());
+        // SAFETY: as above.
+        unsafe { t.writev(1024, &split(&mut a, &mut b)).unwrap() };
+        assert_eq!((a, b), (a0.clone(), b0.clone()));
+        let stored = mem.0.lock().unwrap()[1024..2048].to_vec();
+        let flipped: u32 = stored
+            .iter()
+            .zip([a0, b0].concat())
+            .map(|(x, y)| (x ^ y).count_ones())
+            .sum();
+        assert_eq!(flipped, 6);
+    }
+
+    #[test]
+    fn misdirected_and_torn_writes_through_split_iovecs() {
+        let (t, mem) = target(4, 2, FaultMode::Misdirect { shift: 6 });
+        let before = mem.0.lock().unwrap().clone();
+        let (mut a, mut b) = (vec![1u8; 700], vec![2u8; 836]);
+        let data = [a.clone(), b.clone()].concat();
+        // SAFETY: as above.
+        unsafe { t.writev(3 * 512, &split(&mut a, &mut b)).unwrap() };
+        let now = mem.0.lock().unwrap().clone();
+        // Block 3 lands in place, blocks 4..=5 at 10..=11, blocks 4..=5 keep old data.
+        assert_eq!(now[1536..2048], data[..512]);
+        assert_eq!(now[2048..3072], before[2048..3072]);
+        assert_eq!(now[5120..6144], data[512..]);
+
+        let (t, mem) = target(
+            0,
+            16,
+            FaultMode::Torn {
+                sectors: 2,
+                report: TornReport::Error,
+            },
+        );
+        let before = mem.0.lock().unwrap().clone();
+        let (mut a, mut b) = (vec![7u8; 600], vec![8u8; 1448]);
+        let data = [a.clone(), b.clone()].concat();
+        // SAFETY: as above.
+        let e = unsafe { t.writev(0, &split(&mut a, &mut b)) }.unwrap_err();
+        assert!(NotMediaError::is(&e));
+        let now = mem.0.lock().unwrap().clone();
+        assert_eq!(now[..1024], data[..1024]);
+        assert_eq!(now[1024..2048], before[1024..2048]);
+    }
 
     #[test]
     fn a_misdirected_write_moves_only_the_faults_blocks() {
