@@ -116,18 +116,20 @@ enum ModeArgs {
         seed: u64,
     },
     /// `bits` [`seed`] or `xor` [`offset`]: [`Corrupt::check`] refuses a mix.
+    // u64 throughout: the parser's type errors then read "a non-negative integer", and the
+    // ranges are checked with messages that say what fits.
     Corrupt {
-        bits: Option<u32>,
+        bits: Option<u64>,
         seed: Option<u64>,
-        xor: Option<u8>,
-        offset: Option<u32>,
+        xor: Option<u64>,
+        offset: Option<u64>,
     },
     LostWrite,
     Misdirect {
         shift: i64,
     },
     Torn {
-        sectors: u32,
+        sectors: u64,
         #[serde(default)]
         report: TornReport,
     },
@@ -214,6 +216,12 @@ impl ModeArgs {
                         "must be at least 1 (for a write of which nothing lands, use mode lost-write)",
                     ));
                 }
+                let Ok(sectors) = u32::try_from(sectors) else {
+                    return Err(ArgError::new(
+                        "sectors",
+                        format!("must be at most {}, got {sectors}", u32::MAX),
+                    ));
+                };
                 FaultMode::Torn { sectors, report }
             }
         })
@@ -222,13 +230,13 @@ impl ModeArgs {
 
 /// `corrupt`'s two forms: `bits` [`seed`] or `xor` [`offset`], never a mix of them.
 fn corruption(
-    bits: Option<u32>,
+    bits: Option<u64>,
     seed: Option<u64>,
-    xor: Option<u8>,
-    offset: Option<u32>,
+    xor: Option<u64>,
+    offset: Option<u64>,
     block_size: u32,
 ) -> Result<Corruption, ArgError> {
-    let block_bits = block_size.saturating_mul(8);
+    let block_bits = u64::from(block_size) * 8;
     match (bits, xor) {
         (Some(_), Some(_)) => Err(ArgError::new(
             "xor",
@@ -249,7 +257,8 @@ fn corruption(
                 ));
             }
             Ok(Corruption::Bits {
-                bits,
+                // Fits: at most the bits of a block, and a block size is a u32.
+                bits: u32::try_from(bits).unwrap_or(u32::MAX),
                 seed: seed.unwrap_or(0),
             })
         }
@@ -260,16 +269,22 @@ fn corruption(
                     "only applies with bits: xor flips the same bits every time",
                 ));
             }
-            if xor == 0 {
-                return Err(ArgError::new("xor", "must be 1 to 255 (0 changes nothing)"));
-            }
+            let Some(xor) = u8::try_from(xor).ok().filter(|&x| x != 0) else {
+                return Err(ArgError::new(
+                    "xor",
+                    format!("must be a byte, 1 to 255 (0 changes nothing), got {xor}"),
+                ));
+            };
             let offset = offset.unwrap_or(0);
-            if offset >= block_size {
+            let Some(offset) = u32::try_from(offset).ok().filter(|&o| o < block_size) else {
                 return Err(ArgError::new(
                     "offset",
-                    format!("must be below the block size {block_size}, got {offset}"),
+                    format!(
+                        "must be a byte of the block, 0 to {}, got {offset}",
+                        block_size - 1
+                    ),
                 ));
-            }
+            };
             Ok(Corruption::Xor { xor, offset })
         }
     }
@@ -564,6 +579,23 @@ mod tests {
         assert_eq!(c(json!({"xor": 1, "seed": 3})), "seed");
         assert_eq!(c(json!({"xor": 0})), "xor");
         assert_eq!(c(json!({"xor": 256})), "xor");
+        assert_eq!(c(json!({"xor": "0xff"})), "xor");
+        assert_eq!(c(json!({"bits": 1u64 << 40})), "bits");
+        assert_eq!(c(json!({"xor": 1, "offset": 1u64 << 40})), "offset");
+        assert_eq!(
+            field(json!({"lba": 1, "mode": "torn", "sectors": 1u64 << 40})),
+            "sectors"
+        );
+        let e = FaultSpec::from_args(
+            &args(json!({"lba": 1, "mode": "corrupt", "xor": 256})),
+            1000,
+            512,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "xor: must be a byte, 1 to 255 (0 changes nothing), got 256"
+        );
         assert_eq!(c(json!({"xor": 1, "offset": 512})), "offset");
         assert_eq!(c(json!({"bits": 1, "shift": 3})), "shift");
         assert_eq!(
