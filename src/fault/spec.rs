@@ -281,7 +281,7 @@ fn corruption(
                     "offset",
                     format!(
                         "must be a byte of the block, 0 to {}, got {offset}",
-                        block_size - 1
+                        block_size.saturating_sub(1)
                     ),
                 ));
             };
