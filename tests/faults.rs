@@ -204,10 +204,14 @@ fn bad_fault_arguments_are_named() {
         ),
         (vec!["lba=1", "op=erase"], "op"),
         (vec!["lba=1", "mode=delay"], "delay_ms"),
-        (vec!["lba=1", "mode=corrupt"], "bits"),
-        (vec!["lba=1", "mode=corrupt", "bits=1", "xor=1"], "xor"),
+        (vec!["lba=1", "mode=corrupt", "bits=1"], "op"),
+        (vec!["lba=1", "op=read", "mode=corrupt"], "bits"),
         (
-            vec!["lba=1", "mode=corrupt", "xor=1", "offset=512"],
+            vec!["lba=1", "op=read", "mode=corrupt", "bits=1", "xor=1"],
+            "xor",
+        ),
+        (
+            vec!["lba=1", "op=write", "mode=corrupt", "xor=1", "offset=512"],
             "offset",
         ),
         (vec!["lba=1", "mode=lost-write", "op=read"], "op"),

@@ -157,6 +157,14 @@ impl ModeArgs {
                 "this mode changes writes: op must be write or any",
             ));
         }
+        if matches!(self, ModeArgs::Corrupt { .. }) && at.op == FaultOp::Any {
+            // The same flips on the way in and out would cancel: the guest would read back
+            // good data from a damaged image.
+            return Err(ArgError::new(
+                "op",
+                "mode corrupt needs op=read (the guest reads damage, the image stays intact) or op=write (the damage is stored)",
+            ));
+        }
         Ok(match self {
             ModeArgs::Error => FaultMode::Error,
             ModeArgs::Delay { delay_ms } => {
@@ -484,18 +492,18 @@ mod tests {
     fn the_data_modes_parse_and_round_trip() {
         for (v, want) in [
             (
-                json!({"lba": 1, "mode": "corrupt", "bits": 3, "seed": 9}),
+                json!({"lba": 1, "op": "read", "mode": "corrupt", "bits": 3, "seed": 9}),
                 FaultMode::Corrupt(Corruption::Bits { bits: 3, seed: 9 }),
             ),
             (
-                json!({"lba": 1, "mode": "corrupt", "bits": 4096}),
+                json!({"lba": 1, "op": "write", "mode": "corrupt", "bits": 4096}),
                 FaultMode::Corrupt(Corruption::Bits {
                     bits: 4096,
                     seed: 0,
                 }),
             ),
             (
-                json!({"lba": 1, "mode": "corrupt", "xor": 255, "offset": 511}),
+                json!({"lba": 1, "op": "read", "mode": "corrupt", "xor": 255, "offset": 511}),
                 FaultMode::Corrupt(Corruption::Xor {
                     xor: 255,
                     offset: 511,
@@ -537,18 +545,18 @@ mod tests {
         }
         assert_eq!(
             FaultSpec::from_args(
-                &args(json!({"lba": 1, "mode": "corrupt", "xor": 1})),
+                &args(json!({"lba": 1, "op": "write", "mode": "corrupt", "xor": 1})),
                 1000,
                 512
             )
             .unwrap()
             .to_json(),
-            json!({"op": "any", "lba": 1, "count": 1, "mode": "corrupt", "xor": 1, "offset": 0})
+            json!({"op": "write", "lba": 1, "count": 1, "mode": "corrupt", "xor": 1, "offset": 0})
         );
         // The block size bounds bits and offset.
         assert_eq!(
             FaultSpec::from_args(
-                &args(json!({"lba": 1, "mode": "corrupt", "bits": 32768})),
+                &args(json!({"lba": 1, "op": "read", "mode": "corrupt", "bits": 32768})),
                 1000,
                 4096
             )
@@ -564,7 +572,7 @@ mod tests {
     #[test]
     fn every_bad_data_mode_argument_is_named() {
         let c = |extra: Value| {
-            let mut v = json!({"lba": 1, "mode": "corrupt"});
+            let mut v = json!({"lba": 1, "op": "read", "mode": "corrupt"});
             for (k, x) in extra.as_object().unwrap() {
                 v[k] = x.clone();
             }
@@ -587,7 +595,7 @@ mod tests {
             "sectors"
         );
         let e = FaultSpec::from_args(
-            &args(json!({"lba": 1, "mode": "corrupt", "xor": 256})),
+            &args(json!({"lba": 1, "op": "read", "mode": "corrupt", "xor": 256})),
             1000,
             512,
         )
@@ -648,12 +656,26 @@ mod tests {
             .unwrap();
         assert!(s.applies_to(FaultOp::Write) && !s.applies_to(FaultOp::Read));
         let s = FaultSpec::from_args(
-            &args(json!({"lba": 1, "mode": "corrupt", "bits": 1})),
+            &args(json!({"lba": 1, "op": "read", "mode": "corrupt", "bits": 1})),
             1000,
             512,
         )
         .unwrap();
-        assert!(s.applies_to(FaultOp::Write) && s.applies_to(FaultOp::Read));
+        assert!(!s.applies_to(FaultOp::Write) && s.applies_to(FaultOp::Read));
+    }
+
+    #[test]
+    fn corrupt_needs_a_direction() {
+        let e = FaultSpec::from_args(
+            &args(json!({"lba": 1, "mode": "corrupt", "bits": 1})),
+            1000,
+            512,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().starts_with("op: mode corrupt needs op=read"),
+            "{e}"
+        );
     }
 
     #[test]
