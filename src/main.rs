@@ -228,7 +228,7 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
     });
     let faults = Arc::new(FaultTable::new(events.clone()));
     if let Some(path) = &a.faults {
-        faults.load_file(path, capacity / bs)?;
+        faults.load_file(path, capacity / bs, a.block_size)?;
     }
     let (remap, spare_lock, spare_copy) =
         open_spare(&spare_path, &a, capacity, spare_lock, &image)?;

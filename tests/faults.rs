@@ -204,6 +204,28 @@ fn bad_fault_arguments_are_named() {
         ),
         (vec!["lba=1", "op=erase"], "op"),
         (vec!["lba=1", "mode=delay"], "delay_ms"),
+        (vec!["lba=1", "mode=corrupt", "bits=1"], "op"),
+        (vec!["lba=1", "op=read", "mode=corrupt"], "bits"),
+        (
+            vec!["lba=1", "op=read", "mode=corrupt", "bits=1", "xor=1"],
+            "xor",
+        ),
+        (
+            vec!["lba=1", "op=write", "mode=corrupt", "xor=1", "offset=512"],
+            "offset",
+        ),
+        (vec!["lba=1", "mode=lost-write", "op=read"], "op"),
+        (vec!["lba=1", "mode=lost-write", "shift=1"], "shift"),
+        (vec!["lba=1", "mode=misdirect", "shift=-2"], "shift"),
+        (
+            vec!["lba=8000", "count=8", "mode=misdirect", "shift=185"],
+            "shift",
+        ),
+        (vec!["lba=1", "mode=torn", "sectors=0"], "sectors"),
+        (
+            vec!["lba=1", "mode=torn", "sectors=1", "report=later"],
+            "report",
+        ),
     ] {
         let (code, _, err) = s.ctl("fault-add", &args);
         assert_eq!(code, 1, "{args:?}");
@@ -328,4 +350,324 @@ fn faults_file_and_event_log() {
         err.contains("entry 1") && err.contains("probability"),
         "{err}"
     );
+}
+
+/// A recognisable 4 KiB: every byte differs from its neighbours and from `salt`'s others.
+fn pattern(salt: u8) -> Vec<u8> {
+    (0..CHUNK)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(salt))
+        .collect()
+}
+
+/// The image file's bytes at `offset`: what the disk holds, fault layer bypassed.
+fn image_at(s: &Server, offset: u64, len: usize) -> Vec<u8> {
+    let all = std::fs::read(&s.image).unwrap();
+    all[offset as usize..offset as usize + len].to_vec()
+}
+
+fn flipped_bits(a: &[u8], b: &[u8]) -> u32 {
+    a.iter().zip(b).map(|(x, y)| (x ^ y).count_ones()).sum()
+}
+
+#[test]
+fn corrupt_reads_flip_exactly_the_bits_and_leave_the_image_intact() {
+    let s = Server::start(4 * MIB, &[]);
+    let mut c = s.client(1);
+    let off = 8 * 512;
+    let data = pattern(1);
+    assert_eq!(c.write(0, off, &data), 0);
+    // Blocks 8..16, the whole 4 KiB: 5 bits in each of 8 blocks.
+    s.ctl_ok(
+        "fault-add",
+        &[
+            "op=read",
+            "lba=8",
+            "count=8",
+            "mode=corrupt",
+            "bits=5",
+            "seed=3",
+        ],
+    );
+    let got = c.read(0, off, CHUNK).unwrap();
+    assert_eq!(flipped_bits(&got, &data), 40);
+    for block in 0..8 {
+        let r = block * 512..(block + 1) * 512;
+        assert_eq!(flipped_bits(&got[r.clone()], &data[r]), 5, "block {block}");
+    }
+    assert_eq!(
+        c.read(0, off, CHUNK).unwrap(),
+        got,
+        "a seed corrupts the same bits"
+    );
+    assert_eq!(image_at(&s, off, CHUNK), data, "the image must stay intact");
+    // Outside the fault, reads are clean.
+    assert_eq!(
+        c.read(0, off + CHUNK as u64, CHUNK).unwrap(),
+        vec![0; CHUNK]
+    );
+    // Writes pass a read-only corrupt fault untouched.
+    assert_eq!(c.write(0, off, &pattern(2)), 0);
+    assert_eq!(image_at(&s, off, CHUNK), pattern(2));
+
+    s.ctl_ok("fault-clear", &[]);
+    s.ctl_ok(
+        "fault-add",
+        &["op=read", "lba=9", "mode=corrupt", "xor=255", "offset=7"],
+    );
+    let got = c.read(0, off, CHUNK).unwrap();
+    let want = pattern(2);
+    let differ: Vec<usize> = (0..CHUNK).filter(|&i| got[i] != want[i]).collect();
+    assert_eq!(differ, vec![512 + 7]);
+    assert_eq!(got[519], want[519] ^ 0xff);
+    let f = &s.ctl_ok("fault-list", &[])[0];
+    assert_eq!(
+        (f["mode"].as_str(), f["xor"].as_u64(), f["offset"].as_u64()),
+        (Some("corrupt"), Some(255), Some(7))
+    );
+    assert_eq!(f["fired"], 1);
+    assert!(s.remapped_lbas().is_empty(), "corrupt is not a media error");
+}
+
+#[test]
+fn corrupt_writes_store_corrupted_data_and_spare_the_guests_buffer() {
+    let s = Server::start(4 * MIB, &[]);
+    s.ctl_ok(
+        "fault-add",
+        &[
+            "op=write",
+            "lba=16",
+            "count=8",
+            "mode=corrupt",
+            "bits=2",
+            "seed=1",
+        ],
+    );
+    let mut c = s.client(1);
+    let off = 16 * 512;
+    let data = pattern(3);
+    assert_eq!(c.write(0, off, &data), 0);
+    assert_eq!(
+        c.slot_mut(0, CHUNK),
+        &data[..],
+        "guest memory must not change"
+    );
+    let stored = image_at(&s, off, CHUNK);
+    assert_eq!(flipped_bits(&stored, &data), 16);
+    // A read fault it is not: reading gives back what was stored.
+    assert_eq!(c.read(0, off, CHUNK).unwrap(), stored);
+    assert!(s.remapped_lbas().is_empty());
+}
+
+#[test]
+fn a_lost_write_completes_ok_and_reads_back_the_old_data() {
+    let s = Server::start(4 * MIB, &[]);
+    let mut c = s.client(1);
+    let off = 24 * 512;
+    assert_eq!(c.write(0, off, &pattern(4)), 0);
+    s.ctl_ok("fault-add", &["lba=24", "mode=lost-write", "times=1"]);
+    assert_eq!(
+        c.write(0, off, &pattern(5)),
+        0,
+        "a lost write reports success"
+    );
+    assert_eq!(c.read(0, off, CHUNK).unwrap(), pattern(4));
+    assert_eq!(image_at(&s, off, CHUNK), pattern(4));
+    // Its one firing spent, the next write lands.
+    assert_eq!(c.write(0, off, &pattern(5)), 0);
+    assert_eq!(c.read(0, off, CHUNK).unwrap(), pattern(5));
+    let f = &s.ctl_ok("fault-list", &[])[0];
+    assert_eq!(
+        (f["fired"].as_u64(), f["expired"].as_bool()),
+        (Some(1), Some(true))
+    );
+    assert!(
+        s.remapped_lbas().is_empty(),
+        "a lost write is not a media error"
+    );
+}
+
+#[test]
+fn a_misdirected_write_lands_at_the_shifted_block() {
+    let s = Server::start(4 * MIB, &[]);
+    let mut c = s.client(1);
+    let (off, shifted) = (32 * 512, (32 + 64) * 512);
+    assert_eq!(c.write(0, off, &pattern(6)), 0);
+    s.ctl_ok(
+        "fault-add",
+        &[
+            "op=write",
+            "lba=32",
+            "count=8",
+            "mode=misdirect",
+            "shift=64",
+        ],
+    );
+    assert_eq!(c.write(0, off, &pattern(7)), 0);
+    assert_eq!(
+        c.read(0, off, CHUNK).unwrap(),
+        pattern(6),
+        "the target keeps old data"
+    );
+    assert_eq!(c.read(0, shifted, CHUNK).unwrap(), pattern(7));
+    // Backwards too, and only the fault's blocks move: blocks 40..48 of a write over 32..48.
+    s.ctl_ok("fault-clear", &[]);
+    s.ctl_ok(
+        "fault-add",
+        &[
+            "op=write",
+            "lba=40",
+            "count=8",
+            "mode=misdirect",
+            "shift=-40",
+        ],
+    );
+    let two: Vec<u8> = [pattern(8), pattern(9)].concat();
+    assert_eq!(c.write(0, off, &two), 0);
+    assert_eq!(c.read(0, off, CHUNK).unwrap(), pattern(8));
+    assert_eq!(
+        c.read(0, off + CHUNK as u64, CHUNK).unwrap(),
+        vec![0; CHUNK]
+    );
+    assert_eq!(c.read(0, 0, CHUNK).unwrap(), pattern(9));
+}
+
+#[test]
+fn a_torn_write_lands_its_first_sectors_only() {
+    let s = Server::start(4 * MIB, &[]);
+    let mut c = s.client(1);
+    let off = 40 * 512;
+    assert_eq!(c.write(0, off, &pattern(10)), 0);
+    s.ctl_ok(
+        "fault-add",
+        &[
+            "op=write",
+            "lba=40",
+            "count=8",
+            "mode=torn",
+            "sectors=3",
+            "times=1",
+        ],
+    );
+    assert_eq!(c.write(0, off, &pattern(11)), 0, "report=ok is silent");
+    let got = c.read(0, off, CHUNK).unwrap();
+    assert_eq!(got[..1536], pattern(11)[..1536]);
+    assert_eq!(got[1536..], pattern(10)[1536..], "the tail is old data");
+
+    // report=error fails the write, which still tore, and remaps nothing (auto-remap is on).
+    s.ctl_ok(
+        "fault-add",
+        &[
+            "op=write",
+            "lba=40",
+            "count=8",
+            "mode=torn",
+            "sectors=2",
+            "report=error",
+        ],
+    );
+    assert_eq!(c.write(0, off, &pattern(12)), -libc::EIO);
+    let got = c.read(0, off, CHUNK).unwrap();
+    assert_eq!(got[..1024], pattern(12)[..1024]);
+    assert_eq!(got[1024..1536], pattern(11)[1024..1536]);
+    assert_eq!(got[1536..], pattern(10)[1536..]);
+    assert!(
+        s.remapped_lbas().is_empty(),
+        "a torn write is not a media error"
+    );
+}
+
+#[test]
+fn data_mode_firings_are_logged_with_the_request_and_counted_per_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let image = dir.path().join("d.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(4 * MIB)
+        .unwrap();
+    let s = Server::start_on(dir, image, &["--event-log", events.to_str().unwrap()]);
+    s.ctl_ok(
+        "fault-add",
+        &["lba=8", "count=8", "mode=misdirect", "shift=8"],
+    );
+    s.ctl_ok(
+        "fault-add",
+        &["op=read", "lba=64", "mode=corrupt", "bits=1"],
+    );
+    let mut c = s.client(1);
+    assert_eq!(c.write(0, 8 * 512, &pattern(13)), 0);
+    assert_eq!(c.read(0, 16 * 512, CHUNK).unwrap(), pattern(13));
+    let _ = c.read(0, 64 * 512, 512).unwrap();
+    let _ = c.read(0, 64 * 512, 512).unwrap();
+    let fired = &s.ctl_ok("query-stats", &[])["faults_fired"];
+    assert_eq!(
+        (&fired["misdirect"], &fired["corrupt"], &fired["torn"]),
+        (
+            &serde_json::json!(1),
+            &serde_json::json!(2),
+            &serde_json::json!(0)
+        ),
+        "{fired}"
+    );
+    let firings = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&events)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event"] == "fault-fired")
+            .collect()
+    };
+    wait_until("three fault-fired events", Duration::from_secs(10), || {
+        firings().len() == 3
+    });
+    let f = firings();
+    assert_eq!(
+        (
+            &f[0]["mode"],
+            &f[0]["op"],
+            &f[0]["first_block"],
+            &f[0]["last_block"]
+        ),
+        (
+            &serde_json::json!("misdirect"),
+            &serde_json::json!("write"),
+            &serde_json::json!(8),
+            &serde_json::json!(15)
+        )
+    );
+    assert_eq!(
+        (&f[2]["mode"], &f[2]["first_block"]),
+        (&serde_json::json!("corrupt"), &serde_json::json!(64))
+    );
+}
+
+#[test]
+fn write_zeroes_are_lost_and_torn_like_writes() {
+    let s = Server::start(4 * MIB, &[]);
+    let mut c = s.client(1);
+    let off = 128 * 512;
+    assert_eq!(c.write(0, off, &pattern(14)), 0);
+    s.ctl_ok(
+        "fault-add",
+        &["lba=128", "count=8", "mode=lost-write", "times=1"],
+    );
+    let zeroes = Op::WriteZeroes {
+        offset: off,
+        len: CHUNK as u64,
+        unmap: false,
+    };
+    assert_eq!(c.batch(0, &[zeroes]), vec![0]);
+    assert_eq!(
+        c.read(0, off, CHUNK).unwrap(),
+        pattern(14),
+        "the zeroes were lost"
+    );
+    s.ctl_ok(
+        "fault-add",
+        &["lba=128", "count=8", "mode=torn", "sectors=1", "times=1"],
+    );
+    assert_eq!(c.batch(0, &[zeroes]), vec![0]);
+    let got = c.read(0, off, CHUNK).unwrap();
+    assert_eq!(got[..512], [0; 512]);
+    assert_eq!(got[512..], pattern(14)[512..]);
 }

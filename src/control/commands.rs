@@ -75,6 +75,8 @@ pub struct Status {
 pub struct StatsReport {
     pub totals: Totals,
     pub queues: Vec<QueueReport>,
+    /// Injected faults' firings per mode since start, every mode named.
+    pub faults_fired: std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// `query-stats`' totals: the counters summed over the queues.
@@ -167,7 +169,8 @@ impl Commands {
                 none().map(|_| json!({ "was_quiesced": self.live.resume(&self.dev) }))
             }
             CommandName::FaultAdd => {
-                let spec = FaultSpec::from_args(&req.arguments, self.blocks())?;
+                let spec =
+                    FaultSpec::from_args(&req.arguments, self.blocks(), self.dev.cfg.block_size)?;
                 Ok(json!({ "id": self.faults.add(spec) }))
             }
             CommandName::FaultList => none().and_then(|_| reply(self.faults.list())),
@@ -320,6 +323,7 @@ impl Commands {
                     latency_us: q.latency.summary(),
                 })
                 .collect(),
+            faults_fired: self.faults.fired_by_mode(),
         }
     }
 }

@@ -29,6 +29,76 @@ pub enum FaultMode {
     },
     /// The request fails with this probability, from a PRNG seeded with `seed`.
     Flaky { probability: f64, seed: u64 },
+    /// The fault's blocks come back (reads) or are stored (writes) corrupted; the request
+    /// completes OK. Not a media error: nothing is remapped.
+    Corrupt(Corruption),
+    /// The write completes OK and is not written.
+    LostWrite,
+    /// The write's blocks inside the fault land `shift` blocks away instead.
+    Misdirect { shift: i64 },
+    /// Only the write's first `sectors` 512-byte sectors land; `report` says what the guest
+    /// is told.
+    Torn { sectors: u32, report: TornReport },
+}
+
+/// Every mode's name, as `fault-add` takes it; [`FaultMode::index`] is the position here.
+pub const MODE_NAMES: [&str; 7] = [
+    "error",
+    "delay",
+    "flaky",
+    "corrupt",
+    "lost-write",
+    "misdirect",
+    "torn",
+];
+
+impl FaultMode {
+    /// The mode's place in [`MODE_NAMES`], for counting firings per mode without a map.
+    pub fn index(&self) -> usize {
+        match self {
+            FaultMode::Error => 0,
+            FaultMode::Delay { .. } => 1,
+            FaultMode::Flaky { .. } => 2,
+            FaultMode::Corrupt(_) => 3,
+            FaultMode::LostWrite => 4,
+            FaultMode::Misdirect { .. } => 5,
+            FaultMode::Torn { .. } => 6,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        MODE_NAMES[self.index()]
+    }
+
+    /// Modes that only mean something for writes: a read passes them untouched.
+    pub fn writes_only(&self) -> bool {
+        matches!(
+            self,
+            FaultMode::LostWrite | FaultMode::Misdirect { .. } | FaultMode::Torn { .. }
+        )
+    }
+}
+
+/// How `corrupt` damages each block it covers. Untagged: `fault-list` shows the arguments
+/// of the form chosen, as `fault-add` takes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Corruption {
+    /// `bits` distinct bits flipped per block, the same ones each time for a block and seed.
+    Bits { bits: u32, seed: u64 },
+    /// The byte at `offset` within each block XORed with `xor`.
+    Xor { xor: u8, offset: u32 },
+}
+
+/// What a torn write tells the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TornReport {
+    /// The write completes OK: the tear is silent.
+    #[default]
+    Ok,
+    /// The write fails (`VIRTIO_BLK_S_IOERR`), but not as a media error: nothing is remapped.
+    Error,
 }
 
 /// What each mode takes besides the common arguments, picked by `mode`. Adding a mode: its
@@ -45,11 +115,56 @@ enum ModeArgs {
         #[serde(default)]
         seed: u64,
     },
+    /// `bits` [`seed`] or `xor` [`offset`]: [`Corrupt::check`] refuses a mix.
+    // u64 throughout: the parser's type errors then read "a non-negative integer", and the
+    // ranges are checked with messages that say what fits.
+    Corrupt {
+        bits: Option<u64>,
+        seed: Option<u64>,
+        xor: Option<u64>,
+        offset: Option<u64>,
+    },
+    LostWrite,
+    Misdirect {
+        shift: i64,
+    },
+    Torn {
+        sectors: u64,
+        #[serde(default)]
+        report: TornReport,
+    },
+}
+
+/// The blocks a fault covers and the disk it sits on, for the checks that depend on them.
+struct Placement {
+    op: FaultOp,
+    lba: u64,
+    count: u64,
+    capacity_blocks: u64,
+    block_size: u32,
 }
 
 impl ModeArgs {
     /// The ranges serde cannot check.
-    fn check(self) -> Result<FaultMode, ArgError> {
+    fn check(self, at: &Placement) -> Result<FaultMode, ArgError> {
+        if matches!(
+            self,
+            ModeArgs::LostWrite | ModeArgs::Misdirect { .. } | ModeArgs::Torn { .. }
+        ) && at.op == FaultOp::Read
+        {
+            return Err(ArgError::new(
+                "op",
+                "this mode changes writes: op must be write or any",
+            ));
+        }
+        if matches!(self, ModeArgs::Corrupt { .. }) && at.op == FaultOp::Any {
+            // The same flips on the way in and out would cancel: the guest would read back
+            // good data from a damaged image.
+            return Err(ArgError::new(
+                "op",
+                "mode corrupt needs op=read (the guest reads damage, the image stays intact) or op=write (the damage is stored)",
+            ));
+        }
         Ok(match self {
             ModeArgs::Error => FaultMode::Error,
             ModeArgs::Delay { delay_ms } => {
@@ -73,7 +188,113 @@ impl ModeArgs {
                 }
                 FaultMode::Flaky { probability, seed }
             }
+            ModeArgs::Corrupt {
+                bits,
+                seed,
+                xor,
+                offset,
+            } => FaultMode::Corrupt(corruption(bits, seed, xor, offset, at.block_size)?),
+            ModeArgs::LostWrite => FaultMode::LostWrite,
+            ModeArgs::Misdirect { shift } => {
+                let lands = i128::from(at.lba) + i128::from(shift);
+                let end = lands + i128::from(at.count);
+                if shift == 0 {
+                    return Err(ArgError::new(
+                        "shift",
+                        "must not be 0 (that write would land where it belongs)",
+                    ));
+                }
+                if lands < 0 || end > i128::from(at.capacity_blocks) {
+                    return Err(ArgError::new(
+                        "shift",
+                        format!(
+                            "{shift} moves blocks {}..{} to {lands}..{end}, off the disk ({} blocks)",
+                            at.lba,
+                            at.lba + at.count,
+                            at.capacity_blocks
+                        ),
+                    ));
+                }
+                FaultMode::Misdirect { shift }
+            }
+            ModeArgs::Torn { sectors, report } => {
+                if sectors == 0 {
+                    return Err(ArgError::new(
+                        "sectors",
+                        "must be at least 1 (for a write of which nothing lands, use mode lost-write)",
+                    ));
+                }
+                let Ok(sectors) = u32::try_from(sectors) else {
+                    return Err(ArgError::new(
+                        "sectors",
+                        format!("must be at most {}, got {sectors}", u32::MAX),
+                    ));
+                };
+                FaultMode::Torn { sectors, report }
+            }
         })
+    }
+}
+
+/// `corrupt`'s two forms: `bits` [`seed`] or `xor` [`offset`], never a mix of them.
+fn corruption(
+    bits: Option<u64>,
+    seed: Option<u64>,
+    xor: Option<u64>,
+    offset: Option<u64>,
+    block_size: u32,
+) -> Result<Corruption, ArgError> {
+    let block_bits = u64::from(block_size) * 8;
+    match (bits, xor) {
+        (Some(_), Some(_)) => Err(ArgError::new(
+            "xor",
+            "cannot go with bits: give bits=N [seed=S] (random flips) or xor=BYTE [offset=K]",
+        )),
+        (None, None) => Err(ArgError::new(
+            "bits",
+            "mode corrupt needs bits=N [seed=S] (random flips per block) or xor=BYTE [offset=K]",
+        )),
+        (Some(bits), None) => {
+            if offset.is_some() {
+                return Err(ArgError::new("offset", "only applies with xor, not bits"));
+            }
+            if !(1..=block_bits).contains(&bits) {
+                return Err(ArgError::new(
+                    "bits",
+                    format!("must be 1 to {block_bits} (the bits in a block), got {bits}"),
+                ));
+            }
+            Ok(Corruption::Bits {
+                // Fits: at most the bits of a block, and a block size is a u32.
+                bits: u32::try_from(bits).unwrap_or(u32::MAX),
+                seed: seed.unwrap_or(0),
+            })
+        }
+        (None, Some(xor)) => {
+            if seed.is_some() {
+                return Err(ArgError::new(
+                    "seed",
+                    "only applies with bits: xor flips the same bits every time",
+                ));
+            }
+            let Some(xor) = u8::try_from(xor).ok().filter(|&x| x != 0) else {
+                return Err(ArgError::new(
+                    "xor",
+                    format!("must be a byte, 1 to 255 (0 changes nothing), got {xor}"),
+                ));
+            };
+            let offset = offset.unwrap_or(0);
+            let Some(offset) = u32::try_from(offset).ok().filter(|&o| o < block_size) else {
+                return Err(ArgError::new(
+                    "offset",
+                    format!(
+                        "must be a byte of the block, 0 to {}, got {offset}",
+                        block_size.saturating_sub(1)
+                    ),
+                ));
+            };
+            Ok(Corruption::Xor { xor, offset })
+        }
     }
 }
 
@@ -109,10 +330,12 @@ pub struct FaultSpec {
 pub type FaultArgError = ArgError;
 
 impl FaultSpec {
-    /// Validates `fault-add` arguments against a disk of `capacity_blocks` blocks.
+    /// Validates `fault-add` arguments against a disk of `capacity_blocks` blocks of
+    /// `block_size` bytes.
     pub fn from_args(
         args: &Map<String, Value>,
         capacity_blocks: u64,
+        block_size: u32,
     ) -> Result<FaultSpec, FaultArgError> {
         let mut args = Args::new(args);
         let common: CommonArgs = args
@@ -147,11 +370,18 @@ impl FaultSpec {
                 "must be at least 1 (omit it for a fault that never expires)",
             ));
         }
+        let at = Placement {
+            op,
+            lba,
+            count,
+            capacity_blocks,
+            block_size,
+        };
         Ok(FaultSpec {
             op,
             lba,
             count,
-            mode: mode.check()?,
+            mode: mode.check(&at)?,
             times,
         })
     }
@@ -163,7 +393,8 @@ impl FaultSpec {
     }
 
     pub fn applies_to(&self, op: FaultOp) -> bool {
-        self.op == FaultOp::Any || self.op == op
+        (self.op == FaultOp::Any || self.op == op)
+            && !(op == FaultOp::Read && self.mode.writes_only())
     }
 
     /// Whether blocks `[first, last]` touch this fault's blocks.
@@ -182,12 +413,12 @@ mod tests {
     }
 
     fn field(v: Value) -> String {
-        FaultSpec::from_args(&args(v), 1000).unwrap_err().field
+        FaultSpec::from_args(&args(v), 1000, 512).unwrap_err().field
     }
 
     #[test]
     fn valid_specs_round_trip() {
-        let s = FaultSpec::from_args(&args(json!({"op": "read", "lba": 10, "count": 4, "mode": "flaky", "probability": 0.25, "seed": 7, "times": 3})), 1000).unwrap();
+        let s = FaultSpec::from_args(&args(json!({"op": "read", "lba": 10, "count": 4, "mode": "flaky", "probability": 0.25, "seed": 7, "times": 3})), 1000, 512).unwrap();
         assert_eq!(
             s.mode,
             FaultMode::Flaky {
@@ -196,12 +427,13 @@ mod tests {
             }
         );
         assert_eq!(
-            FaultSpec::from_args(s.to_json().as_object().unwrap(), 1000).unwrap(),
+            FaultSpec::from_args(s.to_json().as_object().unwrap(), 1000, 512).unwrap(),
             s
         );
         let d = FaultSpec::from_args(
             &args(json!({"lba": 0, "mode": "delay", "delay_ms": 200})),
             1000,
+            512,
         )
         .unwrap();
         assert_eq!(
@@ -235,16 +467,239 @@ mod tests {
         let e = FaultSpec::from_args(
             &args(json!({"lba": 1, "mode": "delay", "delay_ms": 5, "probability": 0.5})),
             1000,
+            512,
         )
         .unwrap_err();
         assert_eq!(e.to_string(), "probability: only applies to mode flaky");
-        let e = FaultSpec::from_args(&args(json!({"lba": 1, "seed": 3})), 1000).unwrap_err();
-        assert_eq!(e.to_string(), "seed: only applies to mode flaky");
-        let e = FaultSpec::from_args(&args(json!({"lba": 1, "colour": "red"})), 1000).unwrap_err();
+        let e = FaultSpec::from_args(&args(json!({"lba": 1, "seed": 3})), 1000, 512).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "colour: unknown argument; fault-add takes op, lba, count, times, mode, delay_ms, probability, seed"
+            "seed: only applies to mode flaky or mode corrupt"
         );
+        let e =
+            FaultSpec::from_args(&args(json!({"lba": 1, "colour": "red"})), 1000, 512).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "colour: unknown argument; fault-add takes op, lba, count, times, mode, delay_ms, probability, seed, bits, xor, offset, shift, sectors, report"
+        );
+    }
+
+    fn mode(v: Value) -> FaultMode {
+        FaultSpec::from_args(&args(v), 1000, 512).unwrap().mode
+    }
+
+    #[test]
+    fn the_data_modes_parse_and_round_trip() {
+        for (v, want) in [
+            (
+                json!({"lba": 1, "op": "read", "mode": "corrupt", "bits": 3, "seed": 9}),
+                FaultMode::Corrupt(Corruption::Bits { bits: 3, seed: 9 }),
+            ),
+            (
+                json!({"lba": 1, "op": "write", "mode": "corrupt", "bits": 4096}),
+                FaultMode::Corrupt(Corruption::Bits {
+                    bits: 4096,
+                    seed: 0,
+                }),
+            ),
+            (
+                json!({"lba": 1, "op": "read", "mode": "corrupt", "xor": 255, "offset": 511}),
+                FaultMode::Corrupt(Corruption::Xor {
+                    xor: 255,
+                    offset: 511,
+                }),
+            ),
+            (
+                json!({"lba": 1, "op": "write", "mode": "lost-write"}),
+                FaultMode::LostWrite,
+            ),
+            (
+                json!({"lba": 10, "count": 5, "mode": "misdirect", "shift": -10}),
+                FaultMode::Misdirect { shift: -10 },
+            ),
+            (
+                json!({"lba": 10, "count": 5, "mode": "misdirect", "shift": 985}),
+                FaultMode::Misdirect { shift: 985 },
+            ),
+            (
+                json!({"lba": 1, "mode": "torn", "sectors": 2}),
+                FaultMode::Torn {
+                    sectors: 2,
+                    report: TornReport::Ok,
+                },
+            ),
+            (
+                json!({"lba": 1, "mode": "torn", "sectors": 2, "report": "error"}),
+                FaultMode::Torn {
+                    sectors: 2,
+                    report: TornReport::Error,
+                },
+            ),
+        ] {
+            assert_eq!(mode(v.clone()), want, "{v}");
+            let s = FaultSpec::from_args(&args(v), 1000, 512).unwrap();
+            assert_eq!(
+                FaultSpec::from_args(s.to_json().as_object().unwrap(), 1000, 512).unwrap(),
+                s
+            );
+        }
+        assert_eq!(
+            FaultSpec::from_args(
+                &args(json!({"lba": 1, "op": "write", "mode": "corrupt", "xor": 1})),
+                1000,
+                512
+            )
+            .unwrap()
+            .to_json(),
+            json!({"op": "write", "lba": 1, "count": 1, "mode": "corrupt", "xor": 1, "offset": 0})
+        );
+        // The block size bounds bits and offset.
+        assert_eq!(
+            FaultSpec::from_args(
+                &args(json!({"lba": 1, "op": "read", "mode": "corrupt", "bits": 32768})),
+                1000,
+                4096
+            )
+            .unwrap()
+            .mode,
+            FaultMode::Corrupt(Corruption::Bits {
+                bits: 32768,
+                seed: 0
+            })
+        );
+    }
+
+    #[test]
+    fn every_bad_data_mode_argument_is_named() {
+        let c = |extra: Value| {
+            let mut v = json!({"lba": 1, "op": "read", "mode": "corrupt"});
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            field(v)
+        };
+        assert_eq!(c(json!({})), "bits");
+        assert_eq!(c(json!({"bits": 1, "xor": 1})), "xor");
+        assert_eq!(c(json!({"bits": 0})), "bits");
+        assert_eq!(c(json!({"bits": 4097})), "bits");
+        assert_eq!(c(json!({"bits": -1})), "bits");
+        assert_eq!(c(json!({"bits": 1, "offset": 3})), "offset");
+        assert_eq!(c(json!({"xor": 1, "seed": 3})), "seed");
+        assert_eq!(c(json!({"xor": 0})), "xor");
+        assert_eq!(c(json!({"xor": 256})), "xor");
+        assert_eq!(c(json!({"xor": "0xff"})), "xor");
+        assert_eq!(c(json!({"bits": 1u64 << 40})), "bits");
+        assert_eq!(c(json!({"xor": 1, "offset": 1u64 << 40})), "offset");
+        assert_eq!(
+            field(json!({"lba": 1, "mode": "torn", "sectors": 1u64 << 40})),
+            "sectors"
+        );
+        let e = FaultSpec::from_args(
+            &args(json!({"lba": 1, "op": "read", "mode": "corrupt", "xor": 256})),
+            1000,
+            512,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "xor: must be a byte, 1 to 255 (0 changes nothing), got 256"
+        );
+        assert_eq!(c(json!({"xor": 1, "offset": 512})), "offset");
+        assert_eq!(c(json!({"bits": 1, "shift": 3})), "shift");
+        assert_eq!(
+            field(json!({"lba": 1, "op": "read", "mode": "lost-write"})),
+            "op"
+        );
+        assert_eq!(
+            field(json!({"lba": 1, "mode": "lost-write", "sectors": 1})),
+            "sectors"
+        );
+        assert_eq!(field(json!({"lba": 1, "mode": "misdirect"})), "shift");
+        assert_eq!(
+            field(json!({"lba": 1, "mode": "misdirect", "shift": 0})),
+            "shift"
+        );
+        assert_eq!(
+            field(json!({"lba": 10, "count": 5, "mode": "misdirect", "shift": -11})),
+            "shift"
+        );
+        assert_eq!(
+            field(json!({"lba": 10, "count": 5, "mode": "misdirect", "shift": 986})),
+            "shift"
+        );
+        assert_eq!(
+            field(json!({"lba": 1, "mode": "misdirect", "shift": i64::MIN})),
+            "shift"
+        );
+        assert_eq!(
+            field(json!({"lba": 1, "op": "read", "mode": "misdirect", "shift": 1})),
+            "op"
+        );
+        assert_eq!(field(json!({"lba": 1, "mode": "torn"})), "sectors");
+        assert_eq!(
+            field(json!({"lba": 1, "mode": "torn", "sectors": 0})),
+            "sectors"
+        );
+        assert_eq!(
+            field(json!({"lba": 1, "mode": "torn", "sectors": 1, "report": "maybe"})),
+            "report"
+        );
+        assert_eq!(
+            field(json!({"lba": 1, "mode": "torn", "sectors": 1, "bits": 1})),
+            "bits"
+        );
+    }
+
+    #[test]
+    fn write_only_modes_do_not_apply_to_reads() {
+        let s = FaultSpec::from_args(&args(json!({"lba": 1, "mode": "lost-write"})), 1000, 512)
+            .unwrap();
+        assert!(s.applies_to(FaultOp::Write) && !s.applies_to(FaultOp::Read));
+        let s = FaultSpec::from_args(
+            &args(json!({"lba": 1, "op": "read", "mode": "corrupt", "bits": 1})),
+            1000,
+            512,
+        )
+        .unwrap();
+        assert!(!s.applies_to(FaultOp::Write) && s.applies_to(FaultOp::Read));
+    }
+
+    #[test]
+    fn corrupt_needs_a_direction() {
+        let e = FaultSpec::from_args(
+            &args(json!({"lba": 1, "mode": "corrupt", "bits": 1})),
+            1000,
+            512,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().starts_with("op: mode corrupt needs op=read"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn mode_names_are_the_serialized_names() {
+        let modes = [
+            FaultMode::Error,
+            FaultMode::Delay { ms: 1 },
+            FaultMode::Flaky {
+                probability: 0.5,
+                seed: 0,
+            },
+            FaultMode::Corrupt(Corruption::Xor { xor: 1, offset: 0 }),
+            FaultMode::LostWrite,
+            FaultMode::Misdirect { shift: 1 },
+            FaultMode::Torn {
+                sectors: 1,
+                report: TornReport::Ok,
+            },
+        ];
+        assert_eq!(modes.len(), MODE_NAMES.len());
+        for (i, m) in modes.iter().enumerate() {
+            assert_eq!(m.index(), i);
+            assert_eq!(serde_json::to_value(m).unwrap()["mode"], m.name());
+        }
     }
 
     #[test]

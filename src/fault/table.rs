@@ -2,6 +2,7 @@
 //! nothing at all to do when it is empty); control commands replace the snapshot under a
 //! writers' lock.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,7 +11,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::spec::{FaultMode, FaultOp, FaultSpec};
+use super::spec::{Corruption, FaultMode, FaultOp, FaultSpec, TornReport, MODE_NAMES};
 use crate::events::EventLog;
 
 struct Fault {
@@ -75,6 +76,14 @@ pub enum Verdict {
     Fail(u64, std::ops::RangeInclusive<u64>),
     /// Hold the request this long first.
     Delay(Duration),
+    /// Carry the request out, its data corrupted on these blocks (the fault's id first).
+    Corrupt(u64, Corruption, std::ops::RangeInclusive<u64>),
+    /// Complete the write OK without writing it.
+    Lose(u64),
+    /// Write these blocks (those of the write the fault covers) `shift` blocks away.
+    Misdirect(u64, i64, std::ops::RangeInclusive<u64>),
+    /// Write only the first `sectors` 512-byte sectors, then report as told.
+    Torn(u64, u32, TornReport),
 }
 
 pub struct FaultTable {
@@ -84,6 +93,8 @@ pub struct FaultTable {
     count: AtomicUsize,
     writers: Mutex<u64>,
     events: Arc<EventLog>,
+    /// Firings per mode (indexed by [`FaultMode::index`]), faults removed since included.
+    fired_by_mode: [AtomicU64; MODE_NAMES.len()],
 }
 
 impl FaultTable {
@@ -93,6 +104,7 @@ impl FaultTable {
             count: AtomicUsize::new(0),
             writers: Mutex::new(1),
             events,
+            fired_by_mode: Default::default(),
         }
     }
 
@@ -118,7 +130,12 @@ impl FaultTable {
     }
 
     /// Applies a `--faults` file: a JSON array of fault-add argument objects. Returns how many.
-    pub fn load_file(&self, path: &std::path::Path, capacity_blocks: u64) -> Result<usize, String> {
+    pub fn load_file(
+        &self,
+        path: &std::path::Path,
+        capacity_blocks: u64,
+        block_size: u32,
+    ) -> Result<usize, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read faults file {}: {e}", path.display()))?;
         let list: Vec<Value> = serde_json::from_str(&text).map_err(|e| {
@@ -131,7 +148,7 @@ impl FaultTable {
             let args = entry.as_object().ok_or_else(|| {
                 format!("faults file {}: entry {i} is not an object", path.display())
             })?;
-            let spec = FaultSpec::from_args(args, capacity_blocks)
+            let spec = FaultSpec::from_args(args, capacity_blocks, block_size)
                 .map_err(|e| format!("faults file {}: entry {i}: {e}", path.display()))?;
             let id = self.add(spec);
             log::info!("fault {id} from {}: {entry}", path.display());
@@ -178,6 +195,15 @@ impl FaultTable {
             .collect()
     }
 
+    /// How often each mode fired since start, by mode name (every mode, 0 included).
+    pub fn fired_by_mode(&self) -> BTreeMap<&'static str, u64> {
+        MODE_NAMES
+            .iter()
+            .zip(&self.fired_by_mode)
+            .map(|(&name, n)| (name, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+
     /// Whether some fault could decide the fate of a request of kind `op` on blocks
     /// `[first, last]` (without drawing or counting anything): such a request must go through
     /// [`check`](Self::check).
@@ -215,16 +241,21 @@ impl FaultTable {
                         continue;
                     }
                 }
+                FaultMode::Corrupt(how) => Verdict::Corrupt(f.id, how, bad),
+                FaultMode::LostWrite => Verdict::Lose(f.id),
+                FaultMode::Misdirect { shift } => Verdict::Misdirect(f.id, shift, bad),
+                FaultMode::Torn { sectors, report } => Verdict::Torn(f.id, sectors, report),
             };
             if !f.claim() {
                 continue;
             }
+            self.fired_by_mode[f.spec.mode.index()].fetch_add(1, Ordering::Relaxed);
             self.events.emit(
                 "fault-fired",
                 json!({
                     "id": f.id,
                     "op": if op == FaultOp::Read { "read" } else { "write" },
-                    "mode": f.spec.to_json()["mode"],
+                    "mode": f.spec.mode.name(),
                     "first_block": first,
                     "last_block": last,
                 }),
@@ -283,6 +314,58 @@ mod tests {
             serde_json::to_value(t.list()).unwrap(),
             json!([{"id": id, "fired": 0, "expired": false, "op": "read", "lba": 5, "count": 1,
                     "mode": "delay", "delay_ms": 20}])
+        );
+    }
+
+    #[test]
+    fn data_modes_decide_with_the_blocks_they_cover() {
+        let t = FaultTable::new(Arc::new(EventLog::disabled()));
+        let how = Corruption::Bits { bits: 2, seed: 1 };
+        let c = t.add(FaultSpec {
+            count: 4,
+            ..spec(FaultOp::Any, 8, FaultMode::Corrupt(how), None)
+        });
+        assert_eq!(
+            t.check(FaultOp::Read, 0, 9),
+            Verdict::Corrupt(c, how, 8..=9)
+        );
+        assert_eq!(
+            t.check(FaultOp::Write, 10, 20),
+            Verdict::Corrupt(c, how, 10..=11)
+        );
+        t.clear();
+        let l = t.add(spec(FaultOp::Any, 3, FaultMode::LostWrite, Some(1)));
+        assert!(!t.may_apply(FaultOp::Read, 3, 3));
+        assert_eq!(t.check(FaultOp::Read, 3, 3), Verdict::Pass);
+        assert!(t.may_apply(FaultOp::Write, 3, 3));
+        assert_eq!(t.check(FaultOp::Write, 3, 3), Verdict::Lose(l));
+        assert_eq!(t.check(FaultOp::Write, 3, 3), Verdict::Pass);
+        let m = t.add(spec(
+            FaultOp::Write,
+            5,
+            FaultMode::Misdirect { shift: -2 },
+            None,
+        ));
+        assert_eq!(
+            t.check(FaultOp::Write, 0, 7),
+            Verdict::Misdirect(m, -2, 5..=5)
+        );
+        let n = t.add(spec(
+            FaultOp::Write,
+            6,
+            FaultMode::Torn {
+                sectors: 1,
+                report: TornReport::Error,
+            },
+            None,
+        ));
+        assert_eq!(
+            t.check(FaultOp::Write, 6, 7),
+            Verdict::Torn(n, 1, TornReport::Error)
+        );
+        assert_eq!(
+            t.list().iter().map(|f| f.fired).collect::<Vec<_>>(),
+            [1, 1, 1]
         );
     }
 

@@ -17,7 +17,9 @@ use super::table::RemapTable;
 use super::table::Snapshot;
 use crate::inline_vec::InlineVec;
 use crate::storage::iov::{gather, scatter};
-use crate::storage::{block_span, BlockIo, Dir, Extent, MapIo, Mapping, MediaError, Pass, PerIo};
+use crate::storage::{
+    block_span, BlockIo, Dir, Extent, MapIo, Mapping, MediaError, NotMediaError, Pass, PerIo,
+};
 
 pub struct RemapTarget {
     main: Arc<dyn BlockIo>,
@@ -271,7 +273,9 @@ impl RemapTarget {
     /// After the main image refused a write of `data` at block `first` with `e`: remaps the
     /// failing blocks (auto-remap on) after writing the good ones.
     fn recover_write(&self, first: u64, data: &[u8], e: io::Error) -> io::Result<()> {
-        if !self.auto_remap {
+        // An injected failure that is not a media error (a torn write told as failed) must
+        // reach the guest as it is: the disk has no bad block to remap.
+        if !self.auto_remap || NotMediaError::is(&e) {
             return Err(e);
         }
         let nblocks = data.len() as u64 / self.bs;

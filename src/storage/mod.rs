@@ -56,6 +56,18 @@ impl MediaError {
     }
 }
 
+/// A failure a layer below reports on purpose that is not a media error (a torn write told as
+/// failed): the layers above pass it on to the guest and remap nothing for it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotMediaError(pub String);
+
+impl NotMediaError {
+    pub fn is(e: &io::Error) -> bool {
+        e.get_ref().is_some_and(|inner| inner.is::<NotMediaError>())
+    }
+}
+
 /// The first and last of the `block_size`-byte blocks that `len` bytes at byte `offset` touch
 /// (the first block alone for an empty range).
 pub fn block_span(offset: u64, len: u64, block_size: u64) -> (u64, u64) {
