@@ -97,7 +97,7 @@ impl Thread {
             };
             g.writing = true;
             drop(g);
-            let r = write_all(file, chunk.get(), at);
+            let r = file.write_all_at(chunk.get(), at);
             g = self.lock();
             g.writing = false;
             if let Err(e) = r {
@@ -249,7 +249,7 @@ impl Spool {
         }
         let pages = self.len.next_multiple_of(ALIGN);
         self.cur.get_mut()[self.len..pages].fill(0);
-        write_all(&self.file, &self.cur.get()[..pages], self.base)
+        self.file.write_all_at(&self.cur.get()[..pages], self.base)
     }
 
     /// Rewrites the file's first `head.len()` bytes (the super block), after every queued
@@ -260,7 +260,7 @@ impl Spool {
         if self.base == 0 {
             self.cur.get_mut()[..head.len()].copy_from_slice(head);
         }
-        write_all(&self.file, self.first.get(), 0)
+        self.file.write_all_at(self.first.get(), 0)
     }
 }
 
@@ -272,11 +272,6 @@ impl Drop for Spool {
             let _ = h.join();
         }
     }
-}
-
-/// `buf` at `offset`, retrying short writes.
-fn write_all(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
-    file.write_all_at(buf, offset)
 }
 
 #[cfg(test)]

@@ -188,7 +188,7 @@ impl LogWriter {
         }
         // SAFETY: `header` and `pad` live to the end of this function; the caller vouches for
         // `iov`.
-        let _ = unsafe { self.append(&all, SECTOR + sectors * SECTOR) };
+        let _ = unsafe { self.append(&all) };
     }
 
     /// A completed discard (`zeroes`: a write-zeroes) of `len` bytes at `offset`.
@@ -283,17 +283,16 @@ impl LogWriter {
             iov_len: sector.len(),
         }];
         // SAFETY: `sector` lives to the end of this function.
-        unsafe { self.append(&iov, SECTOR) }
+        unsafe { self.append(&iov) }
     }
 
-    /// Writes one entry (`iov`, `len` bytes in all) at the tail; returns its index.
+    /// Writes one entry (`iov`, whole sectors) at the tail; returns its index.
     ///
     /// # Safety
     /// As [`write`](Self::write).
-    unsafe fn append(&self, iov: &[libc::iovec], len: u64) -> io::Result<u64> {
+    unsafe fn append(&self, iov: &[libc::iovec]) -> io::Result<u64> {
         self.check_failed()?;
         let mut tail = self.lock_tail();
-        debug_assert_eq!(iov.iter().map(|v| v.iov_len as u64).sum::<u64>(), len);
         // SAFETY: the caller vouches for `iov`.
         if let Err(e) = unsafe { tail.spool.push_iov(iov) } {
             drop(tail);
