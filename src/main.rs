@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use log::{info, warn};
 
 use remapblk::args::{Cli, Command, CtlArgs, MetadataAction, ServeArgs};
@@ -140,6 +140,11 @@ fn activated_socket() -> Option<i32> {
 }
 
 fn run_serve(a: ServeArgs) -> Result<(), String> {
+    let poll = a.polling().unwrap_or_else(|msg| {
+        Cli::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, msg)
+            .exit()
+    });
     if a.print_capabilities {
         let caps = Capabilities {
             kind: "block",
@@ -204,7 +209,7 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
         queue_size: a.queue_size,
         drain_timeout: Duration::from_millis(a.drain_timeout_ms),
         engine,
-        poll: Duration::from_micros(a.poll_us),
+        poll,
     };
     let control_path = match (&a.control, &socket) {
         (Some(c), _) => c.clone(),

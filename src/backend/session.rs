@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::device::Device;
 use super::inflight::{DrainReport, Gm, Phase, QueueCtl};
+use super::polling::PollWindow;
 use super::vring::Vring;
 use super::worker::Worker;
 use crate::io::Engine;
@@ -44,6 +45,8 @@ pub struct Session {
     /// notifier.
     polls: Vec<Epoll>,
     wakes: Vec<EventFd>,
+    /// Each queue's polling window (`--poll-us`), which its worker adapts.
+    pub(super) windows: Vec<PollWindow>,
     /// The threads are to end (the session is over).
     exit: AtomicBool,
     /// The dirty log (SET_LOG_BASE), and whether the frontend turned logging on (LOG_ALL).
@@ -72,6 +75,7 @@ impl Session {
             polls.push(poll);
             wakes.push(wake);
         }
+        let windows = (0..n).map(|_| PollWindow::new(dev.cfg.poll)).collect();
         let s = Session {
             queues: (0..n).map(QueueCtl::new).collect(),
             vrings,
@@ -82,6 +86,7 @@ impl Session {
             engines,
             polls,
             wakes,
+            windows,
             exit: AtomicBool::new(false),
             log: ArcSwapOption::empty(),
             logging: AtomicBool::new(false),
@@ -234,6 +239,11 @@ impl Session {
     /// Requests accepted and not yet completed, over all queues.
     pub fn inflight(&self) -> usize {
         self.queues.iter().map(QueueCtl::inflight).sum()
+    }
+
+    /// How long queue `q`'s worker polls after its next work (`None`: no such queue).
+    pub fn poll_window(&self, q: usize) -> Option<std::time::Duration> {
+        self.windows.get(q).map(PollWindow::window)
     }
 
     /// Requests accepted and not yet completed on queue `q`.
