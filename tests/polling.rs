@@ -61,9 +61,14 @@ fn all_asleep(pid: i32) -> bool {
 
 /// Queue 0's polling window now, from `query-stats`.
 fn window_us(s: &Server) -> u64 {
-    s.ctl_ok("query-stats", &[])["queues"][0]["poll_window_us"]
+    queue_stat(s, "poll_window_us")
+}
+
+/// Queue 0's `name` in `query-stats`.
+fn queue_stat(s: &Server, name: &str) -> u64 {
+    s.ctl_ok("query-stats", &[])["queues"][0][name]
         .as_u64()
-        .expect("poll_window_us")
+        .unwrap_or_else(|| panic!("no {name} in query-stats"))
 }
 
 /// Writes one 4 KiB block at a time (queue depth 1) and reads each back, compared.
@@ -96,12 +101,12 @@ fn the_window_grows_under_load_costs_nothing_idle_and_shrinks_after_a_pause() {
     );
     let mut seed = 1;
     wait_until(
-        "the polling window to grow under requests one at a time",
+        "the polling window to grow and polling to catch requests one at a time",
         Duration::from_secs(60),
         || {
             one_at_a_time(&mut c, seed, 256);
             seed += 1;
-            window_us(&s) > 0
+            queue_stat(&s, "poll_hits") > 0 && window_us(&s) > 0
         },
     );
     let grown = window_us(&s);
@@ -159,6 +164,9 @@ fn fixed_and_off_windows_show_as_set() {
     let mut c = s.client(1);
     one_at_a_time(&mut c, 8, 64);
     assert_eq!(window_us(&s), 0);
+    // Every request came with a wakeup of its own: none was polled for.
+    assert!(queue_stat(&s, "wakeups") > 0);
+    assert_eq!(queue_stat(&s, "poll_hits"), 0);
 
     let s = Server::start(4 * MIB, &["--poll-max-us", "120"]);
     let st = s.ctl_ok("query-status", &[]);

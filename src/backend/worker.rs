@@ -84,6 +84,7 @@ impl<'a> Worker<'a> {
         {
             return;
         }
+        QueueStats::inc(&self.stats.wakeups);
         // Only a queue that runs claims the files: a late wake of a ring the frontend stopped
         // must not take them back from the process they were just handed to.
         self.check_writer();
@@ -103,6 +104,7 @@ impl<'a> Worker<'a> {
         if self.reap(false) == 0 {
             return;
         }
+        QueueStats::inc(&self.stats.wakeups);
         // The guest got buffers back and is about to send more: the same reason to poll as
         // after a kick (and, for `auto`, the same measure of how soon work came).
         let window = self.window.woke();
@@ -137,6 +139,7 @@ impl<'a> Worker<'a> {
             }
             if popped + reaped > 0 {
                 if idle_since.take().is_some() {
+                    QueueStats::inc(&self.stats.poll_hits);
                     window = self.window.work_at(Instant::now());
                 }
             } else {
