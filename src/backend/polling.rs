@@ -115,7 +115,9 @@ impl PollWindow {
         if since == 0 {
             return self.window();
         }
-        let idle_at = self.epoch + Duration::from_nanos(since - 1);
+        let Some(idle_at) = self.epoch.checked_add(Duration::from_nanos(since - 1)) else {
+            return self.window();
+        };
         let gap = now.saturating_duration_since(idle_at);
         let next = adjust(self.window(), gap, max);
         self.window_ns.store(nanos(next), Ordering::Relaxed);
@@ -204,8 +206,11 @@ mod tests {
 
     #[test]
     fn the_window_adapts_only_in_auto_and_only_after_idleness() {
-        let t0 = Instant::now();
         let auto = PollWindow::new(Polling::default());
+        let fixed = PollWindow::new(Polling::Fixed(30 * US));
+        let off = PollWindow::new(Polling::Off);
+        // After the windows' epochs, as every instant a worker passes them is.
+        let t0 = Instant::now();
         assert_eq!(auto.window(), Duration::ZERO);
         // Work that did not follow idleness (the first, or one found while busy) changes
         // nothing.
@@ -221,12 +226,10 @@ mod tests {
             Duration::ZERO
         );
 
-        let fixed = PollWindow::new(Polling::Fixed(30 * US));
         fixed.idle_from(t0);
         assert_eq!(fixed.work_at(t0 + Duration::from_secs(1)), 30 * US);
         assert_eq!(fixed.window(), 30 * US);
 
-        let off = PollWindow::new(Polling::Off);
         off.idle_from(t0);
         assert_eq!(off.work_at(t0 + 10 * US), Duration::ZERO);
     }
