@@ -7,15 +7,18 @@
 # the second column, C. docs/benchmark.md explains the method and how to read the table.
 #
 # Usage: ci/bench.sh [--runs N] [--runtime S] [--ramp S] [--quick] [--only REGEX]
-#                    [--engine E] [--poll-us N] [--self-check] [--help]
+#                    [--engine E] [--poll-us N] [--poll-max-us N] [--self-check] [--help]
 #
 #   --runs N       measured runs per backend and load (default 5); the table shows medians
 #   --runtime S    seconds measured per run (default 5), after --ramp S seconds (default 1)
 #   --quick        smoke run: 1 run of 2 s after a 0.5 s ramp (overrides the three above)
-#   --only REGEX   only the loads whose name matches (bash regex), e.g. --only 'randread-4k'
+#   --only REGEX   only the loads whose name, or one of whose rows' (poll0-...), matches (a bash
+#                  regex, matched anywhere: anchor it, e.g. --only '^randread-4k-qd1$')
 #   --engine E     pass `--engine E` to every remapblk serve except the null rows (which always
 #                  use `--engine null`); also $REMAPBLK_ENGINE. Default: pass nothing
 #   --poll-us N    the fixed busy-poll time of the poll-* rows (default 50)
+#   --poll-max-us N  pass `--poll-max-us N` to every remapblk serve that polls adaptively (all
+#                  but the poll-* and poll0-* rows): the cap to compare. Default: remapblk's own
 #   --self-check   remapblk against remapblk on a few loads: the ratios should read about 1.0x
 #
 # Loads (name: what; remapblk runs with its defaults, so --poll-us auto, unless named):
@@ -66,6 +69,7 @@ bad_usage() { echo "ci/bench.sh: $*" >&2; echo "try ci/bench.sh --help" >&2; exi
 log() { echo "[bench $(date +%T)] $*" >&2; }
 
 RUNS=5 RUNTIME=5 RAMP=1 ONLY="" ENGINE="${REMAPBLK_ENGINE:-}" SELF_CHECK=0 POLL_US=50
+POLL_MAX_US=""
 while (($#)); do
     case "$1" in
         --runs) RUNS="${2:?--runs needs N}"; shift 2 ;;
@@ -76,12 +80,15 @@ while (($#)); do
         --engine) ENGINE="${2:?--engine needs a name}"; shift 2 ;;
         --self-check) SELF_CHECK=1; shift ;;
         --poll-us) POLL_US="${2:?--poll-us needs microseconds}"; shift 2 ;;
+        --poll-max-us) POLL_MAX_US="${2:?--poll-max-us needs microseconds}"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) bad_usage "unknown argument '$1'" ;;
     esac
 done
 [[ "$RUNS" =~ ^[1-9][0-9]*$ ]] || bad_usage "--runs must be a positive integer, got '$RUNS'"
 [[ "$POLL_US" =~ ^[0-9]+$ ]] || bad_usage "--poll-us must be a number of microseconds, got '$POLL_US'"
+[[ -z "$POLL_MAX_US" || "$POLL_MAX_US" =~ ^[1-9][0-9]*$ ]] ||
+    bad_usage "--poll-max-us must be a positive number of microseconds, got '$POLL_MAX_US'"
 
 OUT=target/bench
 RUN_DIR=$OUT/run
@@ -290,7 +297,10 @@ start_server() {
                     engine=(--engine null)
                     if [[ $kind == *-poll ]]; then cmd+=(--poll-us "$POLL_US"); fi ;;
             esac
-            cmd+=(${engine[@]+"${engine[@]}"}) ;;
+            cmd+=(${engine[@]+"${engine[@]}"})
+            if [[ -n "$POLL_MAX_US" && $kind != *-poll && $kind != remapblk-nopoll ]]; then
+                cmd+=(--poll-max-us "$POLL_MAX_US")
+            fi ;;
         qsd|qsd-uring|qsd-uring-iot|qsd-null|qsd-null-iot)
             # qsd: QSD's default (aio=threads, the export in the main loop); -uring: the file
             # node with aio=io_uring; -iot: the export in an iothread of its own.
@@ -519,6 +529,7 @@ ELAPSED=$((SECONDS - START))
 
 META=$(python3 -c 'import json,sys; print(json.dumps(dict(zip(sys.argv[1::2], sys.argv[2::2]))))' \
     runs "$RUNS" runtime_s "$RUNTIME" ramp_s "$RAMP" engine "${ENGINE:-default}" \
+    poll_max_us "${POLL_MAX_US:-default}" \
     self_check "$SELF_CHECK" remaps "$REMAPS" remap_create_s "$REMAP_SECONDS" \
     pair_runtime_s "$PAIR_RUNTIME" pair_ramp_s "$PAIR_RAMP" \
     elapsed_s "$ELAPSED" commit "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
@@ -606,7 +617,8 @@ json.dump({"meta": meta, "skipped": skipped, "summary": summary, "runs": runs,
 
 fmt = lambda s, v: f"{v:,.0f} IOPS" if s["metric"] == "iops" else f"{v:,.1f} MB/s"
 print(f"Medians of {meta['runs']} run(s) of {meta['runtime_s']} s each; A = remapblk"
-      f" (engine: {meta['engine']}; its defaults, so --poll-us auto, unless the row says), B ="
+      f" (engine: {meta['engine']}, --poll-max-us: {meta.get('poll_max_us', 'default')}; its"
+      f" defaults, so --poll-us auto, unless the row says), B ="
       f" QSD's best configuration here (the faster of aio=io_uring without and with an iothread,"
       f" named), C = QSD's default configuration; ratio = A / B; paired = median of the per-run"
       f" ratios (A and B of one run ran close together), with their range; CPU per request = server"
