@@ -21,6 +21,23 @@ pub struct FaultyTarget {
     block_size: u64,
 }
 
+/// A request of `len` bytes at byte `offset` cut where the blocks in `blocks` begin and end:
+/// `(at, len, inside)` pieces, `at` counted from the request's start, empty pieces left out.
+fn pieces(
+    offset: u64,
+    len: u64,
+    blocks: &RangeInclusive<u64>,
+    block_size: u64,
+) -> impl Iterator<Item = (u64, u64, bool)> {
+    let end = offset + len;
+    let from = (blocks.start() * block_size).clamp(offset, end);
+    let to = ((blocks.end() + 1) * block_size).clamp(offset, end);
+    [(offset, from, false), (from, to, true), (to, end, false)]
+        .into_iter()
+        .filter(|&(a, b, _)| b > a)
+        .map(move |(a, b, inside)| (a - offset, b - a, inside))
+}
+
 /// Where the pieces of a misdirected request go: `(at, len, to)`, `len` bytes from byte `at`
 /// of the request written at byte address `to`. The request's blocks in `moved` land `shift`
 /// blocks away; the rest land where they belong.
@@ -31,19 +48,22 @@ fn misdirected(
     shift: i64,
     block_size: u64,
 ) -> Vec<(u64, u64, u64)> {
-    let end = offset + len;
-    let from = (moved.start() * block_size).clamp(offset, end);
-    let to = ((moved.end() + 1) * block_size).clamp(offset, end);
     let shifted = |a: u64| a.wrapping_add_signed(shift.wrapping_mul(block_size as i64));
-    [
-        (offset, from, offset),
-        (from, to, shifted(from)),
-        (to, end, to),
-    ]
-    .into_iter()
-    .filter(|&(a, b, _)| b > a)
-    .map(|(a, b, dest)| (a - offset, b - a, dest))
-    .collect()
+    pieces(offset, len, &moved, block_size)
+        .map(|(at, n, inside)| {
+            let to = offset + at;
+            (at, n, if inside { shifted(to) } else { to })
+        })
+        .collect()
+}
+
+/// The pieces of a write that land when the blocks in `lost` are lost: `(at, len)` from the
+/// request's start. Only the fault's blocks are lost, however the guest merged its writes.
+fn kept(offset: u64, len: u64, lost: RangeInclusive<u64>, block_size: u64) -> Vec<(u64, u64)> {
+    pieces(offset, len, &lost, block_size)
+        .filter(|&(_, _, inside)| !inside)
+        .map(|(at, n, _)| (at, n))
+        .collect()
 }
 
 /// The bytes of a torn write that land: its first `sectors` sectors, or all of it.
@@ -143,7 +163,15 @@ impl BlockIo for FaultyTarget {
                 // SAFETY: `one` describes `buf`, live for the call.
                 unsafe { self.inner.writev(offset, &one) }
             }
-            Verdict::Lose(_) => Ok(()),
+            Verdict::Lose(_, lost) => {
+                let mut part = Vec::new();
+                for (at, n) in kept(offset, len as u64, lost, self.block_size) {
+                    sub_iovecs(iov, at, n, &mut part);
+                    // SAFETY: pieces of the caller's `iov`.
+                    unsafe { self.inner.writev(offset + at, &part)? };
+                }
+                Ok(())
+            }
             Verdict::Misdirect(_, shift, moved) => {
                 let mut part = Vec::new();
                 for (at, n, to) in misdirected(offset, len as u64, moved, shift, self.block_size) {
@@ -202,7 +230,12 @@ impl FaultyTarget {
         run: impl Fn(u64, u64) -> io::Result<()>,
     ) -> io::Result<()> {
         match self.decide(FaultOp::Write, offset, len)? {
-            Verdict::Lose(_) => Ok(()),
+            Verdict::Lose(_, lost) => {
+                for (at, n) in kept(offset, len, lost, self.block_size) {
+                    run(offset + at, n)?;
+                }
+                Ok(())
+            }
             Verdict::Misdirect(_, shift, moved) => {
                 for (_, n, to) in misdirected(offset, len, moved, shift, self.block_size) {
                     run(to, n)?;
@@ -365,6 +398,27 @@ mod tests {
         let now = mem.0.lock().unwrap().clone();
         assert_eq!(now[..1024], data[..1024]);
         assert_eq!(now[1024..2048], before[1024..2048]);
+    }
+
+    #[test]
+    fn a_lost_write_loses_only_the_faults_blocks() {
+        // Blocks 10..=13 of 512 bytes, the fault on 11..=12: blocks 10 and 13 land.
+        assert_eq!(
+            kept(10 * 512, 4 * 512, 11..=12, 512),
+            vec![(0, 512), (1536, 512)]
+        );
+        assert_eq!(kept(11 * 512, 1024, 11..=12, 512), vec![]);
+        let (t, mem) = target(4, 2, FaultMode::LostWrite);
+        let before = mem.0.lock().unwrap().clone();
+        // Blocks 3..=6: 3 and 6 land, 4..=5 keep their old data.
+        let (mut a, mut b) = (vec![1u8; 700], vec![2u8; 1348]);
+        let data = [a.clone(), b.clone()].concat();
+        // SAFETY: the iovecs point to `a` and `b`, live for the call.
+        unsafe { t.writev(3 * 512, &split(&mut a, &mut b)).unwrap() };
+        let now = mem.0.lock().unwrap().clone();
+        assert_eq!(now[1536..2048], data[..512]);
+        assert_eq!(now[2048..3072], before[2048..3072]);
+        assert_eq!(now[3072..3584], data[1536..]);
     }
 
     #[test]

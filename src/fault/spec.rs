@@ -32,7 +32,7 @@ pub enum FaultMode {
     /// The fault's blocks come back (reads) or are stored (writes) corrupted; the request
     /// completes OK. Not a media error: nothing is remapped.
     Corrupt(Corruption),
-    /// The write completes OK and is not written.
+    /// The write completes OK; its blocks inside the fault are not written.
     LostWrite,
     /// The write's blocks inside the fault land `shift` blocks away instead.
     Misdirect { shift: i64 },

@@ -78,8 +78,9 @@ pub enum Verdict {
     Delay(Duration),
     /// Carry the request out, its data corrupted on these blocks (the fault's id first).
     Corrupt(u64, Corruption, std::ops::RangeInclusive<u64>),
-    /// Complete the write OK without writing it.
-    Lose(u64),
+    /// Complete the write OK without writing these blocks (those of the write the fault
+    /// covers); the rest of the write lands.
+    Lose(u64, std::ops::RangeInclusive<u64>),
     /// Write these blocks (those of the write the fault covers) `shift` blocks away.
     Misdirect(u64, i64, std::ops::RangeInclusive<u64>),
     /// Write only the first `sectors` 512-byte sectors, then report as told.
@@ -242,7 +243,7 @@ impl FaultTable {
                     }
                 }
                 FaultMode::Corrupt(how) => Verdict::Corrupt(f.id, how, bad),
-                FaultMode::LostWrite => Verdict::Lose(f.id),
+                FaultMode::LostWrite => Verdict::Lose(f.id, bad),
                 FaultMode::Misdirect { shift } => Verdict::Misdirect(f.id, shift, bad),
                 FaultMode::Torn { sectors, report } => Verdict::Torn(f.id, sectors, report),
             };
@@ -338,7 +339,7 @@ mod tests {
         assert!(!t.may_apply(FaultOp::Read, 3, 3));
         assert_eq!(t.check(FaultOp::Read, 3, 3), Verdict::Pass);
         assert!(t.may_apply(FaultOp::Write, 3, 3));
-        assert_eq!(t.check(FaultOp::Write, 3, 3), Verdict::Lose(l));
+        assert_eq!(t.check(FaultOp::Write, 3, 3), Verdict::Lose(l, 3..=3));
         assert_eq!(t.check(FaultOp::Write, 3, 3), Verdict::Pass);
         let m = t.add(spec(
             FaultOp::Write,
