@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use super::history::{CutPlan, CutReport, History, WriteKind};
 use super::CacheModel;
+use crate::storage::medium::unfaulted;
 use crate::storage::{BlockIo, Dir, MapIo, Mapping, PerIo};
 
 /// Why a power cut did not do all it should have.
@@ -275,9 +276,13 @@ impl CacheTarget {
                 iov_base: r.data.as_ptr() as *mut libc::c_void,
                 iov_len: r.data.len(),
             }];
-            // SAFETY: the iovec points to `r.data`, which lives until the call returns and is
-            // only read.
-            if let Err(source) = unsafe { self.below.writev(r.offset, &iov) } {
+            // The medium's old data back, beneath any injected fault.
+            let put_back = || {
+                // SAFETY: the iovec points to `r.data`, which lives until the call returns and
+                // is only read.
+                unsafe { self.below.writev(r.offset, &iov) }
+            };
+            if let Err(source) = unfaulted(put_back) {
                 result = Err(PowerError::Revert {
                     offset: r.offset,
                     source,
@@ -353,9 +358,13 @@ impl CacheTarget {
                 iov_base: room.as_mut_ptr() as *mut libc::c_void,
                 iov_len: room.len(),
             }];
-            // SAFETY: the iovec points to `len` bytes of `b`'s spare capacity, owned here until
-            // the call returns.
-            match unsafe { self.below.readv(offset, &iov) } {
+            let read_old = || {
+                // SAFETY: the iovec points to `len` bytes of `b`'s spare capacity, owned here
+                // until the call returns.
+                unsafe { self.below.readv(offset, &iov) }
+            };
+            // What the medium holds, beneath any injected fault.
+            match unfaulted(read_old) {
                 Ok(()) => {
                     // SAFETY: a layer's readv fills the whole of its iovecs or fails, so the
                     // first `len` bytes of the capacity are initialised now.

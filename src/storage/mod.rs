@@ -13,6 +13,7 @@ mod extent;
 pub mod image;
 pub mod iov;
 pub mod lock;
+pub mod medium;
 pub mod null;
 
 use std::fs::{File, OpenOptions as FsOpenOptions};
