@@ -314,8 +314,9 @@ pub struct ServeArgs {
     /// With --cache-model volatile: how many bytes of unflushed writes the cache holds (it
     /// keeps what each overwrote, to undo it); past that the disk flushes by itself, as a
     /// drive does, and counts it (query-status: cache_auto_flushes). E.g. 64K, 64M, 1G.
-    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
-    pub cache_size: u64,
+    /// [default: 64M]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub cache_size: Option<u64>,
     /// Record every write, discard, write-zeroes and flush the guest completes, with its
     /// data, and the marks of `ctl log-mark`, in completion order, in dm-log-writes' format
     /// (read it with `remapblk log`). PATH is created, or truncated: one log per run. The
@@ -335,6 +336,25 @@ pub struct ServeArgs {
         env = "REMAPBLK_SECCOMP"
     )]
     pub seccomp: sandbox::Mode,
+}
+
+impl ServeArgs {
+    /// `--cache-size`, or its default.
+    pub fn cache_bytes(&self) -> u64 {
+        self.cache_size.unwrap_or(64 << 20)
+    }
+
+    /// What clap cannot check: flags that mean nothing with the others given. The message is
+    /// for a usage error (exit 2).
+    pub fn check(&self) -> Result<(), String> {
+        if self.cache_size.is_some() && self.cache_model != CacheModel::Volatile {
+            return Err(
+                "--cache-size sizes the volatile cache: add --cache-model volatile, or leave --cache-size out"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Parses `4096`, `512K`, `512M`, `20G`, `1T` (also `20GiB`, `20g`): binary units.
@@ -507,7 +527,11 @@ mod tests {
         assert_eq!(a.queue_size, 256);
         assert_eq!(a.block_size, 512);
         assert_eq!(a.drain_timeout_ms, 10_000);
-        assert_eq!((a.cache_model, a.cache_size), (CacheModel::None, 64 << 20));
+        assert_eq!(
+            (a.cache_model, a.cache_bytes()),
+            (CacheModel::None, 64 << 20)
+        );
+        assert!(a.check().is_ok());
         if std::env::var_os("REMAPBLK_SECCOMP").is_none() {
             assert_eq!(a.seccomp, sandbox::Mode::On);
         }

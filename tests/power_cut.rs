@@ -554,3 +554,22 @@ fn a_cut_reads_and_restores_the_medium_beneath_injected_faults() {
     assert_eq!(c.read(0, at, a.len()).unwrap(), a);
     assert_eq!(read_file_at(&s.image, at, a.len()), a);
 }
+
+#[test]
+fn cache_size_without_the_volatile_model_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(MIB as u64)
+        .unwrap();
+    let sock = dir.path().join("x.sock");
+    for extra in [
+        &["--cache-size", "1M"][..],
+        &["--cache-model", "none", "--cache-size", "1M"],
+    ] {
+        let (code, err) = serve_refused(&image, &sock, extra);
+        assert_eq!(code, Some(2), "{extra:?}: {err}");
+        assert!(err.contains("--cache-model volatile"), "{extra:?}: {err}");
+    }
+}
