@@ -559,10 +559,7 @@ fn a_cut_reads_and_restores_the_medium_beneath_injected_faults() {
 fn cache_size_without_the_volatile_model_is_a_usage_error() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(MIB as u64)
-        .unwrap();
+    std::fs::File::create(&image).unwrap().set_len(MIB).unwrap();
     let sock = dir.path().join("x.sock");
     for extra in [
         &["--cache-size", "1M"][..],
