@@ -463,4 +463,30 @@ mod tests {
         let e = torn_result(1, TornReport::Error).unwrap_err();
         assert!(NotMediaError::is(&e) && MediaError::of(&e).is_none());
     }
+    #[test]
+    fn a_flush_fault_fails_flushes_as_no_media_error_and_leaves_data_alone() {
+        let mem = Arc::new(Mem(Mutex::new(vec![0u8; 8192])));
+        let table = Arc::new(FaultTable::new(Arc::new(EventLog::disabled())));
+        let t = FaultyTarget::new(mem.clone(), table.clone(), 512);
+        assert!(t.flush().is_ok());
+        table.add(FaultSpec {
+            op: FaultOp::Flush,
+            blocks: None,
+            mode: FaultMode::Error,
+            times: Some(1),
+            trigger: Trigger::default(),
+        });
+        let mut a = vec![9u8; 512];
+        let one = [libc::iovec {
+            iov_base: a.as_mut_ptr().cast(),
+            iov_len: a.len(),
+        }];
+        // SAFETY: `one` points to `a`, live for the call.
+        unsafe { t.writev(512, &one).unwrap() };
+        t.discard(1024, 512).unwrap();
+        let e = t.flush().unwrap_err();
+        assert!(NotMediaError::is(&e) && MediaError::of(&e).is_none(), "{e}");
+        assert!(t.flush().is_ok(), "times=1 spent");
+        assert_eq!(mem.0.lock().unwrap()[512..1024], [9u8; 512]);
+    }
 }

@@ -3,6 +3,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+#[cfg(test)]
+use super::trigger::Window;
 use super::trigger::{Trigger, TriggerArgs};
 use crate::fields::{ArgError, Args};
 
@@ -875,5 +877,196 @@ mod tests {
             .to_json(),
             json!({"op": "write", "lba": 4, "count": 2, "mode": "flaky", "probability": 0.5, "seed": 1})
         );
+    }
+    #[test]
+    fn ops_flush_discard_and_write_zeroes() {
+        let s = |v: Value| FaultSpec::from_args(&args(v), 1000, 512).unwrap();
+        let f = s(json!({"op": "flush"}));
+        assert_eq!(
+            (f.op, f.blocks, f.mode),
+            (FaultOp::Flush, None, FaultMode::Error)
+        );
+        // Without lba and count in the list, and back again.
+        assert_eq!(f.to_json(), json!({"op": "flush", "mode": "error"}));
+        assert_eq!(
+            FaultSpec::from_args(f.to_json().as_object().unwrap(), 1000, 512).unwrap(),
+            f
+        );
+        for mode in [
+            json!({"mode": "flaky", "probability": 0.5}),
+            json!({"mode": "delay", "delay_ms": 5}),
+        ] {
+            let mut v = mode.clone();
+            v["op"] = json!("flush");
+            assert_eq!(s(v).op, FaultOp::Flush, "{mode}");
+        }
+        let d = s(json!({"op": "discard", "lba": 3, "mode": "lost-write"}));
+        assert_eq!(d.op, FaultOp::Discard);
+        let z = s(json!({"op": "write-zeroes", "lba": 3, "mode": "torn", "sectors": 1}));
+        assert_eq!(z.to_json()["op"], "write-zeroes");
+        assert_eq!(
+            s(json!({"op": "discard", "lba": 3, "mode": "misdirect", "shift": 2})).op,
+            FaultOp::Discard
+        );
+    }
+
+    #[test]
+    fn what_a_flush_fault_cannot_take_is_refused_by_name() {
+        assert_eq!(field(json!({"op": "flush", "lba": 0})), "lba");
+        assert_eq!(field(json!({"op": "flush", "count": 2})), "count");
+        let e =
+            FaultSpec::from_args(&args(json!({"op": "flush", "lba": 0})), 1000, 512).unwrap_err();
+        assert!(e.desc.contains("omit lba and count"), "{e}");
+        for mode in [
+            json!({"mode": "lost-write"}),
+            json!({"mode": "misdirect", "shift": 1}),
+            json!({"mode": "torn", "sectors": 1}),
+            json!({"mode": "corrupt", "bits": 1}),
+        ] {
+            let mut v = mode.clone();
+            v["op"] = json!("flush");
+            assert_eq!(field(v), "op", "{mode}");
+        }
+        let e = FaultSpec::from_args(
+            &args(json!({"op": "flush", "mode": "lost-write"})),
+            1000,
+            512,
+        )
+        .unwrap_err();
+        assert!(e.desc.contains("not supported yet"), "{e}");
+        // Every other op needs its blocks.
+        let e = FaultSpec::from_args(&args(json!({"op": "discard"})), 1000, 512).unwrap_err();
+        assert!(e.to_string().starts_with("lba: missing"), "{e}");
+        // corrupt has no data to damage in a discard or write-zeroes.
+        for op in ["discard", "write-zeroes"] {
+            assert_eq!(
+                field(json!({"op": op, "lba": 1, "mode": "corrupt", "bits": 1})),
+                "op"
+            );
+        }
+    }
+
+    #[test]
+    fn ops_cover_the_requests_of_their_kind() {
+        use FaultOp::*;
+        let all = [Read, Write, Flush, Discard, WriteZeroes];
+        let covered =
+            |op: FaultOp| -> Vec<FaultOp> { all.into_iter().filter(|&r| op.covers(r)).collect() };
+        assert_eq!(covered(Any), [Read, Write, Discard, WriteZeroes]);
+        assert_eq!(covered(Write), [Write, Discard, WriteZeroes]);
+        assert_eq!(covered(Read), [Read]);
+        assert_eq!(covered(Flush), [Flush]);
+        assert_eq!(covered(Discard), [Discard]);
+        assert_eq!(covered(WriteZeroes), [WriteZeroes]);
+        // corrupt on writes does not match the requests without data.
+        let c = FaultSpec::from_args(
+            &args(json!({"op": "write", "lba": 1, "mode": "corrupt", "bits": 1})),
+            1000,
+            512,
+        )
+        .unwrap();
+        assert!(c.applies_to(Write) && !c.applies_to(Discard) && !c.applies_to(WriteZeroes));
+        let f = FaultSpec::from_args(&args(json!({"op": "flush"})), 1000, 512).unwrap();
+        assert!(f.applies_to(Flush) && f.overlaps(0, 0) && f.covered(0, 0) == (0..=0));
+    }
+
+    #[test]
+    fn triggers_parse_round_trip_and_go_with_every_mode() {
+        let t = FaultSpec::from_args(
+            &args(json!({"lba": 1, "after": 3, "every": 2, "window": "300:700", "times": 4})),
+            1000,
+            512,
+        )
+        .unwrap();
+        assert_eq!(
+            t.trigger,
+            Trigger {
+                after: Some(3),
+                every: Some(2),
+                window: Some(Window {
+                    up_ms: 300,
+                    down_ms: 700
+                })
+            }
+        );
+        assert_eq!(
+            t.to_json(),
+            json!({"op": "any", "lba": 1, "count": 1, "mode": "error", "times": 4,
+                   "after": 3, "every": 2, "window": "300:700"})
+        );
+        assert_eq!(
+            FaultSpec::from_args(t.to_json().as_object().unwrap(), 1000, 512).unwrap(),
+            t
+        );
+        for mode in [
+            json!({"mode": "error"}),
+            json!({"mode": "delay", "delay_ms": 1}),
+            json!({"mode": "flaky", "probability": 0.5}),
+            json!({"mode": "corrupt", "op": "read", "bits": 1}),
+            json!({"mode": "lost-write"}),
+            json!({"mode": "misdirect", "shift": 1}),
+            json!({"mode": "torn", "sectors": 1}),
+            json!({"mode": "error", "op": "flush"}),
+        ] {
+            let mut v = mode.clone();
+            if v.get("op").is_none_or(|o| o != "flush") {
+                v["lba"] = json!(1);
+            }
+            v["after"] = json!(1);
+            v["every"] = json!(1);
+            v["window"] = json!("1:1");
+            let s = FaultSpec::from_args(&args(v), 1000, 512).unwrap();
+            assert_eq!(s.trigger.after, Some(1), "{mode}");
+        }
+    }
+
+    #[test]
+    fn every_bad_trigger_is_named() {
+        assert_eq!(field(json!({"lba": 1, "after": 0})), "after");
+        assert_eq!(field(json!({"lba": 1, "after": -1})), "after");
+        assert_eq!(field(json!({"lba": 1, "every": 0})), "every");
+        assert_eq!(field(json!({"lba": 1, "every": "x"})), "every");
+        for w in [json!(300), json!("300"), json!("0:1"), json!("1:x")] {
+            assert_eq!(field(json!({"lba": 1, "window": w})), "window", "{w}");
+        }
+        let e =
+            FaultSpec::from_args(&args(json!({"lba": 1, "window": 300})), 1000, 512).unwrap_err();
+        assert!(e.desc.contains("UP_MS:DOWN_MS"), "{e}");
+    }
+
+    #[test]
+    fn a_stray_field_of_another_mode_is_refused_for_every_mode() {
+        for (v, stray) in [
+            (json!({"lba": 1, "mode": "error", "shift": 1}), "shift"),
+            (
+                json!({"lba": 1, "mode": "delay", "delay_ms": 1, "bits": 1}),
+                "bits",
+            ),
+            (
+                json!({"lba": 1, "mode": "flaky", "probability": 0.5, "sectors": 1}),
+                "sectors",
+            ),
+            (
+                json!({"lba": 1, "op": "read", "mode": "corrupt", "bits": 1, "delay_ms": 1}),
+                "delay_ms",
+            ),
+            (
+                json!({"lba": 1, "mode": "lost-write", "sectors": 1}),
+                "sectors",
+            ),
+            (
+                json!({"lba": 1, "mode": "misdirect", "shift": 1, "bits": 1}),
+                "bits",
+            ),
+            (
+                json!({"lba": 1, "mode": "torn", "sectors": 1, "probability": 0.5}),
+                "probability",
+            ),
+            (json!({"op": "flush", "report": "ok"}), "report"),
+        ] {
+            let e = FaultSpec::from_args(&args(v.clone()), 1000, 512).unwrap_err();
+            assert_eq!(e.field, stray, "{v}");
+            assert!(e.desc.starts_with("only applies to mode"), "{v}: {e}");
+        }
     }
 }

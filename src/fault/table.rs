@@ -476,4 +476,215 @@ mod tests {
         let hits = run(7).iter().filter(|&&x| x).count();
         assert!((30..90).contains(&hits), "{hits} of 200 at p=0.3");
     }
+    fn triggered(trigger: Trigger, times: Option<u64>) -> FaultSpec {
+        FaultSpec {
+            trigger,
+            ..spec(FaultOp::Read, 7, FaultMode::Error, times)
+        }
+    }
+
+    /// Which of `n` reads of block 7, all at `now`, fail.
+    fn failing(t: &FaultTable, n: u64, now: Instant) -> Vec<u64> {
+        (1..=n)
+            .filter(|_| t.check_at(FaultOp::Read, 7, 7, now) != Verdict::Pass)
+            .collect()
+    }
+
+    #[test]
+    fn after_arms_on_the_nth_match_and_only_matches_count() {
+        let t = FaultTable::new(Arc::new(EventLog::disabled()));
+        let t0 = Instant::now();
+        t.add_at(
+            triggered(
+                Trigger {
+                    after: Some(3),
+                    ..Trigger::default()
+                },
+                None,
+            ),
+            t0,
+        );
+        // Neither other blocks nor other ops are matches.
+        assert_eq!(t.check_at(FaultOp::Read, 8, 9, t0), Verdict::Pass);
+        assert_eq!(t.check_at(FaultOp::Write, 7, 7, t0), Verdict::Pass);
+        assert_eq!(t.list_at(t0)[0].matched, 0);
+        assert_eq!(failing(&t, 2, t0), Vec::<u64>::new());
+        let l = &t.list_at(t0)[0];
+        assert_eq!((l.matched, l.armed, l.fired), (2, false, 0));
+        assert_eq!(t.check_at(FaultOp::Read, 7, 7, t0), Verdict::Pass);
+        assert!(t.list_at(t0)[0].armed);
+        assert_eq!(failing(&t, 3, t0), [1, 2, 3]);
+        let l = &t.list_at(t0)[0];
+        assert_eq!((l.matched, l.fired, l.window_up), (6, 3, None));
+    }
+
+    #[test]
+    fn every_fires_on_every_nth_armed_match_until_times() {
+        let t = FaultTable::new(Arc::new(EventLog::disabled()));
+        let t0 = Instant::now();
+        t.add_at(
+            triggered(
+                Trigger {
+                    after: Some(1),
+                    every: Some(2),
+                    ..Trigger::default()
+                },
+                Some(3),
+            ),
+            t0,
+        );
+        // Match 1 arms it; of the armed ones (2, 3, ...) the 2nd, 4th, 6th fire: matches 3, 5,
+        // 7; times=3 expires it, and an expired fault counts no more matches.
+        assert_eq!(failing(&t, 12, t0), [3, 5, 7]);
+        let l = &t.list_at(t0)[0];
+        assert_eq!((l.matched, l.fired, l.expired), (7, 3, true));
+    }
+
+    #[test]
+    fn a_window_fires_only_in_its_up_phases() {
+        let t = FaultTable::new(Arc::new(EventLog::disabled()));
+        let t0 = Instant::now();
+        let window = "300:700".parse().unwrap();
+        t.add_at(
+            triggered(
+                Trigger {
+                    window: Some(window),
+                    ..Trigger::default()
+                },
+                None,
+            ),
+            t0,
+        );
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let fails: Vec<u64> = [0, 150, 299, 300, 500, 999, 1000, 1200, 1300, 2050]
+            .into_iter()
+            .filter(|&ms| t.check_at(FaultOp::Read, 7, 7, at(ms)) != Verdict::Pass)
+            .collect();
+        assert_eq!(fails, [0, 150, 299, 1000, 1200, 2050]);
+        let l = &t.list_at(at(400))[0];
+        assert_eq!((l.matched, l.fired, l.window_up), (10, 6, Some(false)));
+        assert_eq!(t.list_at(at(2100))[0].window_up, Some(true));
+        // A clock read before the fault was added counts as its first instant: up.
+        assert_ne!(
+            t.check_at(FaultOp::Read, 7, 7, t0 - Duration::from_millis(5)),
+            Verdict::Pass
+        );
+    }
+
+    #[test]
+    fn the_trigger_comes_before_the_flaky_draw() {
+        // With after=5 the first five matches draw nothing: the draws after them are the
+        // same as a fault without after makes from its first match.
+        let draws = |trigger: Trigger, skip: usize| {
+            let t = FaultTable::new(Arc::new(EventLog::disabled()));
+            let t0 = Instant::now();
+            t.add_at(
+                FaultSpec {
+                    trigger,
+                    ..spec(
+                        FaultOp::Read,
+                        7,
+                        FaultMode::Flaky {
+                            probability: 0.5,
+                            seed: 3,
+                        },
+                        None,
+                    )
+                },
+                t0,
+            );
+            (0..40)
+                .map(|_| t.check_at(FaultOp::Read, 7, 7, t0) != Verdict::Pass)
+                .skip(skip)
+                .collect::<Vec<bool>>()
+        };
+        let plain = draws(Trigger::default(), 0);
+        let after = draws(
+            Trigger {
+                after: Some(5),
+                ..Trigger::default()
+            },
+            5,
+        );
+        assert_eq!(after, plain[..35]);
+        assert!(plain.contains(&true) && plain.contains(&false));
+    }
+
+    #[test]
+    fn a_flush_fault_sees_flushes_only() {
+        let t = FaultTable::new(Arc::new(EventLog::disabled()));
+        let id = t.add(FaultSpec {
+            op: FaultOp::Flush,
+            blocks: None,
+            mode: FaultMode::Error,
+            times: None,
+            trigger: Trigger {
+                every: Some(2),
+                ..Trigger::default()
+            },
+        });
+        for op in [
+            FaultOp::Read,
+            FaultOp::Write,
+            FaultOp::Discard,
+            FaultOp::WriteZeroes,
+        ] {
+            assert!(!t.may_apply(op, 0, 0));
+            assert_eq!(t.check(op, 0, 0), Verdict::Pass, "{op:?}");
+        }
+        assert!(t.may_apply(FaultOp::Flush, 0, 0));
+        assert_eq!(t.check(FaultOp::Flush, 0, 0), Verdict::Pass);
+        assert_eq!(t.check(FaultOp::Flush, 0, 0), Verdict::Fail(id, 0..=0));
+        assert_eq!(
+            serde_json::to_value(t.list()).unwrap(),
+            json!([{"id": id, "fired": 1, "expired": false, "matched": 2, "armed": true,
+                    "op": "flush", "mode": "error", "every": 2}])
+        );
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_faults_name_them_alone() {
+        let t = FaultTable::new(Arc::new(EventLog::disabled()));
+        let d = t.add(spec(FaultOp::Discard, 3, FaultMode::Error, None));
+        assert_eq!(t.check(FaultOp::Write, 3, 3), Verdict::Pass);
+        assert_eq!(t.check(FaultOp::WriteZeroes, 3, 3), Verdict::Pass);
+        assert_eq!(t.check(FaultOp::Discard, 3, 3), Verdict::Fail(d, 3..=3));
+        t.clear();
+        // op=write covers both, as the kernel's op_is_write does.
+        let w = t.add(spec(FaultOp::Write, 3, FaultMode::LostWrite, None));
+        assert_eq!(t.check(FaultOp::Discard, 0, 9), Verdict::Lose(w));
+        assert_eq!(t.check(FaultOp::WriteZeroes, 3, 3), Verdict::Lose(w));
+        assert_eq!(t.check(FaultOp::Flush, 0, 0), Verdict::Pass);
+    }
+
+    #[test]
+    fn firings_are_logged_with_the_real_op() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let t = FaultTable::new(Arc::new(EventLog::open(&path).unwrap()));
+        t.add(spec(FaultOp::Write, 3, FaultMode::Error, None));
+        t.add(FaultSpec {
+            op: FaultOp::Flush,
+            blocks: None,
+            ..spec(FaultOp::Flush, 0, FaultMode::Error, None)
+        });
+        t.check(FaultOp::WriteZeroes, 2, 4);
+        t.check(FaultOp::Discard, 3, 3);
+        t.check(FaultOp::Flush, 0, 0);
+        let events: Vec<Value> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let ops: Vec<&Value> = events.iter().map(|e| &e["op"]).collect();
+        assert_eq!(
+            ops,
+            [&json!("write-zeroes"), &json!("discard"), &json!("flush")]
+        );
+        assert_eq!(
+            (&events[0]["first_block"], &events[0]["last_block"]),
+            (&json!(2), &json!(4))
+        );
+        assert!(events[2].get("first_block").is_none(), "{}", events[2]);
+    }
 }
