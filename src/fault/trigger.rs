@@ -126,7 +126,10 @@ impl Trigger {
         if n <= after {
             return false;
         }
-        if self.every.is_some_and(|every| !(n - after).is_multiple_of(every)) {
+        if self
+            .every
+            .is_some_and(|every| !(n - after).is_multiple_of(every))
+        {
             return false;
         }
         self.window.is_none_or(|w| w.up(since))
