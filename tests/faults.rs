@@ -909,3 +909,31 @@ fn bad_trigger_and_op_arguments_are_named() {
     }
     assert_eq!(s.ctl_ok("fault-list", &[]), serde_json::json!([]));
 }
+
+#[test]
+fn a_failed_flush_makes_nothing_durable_under_the_cache_model() {
+    let s = Server::start(4 * MIB, &["--cache-model", "volatile"]);
+    let mut c = s.client(1);
+    let (a, b) = (64 * 512, 72 * 512);
+    assert_eq!(c.write(0, a, &pattern(24)), 0);
+    assert_eq!(c.batch(0, &[Op::Flush]), vec![0]);
+    let id = s.ctl_ok("fault-add", &["op=flush", "times=1"])["id"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(c.write(0, b, &pattern(25)), 0);
+    assert_eq!(c.batch(0, &[Op::Flush]), vec![-libc::EIO]);
+    assert_eq!(
+        c.read(0, b, CHUNK).unwrap(),
+        pattern(25),
+        "the write before the failed flush reads back"
+    );
+    assert_eq!(s.ctl_ok("fault-list", &[])[0]["expired"], true);
+    s.ctl_ok("fault-remove", &[&format!("id={id}")]);
+    // The cut loses the write the failed flush did not cover, and only it.
+    let cut = s.ctl_ok("power-cut", &["mode=drop-all"]);
+    assert_eq!(cut["counts"]["lost"], 1, "{cut}");
+    assert_eq!(cut["lost"][0]["lba"], 72, "{cut}");
+    s.ctl_ok("power-on", &[]);
+    assert_eq!(c.read(0, a, CHUNK).unwrap(), pattern(24));
+    assert_eq!(c.read(0, b, CHUNK).unwrap(), vec![0; CHUNK]);
+}
