@@ -652,8 +652,8 @@ mod tests {
         t.clear();
         // op=write covers both, as the kernel's op_is_write does.
         let w = t.add(spec(FaultOp::Write, 3, FaultMode::LostWrite, None));
-        assert_eq!(t.check(FaultOp::Discard, 0, 9), Verdict::Lose(w));
-        assert_eq!(t.check(FaultOp::WriteZeroes, 3, 3), Verdict::Lose(w));
+        assert_eq!(t.check(FaultOp::Discard, 0, 9), Verdict::Lose(w, 3..=3));
+        assert_eq!(t.check(FaultOp::WriteZeroes, 3, 3), Verdict::Lose(w, 3..=3));
         assert_eq!(t.check(FaultOp::Flush, 0, 0), Verdict::Pass);
     }
 
