@@ -673,3 +673,271 @@ fn write_zeroes_are_lost_and_torn_like_writes() {
     assert_eq!(got[..512], [0; 512]);
     assert_eq!(got[512..], pattern(14)[512..]);
 }
+
+/// `n` reads of block 7 (of 512 bytes), one request each: which failed, counting from 1.
+fn failing_reads(c: &mut Client, n: u64) -> Vec<u64> {
+    (1..=n)
+        .filter(|_| {
+            c.batch(
+                0,
+                &[Op::Read {
+                    offset: 7 * 512,
+                    len: 512,
+                }],
+            )[0] != 0
+        })
+        .collect()
+}
+
+#[test]
+fn a_flush_fault_fails_the_flush_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let image = dir.path().join("d.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(4 * MIB)
+        .unwrap();
+    let mut s = Server::start_on(dir, image, &["--event-log", events.to_str().unwrap()]);
+    let mut c = s.client(1);
+    let off = 48 * 512;
+    assert_eq!(c.write(0, off, &pattern(20)), 0);
+    let id = s.ctl_ok("fault-add", &["op=flush"])["id"].as_u64().unwrap();
+    let f = &s.ctl_ok("fault-list", &[])[0];
+    assert_eq!((&f["op"], &f["mode"]), (&"flush".into(), &"error".into()));
+    assert!(f.get("lba").is_none() && f.get("count").is_none(), "{f}");
+    assert_eq!(c.batch(0, &[Op::Flush]), vec![-libc::EIO]);
+    // The write before the failed flush is still there, and writes, reads, discards and
+    // write-zeroes after it go on as before.
+    assert_eq!(c.read(0, off, CHUNK).unwrap(), pattern(20));
+    assert_eq!(c.write(0, off + CHUNK as u64, &pattern(21)), 0);
+    assert_eq!(
+        c.batch(
+            0,
+            &[
+                Op::Discard {
+                    offset: 0,
+                    len: 4096
+                },
+                Op::WriteZeroes {
+                    offset: 4096,
+                    len: 4096,
+                    unmap: false
+                },
+                Op::Flush,
+            ]
+        ),
+        vec![0, 0, -libc::EIO]
+    );
+    assert_eq!(c.read(0, off + CHUNK as u64, CHUNK).unwrap(), pattern(21));
+    assert!(
+        s.remapped_lbas().is_empty(),
+        "a failed flush is no bad block"
+    );
+    let f = &s.ctl_ok("fault-list", &[])[0];
+    assert_eq!((&f["fired"], &f["matched"]), (&2.into(), &2.into()));
+    assert_eq!(s.ctl_ok("query-stats", &[])["faults_fired"]["error"], 2);
+    let firings: Vec<serde_json::Value> = std::fs::read_to_string(&events)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "fault-fired")
+        .collect();
+    assert_eq!(firings.len(), 2);
+    assert_eq!(firings[0]["op"], "flush");
+    assert!(firings[0].get("first_block").is_none());
+    s.ctl_ok("fault-remove", &[&format!("id={id}")]);
+    assert_eq!(c.batch(0, &[Op::Flush]), vec![0]);
+
+    // Left in place, it fails the guest's flushes only: the server's own flush at exit
+    // flushes the real image, and the server exits 0.
+    s.ctl_ok("fault-add", &["op=flush"]);
+    assert_eq!(c.batch(0, &[Op::Flush]), vec![-libc::EIO]);
+    drop(c);
+    s.signal(libc::SIGTERM);
+    let status = s.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{}", s.log());
+    assert!(s.log().contains("image flushed; bye"), "{}", s.log());
+}
+
+#[test]
+fn a_discard_fault_fails_discards_and_not_writes() {
+    let s = Server::start(4 * MIB, &["--auto-remap", "off"]);
+    let mut c = s.client(1);
+    let off = 56 * 512;
+    assert_eq!(c.write(0, off, &pattern(22)), 0);
+    s.ctl_ok("fault-add", &["op=discard", "lba=56", "count=8"]);
+    let discard = Op::Discard {
+        offset: off,
+        len: CHUNK as u64,
+    };
+    assert_eq!(c.batch(0, &[discard]), vec![-libc::EIO]);
+    assert_eq!(
+        c.read(0, off, CHUNK).unwrap(),
+        pattern(22),
+        "the failed discard left the data"
+    );
+    assert_eq!(c.write(0, off, &pattern(23)), 0);
+    assert_eq!(
+        c.batch(
+            0,
+            &[Op::WriteZeroes {
+                offset: off,
+                len: 512,
+                unmap: false
+            }]
+        ),
+        vec![0]
+    );
+    let got = c.read(0, off, CHUNK).unwrap();
+    assert_eq!(got[..512], [0; 512]);
+    assert_eq!(got[512..], pattern(23)[512..]);
+    // Another block's discard goes through.
+    assert_eq!(
+        c.batch(
+            0,
+            &[Op::Discard {
+                offset: off + CHUNK as u64,
+                len: CHUNK as u64
+            }]
+        ),
+        vec![0]
+    );
+    let f = &s.ctl_ok("fault-list", &[])[0];
+    assert_eq!((&f["op"], &f["fired"]), (&"discard".into(), &1.into()));
+}
+
+#[test]
+fn after_three_lets_three_reads_through_and_fails_the_fourth() {
+    let s = Server::start(4 * MIB, &[]);
+    s.ctl_ok("fault-add", &["op=read", "lba=7", "after=3"]);
+    let mut c = s.client(1);
+    assert_eq!(failing_reads(&mut c, 3), Vec::<u64>::new());
+    let f = &s.ctl_ok("fault-list", &[])[0];
+    assert_eq!(
+        (&f["matched"], &f["armed"], &f["fired"], &f["after"]),
+        (&3.into(), &true.into(), &0.into(), &3.into())
+    );
+    assert_eq!(failing_reads(&mut c, 2), [1, 2]);
+    // Reads of other blocks are no matches.
+    assert_eq!(c.read(0, 0, 512).map(|_| ()), Ok(()));
+    assert_eq!(s.ctl_ok("fault-list", &[])[0]["matched"], 5);
+}
+
+#[test]
+fn every_two_fails_exactly_the_even_reads() {
+    let s = Server::start(4 * MIB, &[]);
+    s.ctl_ok("fault-add", &["op=read", "lba=7", "every=2", "times=4"]);
+    let mut c = s.client(1);
+    assert_eq!(
+        failing_reads(&mut c, 6),
+        [2, 4, 6],
+        "the even reads fail, the odd pass"
+    );
+    let f = &s.ctl_ok("fault-list", &[])[0];
+    assert_eq!(
+        (&f["matched"], &f["fired"], &f["armed"], &f["every"]),
+        (&6.into(), &3.into(), &true.into(), &2.into())
+    );
+    // times=4: the 8th fires, then it expires and fails nothing more.
+    assert_eq!(failing_reads(&mut c, 6), [2]);
+    assert_eq!(s.ctl_ok("fault-list", &[])[0]["expired"], true);
+}
+
+#[test]
+fn a_window_fails_reads_in_its_up_phases_only() {
+    let s = Server::start(4 * MIB, &[]);
+    s.ctl_ok("fault-add", &["op=read", "lba=7", "window=300:300"]);
+    let f = &s.ctl_ok("fault-list", &[])[0];
+    assert_eq!(f["window"], "300:300");
+    assert!(f["window_up"].is_boolean(), "{f}");
+    let mut c = s.client(1);
+    // Read until both phases have shown; each read is one match, each failure one firing.
+    let (mut reads, mut failures) = (0u64, 0u64);
+    let mut saw = (false, false);
+    wait_until(
+        "a failed and a successful read of block 7",
+        Duration::from_secs(20),
+        || {
+            let r = c.batch(
+                0,
+                &[Op::Read {
+                    offset: 7 * 512,
+                    len: 512,
+                }],
+            )[0];
+            reads += 1;
+            if r == 0 {
+                saw.1 = true;
+            } else {
+                assert_eq!(r, -libc::EIO);
+                failures += 1;
+                saw.0 = true;
+            }
+            saw.0 && saw.1
+        },
+    );
+    let f = &s.ctl_ok("fault-list", &[])[0];
+    assert_eq!(
+        (f["matched"].as_u64(), f["fired"].as_u64()),
+        (Some(reads), Some(failures))
+    );
+    // Writes to the block are never failed, up or down.
+    for _ in 0..5 {
+        assert_eq!(c.write(0, 7 * 512, &[1u8; 512]), 0);
+    }
+}
+
+#[test]
+fn bad_trigger_and_op_arguments_are_named() {
+    let s = Server::start(4 * MIB, &[]);
+    for (args, field) in [
+        (vec!["op=flush", "lba=1"], "lba"),
+        (vec!["op=flush", "count=1"], "count"),
+        (vec!["op=flush", "mode=lost-write"], "op"),
+        (vec!["op=flush", "mode=torn", "sectors=1"], "op"),
+        (vec!["op=discard", "lba=1", "mode=corrupt", "bits=1"], "op"),
+        (vec!["lba=1", "after=0"], "after"),
+        (vec!["lba=1", "every=0"], "every"),
+        (vec!["lba=1", "window=300"], "window"),
+        (vec!["lba=1", "window=0:300"], "window"),
+        (vec!["lba=1", "window=up:down"], "window"),
+        (vec!["lba=1", "mode=error", "shift=1"], "shift"),
+        (vec!["lba=1", "mode=delay", "delay_ms=1", "bits=1"], "bits"),
+    ] {
+        let (code, _, err) = s.ctl("fault-add", &args);
+        assert_eq!(code, 1, "{args:?}");
+        assert!(err.contains(&format!("{field}:")), "{args:?}: {err}");
+    }
+    assert_eq!(s.ctl_ok("fault-list", &[]), serde_json::json!([]));
+}
+
+#[test]
+fn a_failed_flush_makes_nothing_durable_under_the_cache_model() {
+    let s = Server::start(4 * MIB, &["--cache-model", "volatile"]);
+    let mut c = s.client(1);
+    let (a, b) = (64 * 512, 72 * 512);
+    assert_eq!(c.write(0, a, &pattern(24)), 0);
+    assert_eq!(c.batch(0, &[Op::Flush]), vec![0]);
+    let id = s.ctl_ok("fault-add", &["op=flush", "times=1"])["id"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(c.write(0, b, &pattern(25)), 0);
+    assert_eq!(c.batch(0, &[Op::Flush]), vec![-libc::EIO]);
+    assert_eq!(
+        c.read(0, b, CHUNK).unwrap(),
+        pattern(25),
+        "the write before the failed flush reads back"
+    );
+    assert_eq!(s.ctl_ok("fault-list", &[])[0]["expired"], true);
+    s.ctl_ok("fault-remove", &[&format!("id={id}")]);
+    // A flush fault in place does not fail the cut's own flush, which stands for the medium.
+    s.ctl_ok("fault-add", &["op=flush"]);
+    // The cut loses the write the failed flush did not cover, and only it.
+    let cut = s.ctl_ok("power-cut", &["mode=drop-all"]);
+    assert_eq!(cut["counts"]["lost"], 1, "{cut}");
+    assert_eq!(cut["lost"][0]["lba"], 72, "{cut}");
+    s.ctl_ok("power-on", &[]);
+    assert_eq!(c.read(0, a, CHUNK).unwrap(), pattern(24));
+    assert_eq!(c.read(0, b, CHUNK).unwrap(), vec![0; CHUNK]);
+}

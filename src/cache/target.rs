@@ -259,7 +259,8 @@ impl CacheTarget {
         let Some(v) = &self.volatile else {
             self.held.store(hold, Ordering::Relaxed);
             self.powered.store(false, Ordering::Release);
-            self.below.flush().map_err(PowerError::Flush)?;
+            // The medium's own flush, like the reverts below: no injected flush fault fails it.
+            unfaulted(|| self.below.flush()).map_err(PowerError::Flush)?;
             return Ok(CutReport::default());
         };
         // The whole device: waits for writes still between their read and their record (a
@@ -291,7 +292,8 @@ impl CacheTarget {
             }
         }
         if result.is_ok() {
-            if let Err(e) = self.below.flush() {
+            // What makes the reverts durable stands for the medium too.
+            if let Err(e) = unfaulted(|| self.below.flush()) {
                 result = Err(PowerError::Flush(e));
             }
         }

@@ -90,10 +90,11 @@ impl FaultyTarget {
     }
 
     /// The request's fate: failures come back as the error, delays are served here; what is
-    /// left is for the caller to carry out (`Pass` or a mode that changes data).
+    /// left is for the caller to carry out (`Pass` or a mode that changes data). A flush has
+    /// no blocks: `offset` and `len` are 0.
     fn decide(&self, op: FaultOp, offset: u64, len: u64) -> io::Result<Verdict> {
         // The cache model's own reads and reverts stand for the medium: no fault hits them.
-        if len == 0 || crate::storage::medium::is_unfaulted() {
+        if crate::storage::medium::is_unfaulted() || (len == 0 && op != FaultOp::Flush) {
             return Ok(Verdict::Pass);
         }
         let (first, last) = block_span(offset, len, self.block_size);
@@ -102,6 +103,10 @@ impl FaultyTarget {
                 std::thread::sleep(d);
                 Ok(Verdict::Pass)
             }
+            // A failed flush is no bad block: nothing above may remap for it.
+            Verdict::Fail(id, _) if op == FaultOp::Flush => Err(io::Error::other(NotMediaError(
+                format!("injected flush failure (fault {id}; fault-remove id={id} ends it)"),
+            ))),
             Verdict::Fail(id, bad) => Err(io::Error::other(MediaError {
                 cause: format!("injected media error (fault {id})"),
                 bad,
@@ -195,15 +200,21 @@ impl BlockIo for FaultyTarget {
     }
 
     fn flush(&self) -> io::Result<()> {
+        // Only error, flaky and delay take op=flush: no verdict is left to carry out.
+        self.decide(FaultOp::Flush, 0, 0)?;
         self.inner.flush()
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.ranged(offset, len, |o, l| self.inner.discard(o, l))
+        self.ranged(FaultOp::Discard, offset, len, |o, l| {
+            self.inner.discard(o, l)
+        })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
-        self.ranged(offset, len, |o, l| self.inner.write_zeroes(o, l, unmap))
+        self.ranged(FaultOp::WriteZeroes, offset, len, |o, l| {
+            self.inner.write_zeroes(o, l, unmap)
+        })
     }
 
     fn map<'a>(&'a self, io: MapIo, out: &mut Mapping<'a>) -> bool {
@@ -222,15 +233,17 @@ impl BlockIo for FaultyTarget {
 }
 
 impl FaultyTarget {
-    /// Discard and write-zeroes, which carry no data: they count as writes, are lost,
-    /// misdirected or torn like one, and `corrupt` has nothing to corrupt in them.
+    /// Discard and write-zeroes (`op`), which carry no data: faults of op write see them too;
+    /// they are lost, misdirected or torn like a write, and `corrupt` has nothing to corrupt
+    /// in them (it never matches them).
     fn ranged(
         &self,
+        op: FaultOp,
         offset: u64,
         len: u64,
         run: impl Fn(u64, u64) -> io::Result<()>,
     ) -> io::Result<()> {
-        match self.decide(FaultOp::Write, offset, len)? {
+        match self.decide(op, offset, len)? {
             Verdict::Lose(_, lost) => {
                 for (at, n) in kept(offset, len, lost, self.block_size) {
                     run(offset + at, n)?;
@@ -256,6 +269,8 @@ impl FaultyTarget {
 mod tests {
     use super::*;
     use crate::events::EventLog;
+    use crate::fault::spec::Blocks;
+    use crate::fault::trigger::Trigger;
     use crate::fault::{FaultMode, FaultSpec};
     use std::sync::Mutex;
 
@@ -307,10 +322,10 @@ mod tests {
         let table = Arc::new(FaultTable::new(Arc::new(EventLog::disabled())));
         table.add(FaultSpec {
             op: FaultOp::Any,
-            lba,
-            count,
+            blocks: Some(Blocks { lba, count }),
             mode,
             times: None,
+            trigger: Trigger::default(),
         });
         (FaultyTarget::new(mem.clone(), table, 512), mem)
     }
@@ -447,5 +462,31 @@ mod tests {
         assert!(torn_result(1, TornReport::Ok).is_ok());
         let e = torn_result(1, TornReport::Error).unwrap_err();
         assert!(NotMediaError::is(&e) && MediaError::of(&e).is_none());
+    }
+    #[test]
+    fn a_flush_fault_fails_flushes_as_no_media_error_and_leaves_data_alone() {
+        let mem = Arc::new(Mem(Mutex::new(vec![0u8; 8192])));
+        let table = Arc::new(FaultTable::new(Arc::new(EventLog::disabled())));
+        let t = FaultyTarget::new(mem.clone(), table.clone(), 512);
+        assert!(t.flush().is_ok());
+        table.add(FaultSpec {
+            op: FaultOp::Flush,
+            blocks: None,
+            mode: FaultMode::Error,
+            times: Some(1),
+            trigger: Trigger::default(),
+        });
+        let mut a = vec![9u8; 512];
+        let one = [libc::iovec {
+            iov_base: a.as_mut_ptr().cast(),
+            iov_len: a.len(),
+        }];
+        // SAFETY: `one` points to `a`, live for the call.
+        unsafe { t.writev(512, &one).unwrap() };
+        t.discard(1024, 512).unwrap();
+        let e = t.flush().unwrap_err();
+        assert!(NotMediaError::is(&e) && MediaError::of(&e).is_none(), "{e}");
+        assert!(t.flush().is_ok(), "times=1 spent");
+        assert_eq!(mem.0.lock().unwrap()[512..1024], [9u8; 512]);
     }
 }

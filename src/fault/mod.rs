@@ -7,7 +7,9 @@ pub mod corrupt;
 pub mod io;
 pub mod spec;
 pub mod table;
+pub mod trigger;
 
 pub use io::FaultyTarget;
-pub use spec::{Corruption, FaultArgError, FaultMode, FaultOp, FaultSpec, TornReport};
+pub use spec::{Blocks, Corruption, FaultArgError, FaultMode, FaultOp, FaultSpec, TornReport};
 pub use table::{FaultListing, FaultTable};
+pub use trigger::{Trigger, Window};

@@ -349,6 +349,8 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
         r#"{"execute":"query-stats"}"#,
         r#"{"execute":"fault-add","arguments":{"lba":3,"count":2,"op":"write","mode":"flaky","probability":0.5,"seed":7,"times":3}}"#,
         r#"{"execute":"fault-add","arguments":{"lba":9,"mode":"delay","delay_ms":200}}"#,
+        r#"{"execute":"fault-add","arguments":{"op":"flush","every":2,"times":5}}"#,
+        r#"{"execute":"fault-add","arguments":{"lba":5,"op":"discard","after":3,"window":"300:700"}}"#,
         r#"{"execute":"fault-list"}"#,
         r#"{"execute":"fault-remove","arguments":{"id":1}}"#,
         r#"{"execute":"remap-add","arguments":{"lba":1,"count":3,"stride":4}}"#,
