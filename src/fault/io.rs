@@ -9,7 +9,9 @@ use super::corrupt;
 use super::spec::{Corruption, FaultOp, TornReport};
 use super::table::{FaultTable, Verdict};
 use crate::storage::iov::{gather, sub_iovecs};
-use crate::storage::{block_span, BlockIo, Dir, MapIo, Mapping, MediaError, NotMediaError, PerIo};
+use crate::storage::{
+    block_span, BlockIo, Dir, Hold, IoKind, MapIo, Mapping, MediaError, NotMediaError, PerIo,
+};
 
 /// Torn writes count in sectors of this size, whatever the block size: the unit a disk
 /// writes atomically.
@@ -69,18 +71,15 @@ impl FaultyTarget {
         }
     }
 
-    /// The request's fate: failures come back as the error, delays are served here; what is
-    /// left is for the caller to carry out (`Pass` or a mode that changes data).
+    /// The request's fate: failures come back as the error; what is left is for the caller to
+    /// carry out (`Pass` or a mode that changes data). Delays and hangs are not served here,
+    /// on the queue's worker, but before the request starts ([`BlockIo::hold`]).
     fn decide(&self, op: FaultOp, offset: u64, len: u64) -> io::Result<Verdict> {
         if len == 0 {
             return Ok(Verdict::Pass);
         }
         let (first, last) = block_span(offset, len, self.block_size);
         match self.table.check(op, first, last) {
-            Verdict::Delay(d) => {
-                std::thread::sleep(d);
-                Ok(Verdict::Pass)
-            }
             Verdict::Fail(id, bad) => Err(io::Error::other(MediaError {
                 cause: format!("injected media error (fault {id})"),
                 bad,
@@ -189,6 +188,18 @@ impl BlockIo for FaultyTarget {
 
     fn end_io(&self, io: MapIo, per_io: &PerIo) -> bool {
         self.inner.end_io(io, per_io)
+    }
+
+    fn hold(&self, kind: IoKind, offset: u64, len: u64) -> Option<Hold> {
+        let op = match kind {
+            IoKind::Read => FaultOp::Read,
+            // Discard and write-zeroes count as writes, as `ranged` has them.
+            IoKind::Write | IoKind::Discard | IoKind::WriteZeroes => FaultOp::Write,
+            // No fault covers a flush yet: it has no blocks.
+            IoKind::Flush => return None,
+        };
+        let (first, last) = block_span(offset, len, self.block_size);
+        self.table.hold(op, first, last)
     }
 }
 

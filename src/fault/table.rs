@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -13,13 +13,18 @@ use serde_json::{json, Value};
 
 use super::spec::{Corruption, FaultMode, FaultOp, FaultSpec, TornReport, MODE_NAMES};
 use crate::events::EventLog;
+use crate::latch::Latch;
+use crate::storage::Hold;
 
 struct Fault {
     id: u64,
     spec: FaultSpec,
     fired: AtomicU64,
-    /// xorshift64* state, for flaky faults only.
+    /// xorshift64* state, for flaky faults and delays with jitter.
     rng: Mutex<u64>,
+    /// What a hang fault's requests wait behind now; `fault-release` opens it and puts a
+    /// fresh one in its place, so the fault holds later requests again.
+    latch: Mutex<Arc<Latch>>,
 }
 
 impl Fault {
@@ -37,6 +42,19 @@ impl Fault {
                 })
                 .is_ok(),
         }
+    }
+
+    fn latch(&self) -> Arc<Latch> {
+        self.latch.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Lets the requests held now go; later ones wait behind a new latch. Returns how many.
+    fn release(&self) -> usize {
+        let old = std::mem::replace(
+            &mut *self.latch.lock().unwrap_or_else(|p| p.into_inner()),
+            Latch::new(),
+        );
+        old.release()
     }
 
     fn expired(&self) -> bool {
@@ -64,6 +82,9 @@ pub struct FaultListing {
     pub fired: u64,
     /// Whether it fired its `times` and no longer applies.
     pub expired: bool,
+    /// Hang faults: how many requests it holds now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held: Option<usize>,
     #[serde(flatten)]
     pub spec: FaultSpec,
 }
@@ -74,8 +95,10 @@ pub enum Verdict {
     Pass,
     /// Fail with a media error: the fault's id and the request's blocks it covers.
     Fail(u64, std::ops::RangeInclusive<u64>),
-    /// Hold the request this long first.
+    /// Hold the request this long first ([`FaultTable::hold`] only).
     Delay(Duration),
+    /// Hold the request until this latch opens ([`FaultTable::hold`] only).
+    Hang(Arc<Latch>),
     /// Carry the request out, its data corrupted on these blocks (the fault's id first).
     Corrupt(u64, Corruption, std::ops::RangeInclusive<u64>),
     /// Complete the write OK without writing it.
@@ -114,7 +137,11 @@ impl FaultTable {
         *next += 1;
         let seed = match spec.mode {
             // xorshift needs a non-zero state; any seed, 0 included, maps to one.
-            FaultMode::Flaky { seed, .. } => seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+            FaultMode::Flaky { seed, .. }
+            | FaultMode::Delay {
+                jitter: Some(super::Jitter { seed, .. }),
+                ..
+            } => seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
             _ => 1,
         };
         let fault = Arc::new(Fault {
@@ -122,6 +149,7 @@ impl FaultTable {
             spec,
             fired: AtomicU64::new(0),
             rng: Mutex::new(seed),
+            latch: Mutex::new(Latch::new()),
         });
         let mut v = Vec::clone(&self.faults.load());
         v.push(fault);
@@ -164,14 +192,28 @@ impl FaultTable {
         }
         let v: Vec<_> = cur.iter().filter(|f| f.id != id).cloned().collect();
         self.publish(v);
+        // After the fault is gone: a request it held goes on and is not held again by it.
+        for f in cur.iter().filter(|f| f.id == id) {
+            f.release();
+        }
         true
     }
 
     pub fn clear(&self) -> usize {
         let _w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
-        let n = self.faults.load().len();
+        let cur = self.faults.load_full();
         self.publish(Vec::new());
-        n
+        for f in cur.iter() {
+            f.release();
+        }
+        cur.len()
+    }
+
+    /// `fault-release`: lets go the requests fault `id` holds now; the fault stays and holds
+    /// later ones. Returns how many it let go, or None when there is no such fault.
+    pub fn release(&self, id: u64) -> Option<usize> {
+        let cur = self.faults.load();
+        cur.iter().find(|f| f.id == id).map(|f| f.release())
     }
 
     /// Makes `v` the live set; the caller holds the writers' lock. The count follows the list,
@@ -190,6 +232,7 @@ impl FaultTable {
                 id: f.id,
                 fired: f.fired.load(Ordering::Acquire),
                 expired: f.expired(),
+                held: (f.spec.mode == FaultMode::Hang).then(|| f.latch().held()),
                 spec: f.spec.clone(),
             })
             .collect()
@@ -214,26 +257,56 @@ impl FaultTable {
             return false;
         }
         let faults = self.faults.load();
-        faults
-            .iter()
-            .any(|f| f.spec.applies_to(op) && f.spec.overlaps(first, last) && !f.expired())
+        faults.iter().any(|f| {
+            !f.spec.mode.holds()
+                && f.spec.applies_to(op)
+                && f.spec.overlaps(first, last)
+                && !f.expired()
+        })
     }
 
-    /// Decides the fate of a request of kind `op` on blocks `[first, last]`. The first
-    /// matching fault that fires decides; delays of several faults do not add up.
+    /// Decides the fate of a request of kind `op` on blocks `[first, last]`: the first
+    /// matching fault that fires decides. Delays and hangs are not decided here but before the
+    /// request starts ([`hold`](Self::hold)).
     pub fn check(&self, op: FaultOp, first: u64, last: u64) -> Verdict {
+        self.fire(false, op, first, last)
+    }
+
+    /// Whether a request of kind `op` on blocks `[first, last]` must wait before it starts,
+    /// and for what: the first matching delay or hang fault that fires decides (delays of
+    /// several faults do not add up). One atomic load when there is no fault at all.
+    pub fn hold(&self, op: FaultOp, first: u64, last: u64) -> Option<Hold> {
+        if self.count.load(Ordering::SeqCst) == 0 {
+            return None;
+        }
+        match self.fire(true, op, first, last) {
+            Verdict::Delay(d) => Some(Hold::Until(Instant::now() + d)),
+            Verdict::Hang(latch) => Some(Hold::Released(latch.enter())),
+            _ => None,
+        }
+    }
+
+    /// The one matching loop, over the faults that hold requests (`holds`) or the others.
+    fn fire(&self, holds: bool, op: FaultOp, first: u64, last: u64) -> Verdict {
         let faults = self.faults.load();
         if faults.is_empty() {
             return Verdict::Pass;
         }
         for f in faults.iter() {
-            if !f.spec.applies_to(op) || !f.spec.overlaps(first, last) || f.expired() {
+            if f.spec.mode.holds() != holds
+                || !f.spec.applies_to(op)
+                || !f.spec.overlaps(first, last)
+                || f.expired()
+            {
                 continue;
             }
             let bad = first.max(f.spec.lba)..=last.min(f.spec.lba + f.spec.count - 1);
             let verdict = match f.spec.mode {
                 FaultMode::Error => Verdict::Fail(f.id, bad),
-                FaultMode::Delay { ms } => Verdict::Delay(Duration::from_millis(ms)),
+                FaultMode::Delay { ms, jitter } => Verdict::Delay(Duration::from_millis(
+                    jitter.map_or(ms, |j| j.sample(ms, f.draw())),
+                )),
+                FaultMode::Hang => Verdict::Hang(f.latch()),
                 FaultMode::Flaky { probability, .. } => {
                     if f.draw() < probability {
                         Verdict::Fail(f.id, bad)
@@ -309,7 +382,15 @@ mod tests {
     #[test]
     fn the_list_shows_each_fault_with_its_arguments() {
         let t = FaultTable::new(Arc::new(EventLog::disabled()));
-        let id = t.add(spec(FaultOp::Read, 5, FaultMode::Delay { ms: 20 }, None));
+        let id = t.add(spec(
+            FaultOp::Read,
+            5,
+            FaultMode::Delay {
+                ms: 20,
+                jitter: None,
+            },
+            None,
+        ));
         assert_eq!(
             serde_json::to_value(t.list()).unwrap(),
             json!([{"id": id, "fired": 0, "expired": false, "op": "read", "lba": 5, "count": 1,
@@ -390,5 +471,130 @@ mod tests {
         assert_ne!(run(7), run(8));
         let hits = run(7).iter().filter(|&&x| x).count();
         assert!((30..90).contains(&hits), "{hits} of 200 at p=0.3");
+    }
+
+    #[test]
+    fn delays_and_hangs_hold_and_the_data_path_ignores_them() {
+        let t = FaultTable::new(Arc::new(EventLog::disabled()));
+        let d = t.add(spec(
+            FaultOp::Read,
+            5,
+            FaultMode::Delay {
+                ms: 500,
+                jitter: None,
+            },
+            None,
+        ));
+        let h = t.add(spec(FaultOp::Write, 5, FaultMode::Hang, Some(2)));
+        // Neither decides a request's data, nor sends it off the engines' fast path.
+        assert_eq!(t.check(FaultOp::Read, 5, 5), Verdict::Pass);
+        assert_eq!(t.check(FaultOp::Write, 5, 5), Verdict::Pass);
+        assert!(!t.may_apply(FaultOp::Read, 5, 5));
+        let before = Instant::now();
+        match t.hold(FaultOp::Read, 4, 6) {
+            Some(Hold::Until(at)) => {
+                let wait = at - before;
+                assert!(wait >= Duration::from_millis(500) && wait < Duration::from_millis(600));
+            }
+            other => panic!("a delay must hold until a deadline, got {other:?}"),
+        }
+        assert_eq!(t.hold(FaultOp::Read, 6, 9), None);
+        let Some(Hold::Released(first)) = t.hold(FaultOp::Write, 5, 5) else {
+            panic!("a hang must hold behind a latch");
+        };
+        let Some(Hold::Released(second)) = t.hold(FaultOp::Write, 5, 5) else {
+            panic!("a hang must hold behind a latch");
+        };
+        assert_eq!(first, second, "held at the same time: the same latch");
+        // `times` 2: the third write goes on.
+        assert_eq!(t.hold(FaultOp::Write, 5, 5), None);
+        let held = |t: &FaultTable| t.list().iter().find(|f| f.id == h).and_then(|f| f.held);
+        assert_eq!(held(&t), Some(2));
+        assert_eq!(t.list().iter().find(|f| f.id == d).unwrap().held, None);
+        assert_eq!(t.release(h), Some(2));
+        assert!(first.latch().is_released());
+        assert_eq!(t.release(d), Some(0));
+        assert_eq!(t.release(99), None);
+        drop((first, second));
+        assert_eq!(held(&t), Some(0));
+        let fired = t.fired_by_mode();
+        assert_eq!((fired["delay"], fired["hang"]), (1, 2));
+    }
+
+    #[test]
+    fn a_hang_holds_again_after_a_release_until_removed() {
+        let t = FaultTable::new(Arc::new(EventLog::disabled()));
+        let h = t.add(spec(FaultOp::Any, 0, FaultMode::Hang, None));
+        let Some(Hold::Released(a)) = t.hold(FaultOp::Read, 0, 0) else {
+            panic!("held");
+        };
+        assert_eq!(t.release(h), Some(1));
+        let Some(Hold::Released(b)) = t.hold(FaultOp::Read, 0, 0) else {
+            panic!("held again after the release");
+        };
+        assert!(a.latch().is_released() && !b.latch().is_released());
+        assert!(t.remove(h));
+        assert!(
+            b.latch().is_released(),
+            "removing the fault lets its requests go"
+        );
+        let h2 = t.add(spec(FaultOp::Any, 0, FaultMode::Hang, None));
+        let Some(Hold::Released(c)) = t.hold(FaultOp::Write, 0, 0) else {
+            panic!("held");
+        };
+        assert_eq!(t.clear(), 1);
+        assert!(
+            c.latch().is_released(),
+            "fault-clear lets them go too ({h2})"
+        );
+    }
+
+    #[test]
+    fn a_jittered_delay_draws_the_same_sequence_for_a_seed() {
+        let table = |seed| {
+            let t = FaultTable::new(Arc::new(EventLog::disabled()));
+            t.add(spec(
+                FaultOp::Read,
+                0,
+                FaultMode::Delay {
+                    ms: 100,
+                    jitter: Some(crate::fault::Jitter {
+                        distribution: crate::fault::Distribution::Exponential,
+                        jitter_ms: 1000,
+                        seed,
+                    }),
+                },
+                None,
+            ));
+            t
+        };
+        let deadline = |t: &FaultTable| match t.hold(FaultOp::Read, 0, 0) {
+            Some(Hold::Until(at)) => at,
+            other => panic!("{other:?}"),
+        };
+        let (a, b, c) = (table(3), table(3), table(4));
+        let mut apart = 0;
+        for _ in 0..50 {
+            let start = Instant::now();
+            let (x, y, z) = (deadline(&a), deadline(&b), deadline(&c));
+            // The same draws, taken a moment apart.
+            let skew = x.max(y) - x.min(y);
+            assert!(
+                skew < Duration::from_millis(20),
+                "seed 3 twice: {skew:?} apart"
+            );
+            assert!(
+                x - start >= Duration::from_millis(100),
+                "never below the base"
+            );
+            if x.max(z) - x.min(z) > Duration::from_millis(50) {
+                apart += 1;
+            }
+        }
+        assert!(
+            apart > 25,
+            "seeds 3 and 4 drew alike {} times of 50",
+            50 - apart
+        );
     }
 }
