@@ -71,15 +71,20 @@ impl FaultyTarget {
         }
     }
 
-    /// The request's fate: failures come back as the error; what is left is for the caller to
-    /// carry out (`Pass` or a mode that changes data). Delays and hangs are not served here,
-    /// on the queue's worker, but before the request starts ([`BlockIo::hold`]).
+    /// The request's fate: failures come back as the error, stalls are served here (on the
+    /// queue's worker, on purpose); what is left is for the caller to carry out (`Pass` or a
+    /// mode that changes data). Delays and hangs are not served here but before the request
+    /// starts, off the worker ([`BlockIo::hold`]).
     fn decide(&self, op: FaultOp, offset: u64, len: u64) -> io::Result<Verdict> {
         if len == 0 {
             return Ok(Verdict::Pass);
         }
         let (first, last) = block_span(offset, len, self.block_size);
         match self.table.check(op, first, last) {
+            Verdict::Delay(d) => {
+                std::thread::sleep(d);
+                Ok(Verdict::Pass)
+            }
             Verdict::Fail(id, bad) => Err(io::Error::other(MediaError {
                 cause: format!("injected media error (fault {id})"),
                 bad,

@@ -48,10 +48,17 @@ pub enum FaultMode {
     /// The request is held until `fault-release`, the fault's removal or a drain's deadline,
     /// then carried out (or, at the deadline, failed). It waits off the queue's worker.
     Hang,
+    /// The request is held this long inside the block stack, on the queue's worker: every
+    /// request of the queue waits behind it, as behind a disk in error recovery. It also
+    /// lands below the remap layer's look-up (a race test's tool).
+    Stall {
+        #[serde(rename = "delay_ms")]
+        ms: u64,
+    },
 }
 
 /// Every mode's name, as `fault-add` takes it; [`FaultMode::index`] is the position here.
-pub const MODE_NAMES: [&str; 8] = [
+pub const MODE_NAMES: [&str; 9] = [
     "error",
     "delay",
     "flaky",
@@ -60,6 +67,7 @@ pub const MODE_NAMES: [&str; 8] = [
     "misdirect",
     "torn",
     "hang",
+    "stall",
 ];
 
 impl FaultMode {
@@ -74,6 +82,7 @@ impl FaultMode {
             FaultMode::Misdirect { .. } => 5,
             FaultMode::Torn { .. } => 6,
             FaultMode::Hang => 7,
+            FaultMode::Stall { .. } => 8,
         }
     }
 
@@ -155,6 +164,9 @@ enum ModeArgs {
         report: TornReport,
     },
     Hang,
+    Stall {
+        delay_ms: u64,
+    },
 }
 
 /// The blocks a fault covers and the disk it sits on, for the checks that depend on them.
@@ -263,6 +275,15 @@ impl ModeArgs {
                 FaultMode::Torn { sectors, report }
             }
             ModeArgs::Hang => FaultMode::Hang,
+            ModeArgs::Stall { delay_ms } => {
+                if !(1..=MAX_DELAY_MS).contains(&delay_ms) {
+                    return Err(ArgError::new(
+                        "delay_ms",
+                        format!("must be 1 to {MAX_DELAY_MS}, got {delay_ms}"),
+                    ));
+                }
+                FaultMode::Stall { ms: delay_ms }
+            }
         })
     }
 }
@@ -736,6 +757,7 @@ mod tests {
                 report: TornReport::Ok,
             },
             FaultMode::Hang,
+            FaultMode::Stall { ms: 1 },
         ];
         assert_eq!(modes.len(), MODE_NAMES.len());
         for (i, m) in modes.iter().enumerate() {

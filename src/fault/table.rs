@@ -95,7 +95,8 @@ pub enum Verdict {
     Pass,
     /// Fail with a media error: the fault's id and the request's blocks it covers.
     Fail(u64, std::ops::RangeInclusive<u64>),
-    /// Hold the request this long first ([`FaultTable::hold`] only).
+    /// Hold the request this long first: before it starts ([`FaultTable::hold`], a delay),
+    /// or on the worker inside the stack ([`FaultTable::check`], a stall).
     Delay(Duration),
     /// Hold the request until this latch opens ([`FaultTable::hold`] only).
     Hang(Arc<Latch>),
@@ -307,6 +308,7 @@ impl FaultTable {
                     jitter.map_or(ms, |j| j.sample(ms, f.draw())),
                 )),
                 FaultMode::Hang => Verdict::Hang(f.latch()),
+                FaultMode::Stall { ms } => Verdict::Delay(Duration::from_millis(ms)),
                 FaultMode::Flaky { probability, .. } => {
                     if f.draw() < probability {
                         Verdict::Fail(f.id, bad)
@@ -519,6 +521,15 @@ mod tests {
         assert_eq!(held(&t), Some(0));
         let fired = t.fired_by_mode();
         assert_eq!((fired["delay"], fired["hang"]), (1, 2));
+        // A stall is the other way round: served on the data path, never held.
+        t.clear();
+        t.add(spec(FaultOp::Read, 5, FaultMode::Stall { ms: 7 }, None));
+        assert_eq!(t.hold(FaultOp::Read, 5, 5), None);
+        assert!(t.may_apply(FaultOp::Read, 5, 5));
+        assert_eq!(
+            t.check(FaultOp::Read, 5, 5),
+            Verdict::Delay(Duration::from_millis(7))
+        );
     }
 
     #[test]
