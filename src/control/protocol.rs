@@ -20,7 +20,7 @@ pub enum CommandName {
     Quiesce,
     /// Take requests again after quiesce.
     Resume,
-    /// Inject a fault: lba=N [op=read|write|any] [count=N] [times=N] [mode=error|delay delay_ms=N [jitter_ms=N] [distribution=fixed|uniform|exponential|pareto] [seed=N]|hang|flaky probability=P [seed=N]|corrupt (bits=N [seed=N] | xor=BYTE [offset=K])|lost-write|misdirect shift=N|torn sectors=N [report=ok|error]].
+    /// Inject a fault: lba=N [op=read|write|any] [count=N] [times=N] [mode=error|delay delay_ms=N [jitter_ms=N] [distribution=fixed|uniform|exponential|pareto] [seed=N]|hang|stall delay_ms=N|flaky probability=P [seed=N]|corrupt (bits=N [seed=N] | xor=BYTE [offset=K])|lost-write|misdirect shift=N|torn sectors=N [report=ok|error]].
     FaultAdd,
     /// The faults in place, with how often each fired.
     FaultList,

@@ -2,6 +2,8 @@
 //! seeded distribution around it, so a lab can give a disk a median and a tail (p99) of its
 //! choosing and get the same draws again from the same seed.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 use crate::fields::ArgError;
@@ -83,8 +85,9 @@ impl Jitter {
         }))
     }
 
-    /// The delay in ms for a draw `u` in [0, 1), around `base_ms`; at most [`MAX_DELAY_MS`].
-    pub fn sample(&self, base_ms: u64, u: f64) -> u64 {
+    /// The delay for a draw `u` in [0, 1), around `base_ms`; at most [`MAX_DELAY_MS`]. Not
+    /// rounded to whole ms: a jitter of 1 ms still has its shape.
+    pub fn sample(&self, base_ms: u64, u: f64) -> Duration {
         let (base, j) = (base_ms as f64, self.jitter_ms as f64);
         // 1 - u is in (0, 1]: the logarithm and the power stay finite.
         let rest = 1.0 - u;
@@ -94,8 +97,13 @@ impl Jitter {
             Distribution::Exponential => base - j * rest.ln(),
             Distribution::Pareto => base + j * (rest.powf(-0.5) - 1.0),
         };
-        // `as` saturates (a NaN would be 0); the clamp keeps the hour's cap.
-        (ms.round().max(0.0) as u64).min(MAX_DELAY_MS)
+        // NaN cannot come of a draw in [0, 1), but would be 0 here rather than a panic.
+        let ms = if ms.is_nan() {
+            0.0
+        } else {
+            ms.clamp(0.0, MAX_DELAY_MS as f64)
+        };
+        Duration::from_secs_f64(ms / 1000.0)
     }
 }
 
@@ -123,21 +131,22 @@ mod tests {
         }
     }
 
-    /// The `q` quantile of `n` draws of `j` around `base`.
-    fn quantiles(j: Jitter, base: u64, n: usize) -> Vec<u64> {
+    /// `n` draws of `j` around `base`, in ms, sorted.
+    fn quantiles(j: Jitter, base: u64, n: usize) -> Vec<f64> {
         let mut rng = SplitMix64::new(42);
-        let mut v: Vec<u64> = (0..n)
+        let mut v: Vec<f64> = (0..n)
             .map(|_| {
                 let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-                j.sample(base, u)
+                j.sample(base, u).as_secs_f64() * 1000.0
             })
             .collect();
-        v.sort_unstable();
+        v.sort_unstable_by(f64::total_cmp);
         v
     }
 
-    fn at(v: &[u64], q: f64) -> f64 {
-        v[((v.len() as f64) * q) as usize] as f64
+    /// The `q` quantile of sorted draws.
+    fn at(v: &[f64], q: f64) -> f64 {
+        v[((v.len() as f64) * q) as usize]
     }
 
     fn near(got: f64, want: f64, tolerance: f64) {
@@ -154,32 +163,36 @@ mod tests {
         let v = quantiles(jitter(Distribution::Uniform, 100), 200, n);
         near(at(&v, 0.5), 200.0, 0.02);
         near(at(&v, 0.99), 298.0, 0.02);
-        assert!(v[0] >= 100 && v[n - 1] <= 300);
+        assert!(v[0] >= 100.0 && v[n - 1] <= 300.0);
         // Exponential: median 100 + 50 ln 2, p99 100 + 50 ln 100.
         let v = quantiles(jitter(Distribution::Exponential, 50), 100, n);
-        assert!(v[0] >= 100);
+        assert!(v[0] >= 100.0);
         near(at(&v, 0.5), 100.0 + 50.0 * 2f64.ln(), 0.02);
         near(at(&v, 0.99), 100.0 + 50.0 * 100f64.ln(), 0.05);
         // Pareto, shape 2: median 100 + 50 (sqrt 2 - 1), p99 100 + 50 * 9.
         let v = quantiles(jitter(Distribution::Pareto, 50), 100, n);
-        assert!(v[0] >= 100);
+        assert!(v[0] >= 100.0);
         near(at(&v, 0.5), 100.0 + 50.0 * (2f64.sqrt() - 1.0), 0.02);
         near(at(&v, 0.99), 550.0, 0.05);
+        // The README's example: a 1 ms jitter keeps its shape (no rounding to whole ms).
+        let v = quantiles(jitter(Distribution::Pareto, 1), 2, n);
+        near(at(&v, 0.5), 2.414, 0.01);
+        near(at(&v, 0.99), 11.0, 0.05);
     }
 
     #[test]
     fn samples_stay_between_zero_and_an_hour() {
         let u = jitter(Distribution::Uniform, 500);
-        assert_eq!(u.sample(10, 0.0), 0);
+        assert_eq!(u.sample(10, 0.0), Duration::ZERO);
         let p = jitter(Distribution::Pareto, MAX_DELAY_MS);
         // The largest draw below 1: (2^-53)^(-1/2) is 2^26.5 jitters.
         assert_eq!(
             p.sample(MAX_DELAY_MS, 1.0 - f64::EPSILON / 2.0),
-            MAX_DELAY_MS
+            Duration::from_millis(MAX_DELAY_MS)
         );
         assert_eq!(
             jitter(Distribution::Exponential, 1).sample(5, 0.0),
-            5,
+            Duration::from_millis(5),
             "u = 0 is the base"
         );
     }

@@ -304,9 +304,10 @@ impl FaultTable {
             let bad = first.max(f.spec.lba)..=last.min(f.spec.lba + f.spec.count - 1);
             let verdict = match f.spec.mode {
                 FaultMode::Error => Verdict::Fail(f.id, bad),
-                FaultMode::Delay { ms, jitter } => Verdict::Delay(Duration::from_millis(
-                    jitter.map_or(ms, |j| j.sample(ms, f.draw())),
-                )),
+                FaultMode::Delay { ms, jitter } => Verdict::Delay(match jitter {
+                    None => Duration::from_millis(ms),
+                    Some(j) => j.sample(ms, f.draw()),
+                }),
                 FaultMode::Hang => Verdict::Hang(f.latch()),
                 FaultMode::Stall { ms } => Verdict::Delay(Duration::from_millis(ms)),
                 FaultMode::Flaky { probability, .. } => {
