@@ -226,6 +226,25 @@ fn bad_fault_arguments_are_named() {
             vec!["lba=1", "mode=torn", "sectors=1", "report=later"],
             "report",
         ),
+        (
+            vec![
+                "lba=1",
+                "mode=delay",
+                "delay_ms=5",
+                "jitter_ms=2",
+                "distribution=fixed",
+            ],
+            "jitter_ms",
+        ),
+        (
+            vec!["lba=1", "mode=delay", "delay_ms=5", "distribution=pareto"],
+            "jitter_ms",
+        ),
+        (
+            vec!["lba=1", "mode=delay", "delay_ms=5", "distribution=normal"],
+            "distribution",
+        ),
+        (vec!["lba=1", "mode=hang", "delay_ms=5"], "delay_ms"),
     ] {
         let (code, _, err) = s.ctl("fault-add", &args);
         assert_eq!(code, 1, "{args:?}");
@@ -234,6 +253,12 @@ fn bad_fault_arguments_are_named() {
     let (code, _, err) = s.ctl("fault-remove", &["id=99"]);
     assert_eq!(code, 1);
     assert!(err.contains("99"));
+    let (code, _, err) = s.ctl("fault-release", &["id=99"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("id: no fault with id 99"), "{err}");
+    let (code, _, err) = s.ctl("fault-release", &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("id"), "{err}");
     assert_eq!(s.ctl_ok("fault-list", &[]), serde_json::json!([]));
 }
 
@@ -687,6 +712,14 @@ impl Driver<'_> {
         self.c.queues[0].read(offset, buf, len, slot, blkio::ReqFlags::empty());
     }
 
+    /// Hands what is queued to the server without waiting for anything.
+    fn submit(&mut self) {
+        let mut none: [std::mem::MaybeUninit<blkio::Completion>; 0] = [];
+        self.c.queues[0]
+            .do_io(&mut none, 0, None, None)
+            .expect("submit");
+    }
+
     /// Submits what is queued and returns the completions that come within `wait` (at least
     /// one unless the time runs out), as (slot, result).
     fn reap(&mut self, wait: Duration) -> Vec<(usize, i32)> {
@@ -896,6 +929,7 @@ fn a_hung_request_at_disconnect_is_given_up_at_the_drain_timeout() {
     // The block held before is held again for the new client, until released.
     let mut d = Driver { c: &mut c };
     d.read(0, 4096, 4096);
+    d.submit();
     wait_held(&s, id, 1);
     assert_eq!(
         s.ctl_ok("fault-release", &[&format!("id={id}")])["released"],
