@@ -937,3 +937,42 @@ fn a_hung_request_at_disconnect_is_given_up_at_the_drain_timeout() {
     );
     assert_eq!(d.reap(Duration::from_secs(10)), vec![(0, 0)]);
 }
+
+#[test]
+fn a_jittered_delay_spreads_each_request_within_its_bounds() {
+    let s = Server::start(4 * MIB, &[]);
+    let args = [
+        "op=read",
+        "lba=0",
+        "mode=delay",
+        "delay_ms=60",
+        "jitter_ms=40",
+        "distribution=uniform",
+        "seed=5",
+    ];
+    s.ctl_ok("fault-add", &args);
+    let f = &s.ctl_ok("fault-list", &[])[0];
+    assert_eq!(
+        (&f["distribution"], &f["jitter_ms"], &f["seed"]),
+        (&"uniform".into(), &40.into(), &5.into())
+    );
+    let mut c = s.client(1);
+    let took: Vec<Duration> = (0..12)
+        .map(|_| {
+            let t0 = Instant::now();
+            assert_eq!(c.read(0, 0, 4096).map(|_| ()), Ok(()));
+            t0.elapsed()
+        })
+        .collect();
+    // Uniform in [20, 100] ms; a loaded machine may add to a wait, never take from it.
+    for t in &took {
+        assert!(*t >= Duration::from_millis(20), "{took:?}");
+        assert!(*t < Duration::from_millis(100 + 400), "{took:?}");
+    }
+    let (lo, hi) = (took.iter().min().unwrap(), took.iter().max().unwrap());
+    assert!(
+        *hi - *lo >= Duration::from_millis(10),
+        "twelve draws from a 80 ms range all within 10 ms: {took:?}"
+    );
+    assert_eq!(s.ctl_ok("fault-list", &[])[0]["fired"], 12);
+}
