@@ -57,6 +57,13 @@ impl Fault {
         old.release()
     }
 
+    /// Lets every request it holds go, now and for good (the fault is being removed): the
+    /// latch stays open, so a request that met the fault in a snapshot loaded just before the
+    /// removal passes it at once rather than wait behind a latch no one would open.
+    fn open_for_good(&self) {
+        self.latch().release();
+    }
+
     fn expired(&self) -> bool {
         self.spec
             .times
@@ -195,7 +202,7 @@ impl FaultTable {
         self.publish(v);
         // After the fault is gone: a request it held goes on and is not held again by it.
         for f in cur.iter().filter(|f| f.id == id) {
-            f.release();
+            f.open_for_good();
         }
         true
     }
@@ -205,7 +212,7 @@ impl FaultTable {
         let cur = self.faults.load_full();
         self.publish(Vec::new());
         for f in cur.iter() {
-            f.release();
+            f.open_for_good();
         }
         cur.len()
     }
