@@ -14,7 +14,7 @@ use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace};
 
 use super::inflight::{log_used_ring, tracked, Completion, InflightReq, Pop, QueueCtl};
-use super::parked::Parked;
+use super::parked::{Parked, Parking};
 use super::session::Session;
 use super::vring::Vring;
 use crate::io::{Done, Engine, Job, Reaped, Started};
@@ -38,6 +38,7 @@ pub struct Worker<'a> {
     ctl: &'a QueueCtl,
     vring: &'a Vring,
     stats: &'a QueueStats,
+    parking: &'a Parking,
 }
 
 /// A popped chain.
@@ -71,6 +72,7 @@ impl<'a> Worker<'a> {
         Some(Worker {
             ctl: s.queues.get(q)?,
             vring: s.vrings.get(q)?,
+            parking: s.parked.get(q)?,
             stats: s.dev.stats.queue(q),
             s,
             q,
@@ -305,16 +307,13 @@ impl<'a> Worker<'a> {
 
     /// Sets an accepted job aside until its hold is over; it stays in flight meanwhile.
     fn park(&self, job: Job, hold: Hold, run: u64) {
-        let Some(parking) = self.s.parked.get(self.q) else {
-            return;
-        };
         if let Hold::Released(ticket) = &hold {
             // Weak: a latch that outlives the session (the fault stays) must not keep its
             // eventfd open.
-            let wake = Arc::downgrade(&self.s.wakes[self.q]);
+            let wake = self.s.wakes.get(self.q).map(Arc::downgrade);
             let q = self.q;
             ticket.latch().on_release(Box::new(move || {
-                if let Some(w) = wake.upgrade() {
+                if let Some(w) = wake.as_ref().and_then(|w| w.upgrade()) {
                     if let Err(e) = w.write(1) {
                         warn!("queue {q}: cannot wake its thread for released requests: {e}");
                     }
@@ -327,17 +326,14 @@ impl<'a> Worker<'a> {
             job.req.kind.name(),
             job.req.sector
         );
-        parking.park(Parked { job, run, hold });
+        self.parking.park(Parked { job, run, hold });
     }
 
     /// Starts the parked jobs that are due or released, as fresh ones (without asking the
     /// stack to hold them again). One a drain gave up on is dropped: the drain completed it.
     /// Returns how many left the list.
     pub fn start_parked(&self) -> usize {
-        let Some(parking) = self.s.parked.get(self.q) else {
-            return 0;
-        };
-        let ready = parking.take_ready(Instant::now());
+        let ready = self.parking.take_ready(Instant::now());
         let n = ready.len();
         for Parked { job, run, hold } in ready {
             // The request is no longer held: out of its latch's count.
