@@ -226,6 +226,25 @@ fn bad_fault_arguments_are_named() {
             vec!["lba=1", "mode=torn", "sectors=1", "report=later"],
             "report",
         ),
+        (
+            vec![
+                "lba=1",
+                "mode=delay",
+                "delay_ms=5",
+                "jitter_ms=2",
+                "distribution=fixed",
+            ],
+            "jitter_ms",
+        ),
+        (
+            vec!["lba=1", "mode=delay", "delay_ms=5", "distribution=pareto"],
+            "jitter_ms",
+        ),
+        (
+            vec!["lba=1", "mode=delay", "delay_ms=5", "distribution=normal"],
+            "distribution",
+        ),
+        (vec!["lba=1", "mode=hang", "delay_ms=5"], "delay_ms"),
     ] {
         let (code, _, err) = s.ctl("fault-add", &args);
         assert_eq!(code, 1, "{args:?}");
@@ -234,6 +253,12 @@ fn bad_fault_arguments_are_named() {
     let (code, _, err) = s.ctl("fault-remove", &["id=99"]);
     assert_eq!(code, 1);
     assert!(err.contains("99"));
+    let (code, _, err) = s.ctl("fault-release", &["id=99"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("id: no fault with id 99"), "{err}");
+    let (code, _, err) = s.ctl("fault-release", &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("id"), "{err}");
     assert_eq!(s.ctl_ok("fault-list", &[]), serde_json::json!([]));
 }
 
@@ -940,4 +965,284 @@ fn a_failed_flush_makes_nothing_durable_under_the_cache_model() {
     s.ctl_ok("power-on", &[]);
     assert_eq!(c.read(0, a, CHUNK).unwrap(), pattern(24));
     assert_eq!(c.read(0, b, CHUNK).unwrap(), vec![0; CHUNK]);
+}
+
+/// One queue driven request by request: reads submitted into chosen buffer slots, their
+/// completions collected as they come (the batch helpers wait for a whole batch, which a held
+/// request would never let finish).
+struct Driver<'a> {
+    c: &'a mut Client,
+}
+
+impl Driver<'_> {
+    /// Submits a read of `len` bytes at `offset` into slot `slot` (user data = the slot).
+    fn read(&mut self, slot: usize, offset: u64, len: usize) {
+        let buf = self.c.slot(slot);
+        poison(buf, len);
+        self.c.queues[0].read(offset, buf, len, slot, blkio::ReqFlags::empty());
+    }
+
+    /// Hands what is queued to the server without waiting for anything.
+    fn submit(&mut self) {
+        let mut none: [std::mem::MaybeUninit<blkio::Completion>; 0] = [];
+        self.c.queues[0]
+            .do_io(&mut none, 0, None, None)
+            .expect("submit");
+    }
+
+    /// Submits what is queued and returns the completions that come within `wait` (at least
+    /// one unless the time runs out), as (slot, result).
+    fn reap(&mut self, wait: Duration) -> Vec<(usize, i32)> {
+        let mut comps: Vec<std::mem::MaybeUninit<blkio::Completion>> = (0..SLOTS)
+            .map(|_| std::mem::MaybeUninit::uninit())
+            .collect();
+        let mut left = wait;
+        let n = self.c.queues[0]
+            .do_io(&mut comps, 1, Some(&mut left), None)
+            .unwrap_or(0);
+        comps[..n]
+            .iter()
+            // SAFETY: the client filled the first `n` completions.
+            .map(|c| unsafe { c.assume_init_ref() })
+            .map(|c| (c.user_data, c.ret))
+            .collect()
+    }
+
+    /// Keeps `depth` reads of blocks away from the first 64 KiB in flight in slots
+    /// 1..=depth until `stop` (given how many completed, and the results of slot 0 so far)
+    /// says so after a round of completions; returns how many of them
+    /// completed (each must succeed) and the completions of slot 0 seen meanwhile.
+    fn others_until(
+        &mut self,
+        depth: usize,
+        mut stop: impl FnMut(usize, &[i32]) -> bool,
+    ) -> (usize, Vec<i32>) {
+        let mut free: Vec<usize> = (1..=depth).collect();
+        let (mut done, mut slow, mut next) = (0, Vec::new(), 0u64);
+        loop {
+            for slot in free.drain(..) {
+                // 4 KiB chunks from 64 KiB to 1 MiB, round and round.
+                let offset = 65536 + (next % 240) * 4096;
+                next += 1;
+                self.read(slot, offset, 4096);
+            }
+            let got = self.reap(Duration::from_secs(10));
+            assert!(!got.is_empty(), "nothing completed within 10 s");
+            for &(slot, ret) in &got {
+                if slot == 0 {
+                    slow.push(ret);
+                } else {
+                    assert_eq!(ret, 0, "a read of a healthy block failed");
+                    done += 1;
+                    free.push(slot);
+                }
+            }
+            if stop(done, &slow[..]) {
+                // Let the others finish so the queue is idle again.
+                let mut out = depth - free.len();
+                while out > 0 {
+                    for (slot, ret) in self.reap(Duration::from_secs(10)) {
+                        if slot == 0 {
+                            slow.push(ret);
+                        } else {
+                            out -= 1;
+                        }
+                    }
+                }
+                return (done, slow);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_delayed_block_stalls_nothing_else_on_its_queue() {
+    let s = Server::start(4 * MIB, &[]);
+    let mut c = s.client(1);
+    let data = pattern(11);
+    assert_eq!(c.write(0, 0, &data), 0);
+    s.ctl_ok(
+        "fault-add",
+        &["op=read", "lba=0", "mode=delay", "delay_ms=500"],
+    );
+    let mut d = Driver { c: &mut c };
+    let t0 = Instant::now();
+    d.read(0, 0, 4096);
+    let mut slow_after = None;
+    let (others, slow) = d.others_until(31, |_, slow| {
+        if slow.is_empty() {
+            return false;
+        }
+        slow_after.get_or_insert(t0.elapsed());
+        true
+    });
+    let slow_after = slow_after.unwrap();
+    assert_eq!(slow, vec![0]);
+    assert!(
+        slow_after >= Duration::from_millis(500),
+        "the delayed read completed after {slow_after:?}"
+    );
+    // The point: while the delayed read waited, the queue kept serving. At a few thousand
+    // reads a second even in a debug build, 500 ms is hundreds of them; a queue stalled
+    // behind the delay would complete none.
+    assert!(
+        others >= 100,
+        "only {others} other reads completed during the 500 ms delay"
+    );
+    assert_eq!(c.slot_mut(0, 4096).to_vec(), data);
+    let f = &s.ctl_ok("fault-list", &[])[0];
+    assert_eq!(f["fired"], 1);
+    assert_eq!(s.ctl_ok("query-stats", &[])["faults_fired"]["delay"], 1);
+}
+
+/// Waits until fault `id` holds `n` requests (`fault-list`'s `held`).
+fn wait_held(s: &Server, id: u64, n: u64) {
+    wait_until(
+        &format!("fault {id} to hold {n}"),
+        Duration::from_secs(10),
+        || {
+            s.ctl_ok("fault-list", &[])
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["id"] == id && f["held"] == n)
+        },
+    );
+}
+
+#[test]
+fn a_hung_read_waits_for_fault_release_and_reads_the_right_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let image = dir.path().join("d.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(4 * MIB)
+        .unwrap();
+    let s = Server::start_on(dir, image, &["--event-log", events.to_str().unwrap()]);
+    let mut c = s.client(1);
+    let data = pattern(12);
+    assert_eq!(c.write(0, 4096, &data), 0);
+    let id = s.ctl_ok("fault-add", &["op=read", "lba=8", "mode=hang"])["id"]
+        .as_u64()
+        .unwrap();
+    let mut d = Driver { c: &mut c };
+    d.read(0, 4096, 4096);
+    // Other reads keep completing while the held one does not.
+    let (others, slow) = d.others_until(16, |done, _| done >= 300);
+    assert!(slow.is_empty(), "the held read completed: {slow:?}");
+    assert!(others >= 300);
+    wait_held(&s, id, 1);
+    assert_eq!(s.ctl_ok("query-status", &[])["inflight"], 1);
+    assert_eq!(
+        s.ctl_ok("fault-release", &[&format!("id={id}")])["released"],
+        1
+    );
+    let got = d.reap(Duration::from_secs(10));
+    assert_eq!(got, vec![(0, 0)], "the released read completes, and OK");
+    assert_eq!(c.slot_mut(0, 4096).to_vec(), data);
+    wait_held(&s, id, 0);
+    // The fault stays: the next read of the block is held again, until the fault goes.
+    let mut d = Driver { c: &mut c };
+    d.read(0, 4096, 4096);
+    assert!(d.reap(Duration::from_millis(300)).is_empty());
+    wait_held(&s, id, 1);
+    s.ctl_ok("fault-remove", &[&format!("id={id}")]);
+    assert_eq!(d.reap(Duration::from_secs(10)), vec![(0, 0)]);
+    assert_eq!(c.slot_mut(0, 4096).to_vec(), data);
+    assert_eq!(s.ctl_ok("query-stats", &[])["faults_fired"]["hang"], 2);
+    let fired = std::fs::read_to_string(&events)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == "fault-fired" && v["mode"] == "hang" && v["first_block"] == 8)
+        .count();
+    assert_eq!(fired, 2, "the event log names each firing");
+    let (code, _, err) = s.ctl("fault-release", &[&format!("id={id}")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("id"), "{err}");
+}
+
+#[test]
+fn a_hung_request_at_disconnect_is_given_up_at_the_drain_timeout() {
+    let s = Server::start(4 * MIB, &["--drain-timeout-ms", "300"]);
+    let id = s.ctl_ok("fault-add", &["lba=8", "mode=hang"])["id"]
+        .as_u64()
+        .unwrap();
+    let mut c = s.client(1);
+    let mut d = Driver { c: &mut c };
+    d.read(0, 4096, 4096);
+    assert!(d.reap(Duration::from_millis(100)).is_empty());
+    wait_held(&s, id, 1);
+    let t0 = Instant::now();
+    drop(c);
+    wait_until("the drain to give up", Duration::from_secs(10), || {
+        s.ctl_ok("query-status", &[])["connected"] == false
+    });
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(250),
+        "the drain gave up after {took:?}, before its timeout"
+    );
+    assert!(took < Duration::from_secs(5), "the drain took {took:?}");
+    assert_eq!(s.ctl_ok("query-stats", &[])["totals"]["abandoned"], 1);
+    assert!(
+        s.log().contains("still in flight"),
+        "the held request is named"
+    );
+    // Given up on: no longer held, and never started later.
+    wait_held(&s, id, 0);
+    let mut c = s.client(1);
+    let data = pattern(13);
+    assert_eq!(c.write(0, MIB, &data), 0);
+    assert_eq!(c.read(0, MIB, 4096).unwrap(), data);
+    // The block held before is held again for the new client, until released.
+    let mut d = Driver { c: &mut c };
+    d.read(0, 4096, 4096);
+    d.submit();
+    wait_held(&s, id, 1);
+    assert_eq!(
+        s.ctl_ok("fault-release", &[&format!("id={id}")])["released"],
+        1
+    );
+    assert_eq!(d.reap(Duration::from_secs(10)), vec![(0, 0)]);
+}
+
+#[test]
+fn a_jittered_delay_spreads_each_request_within_its_bounds() {
+    let s = Server::start(4 * MIB, &[]);
+    let args = [
+        "op=read",
+        "lba=0",
+        "mode=delay",
+        "delay_ms=60",
+        "jitter_ms=40",
+        "distribution=uniform",
+        "seed=5",
+    ];
+    s.ctl_ok("fault-add", &args);
+    let f = &s.ctl_ok("fault-list", &[])[0];
+    assert_eq!(
+        (&f["distribution"], &f["jitter_ms"], &f["seed"]),
+        (&"uniform".into(), &40.into(), &5.into())
+    );
+    let mut c = s.client(1);
+    let took: Vec<Duration> = (0..12)
+        .map(|_| {
+            let t0 = Instant::now();
+            assert_eq!(c.read(0, 0, 4096).map(|_| ()), Ok(()));
+            t0.elapsed()
+        })
+        .collect();
+    // Uniform in [20, 100] ms; a loaded machine may add to a wait, never take from it.
+    for t in &took {
+        assert!(*t >= Duration::from_millis(20), "{took:?}");
+        assert!(*t < Duration::from_millis(100 + 400), "{took:?}");
+    }
+    let (lo, hi) = (took.iter().min().unwrap(), took.iter().max().unwrap());
+    assert!(
+        *hi - *lo >= Duration::from_millis(10),
+        "twelve draws from a 80 ms range all within 10 ms: {took:?}"
+    );
+    assert_eq!(s.ctl_ok("fault-list", &[])[0]["fired"], 12);
 }

@@ -7,6 +7,7 @@ mod device;
 mod handler;
 mod inflight;
 mod live;
+mod parked;
 mod server;
 mod session;
 mod vring;

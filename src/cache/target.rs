@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use super::history::{CutPlan, CutReport, History, WriteKind};
 use super::CacheModel;
 use crate::storage::medium::unfaulted;
-use crate::storage::{BlockIo, Dir, MapIo, Mapping, PerIo};
+use crate::storage::{BlockIo, Dir, Hold, IoKind, MapIo, Mapping, PerIo};
 
 /// Why a power cut did not do all it should have.
 #[derive(Debug, thiserror::Error)]
@@ -467,6 +467,10 @@ impl BlockIo for CacheTarget {
 
     fn end_io(&self, io: MapIo, per_io: &PerIo) -> bool {
         self.below.end_io(io, per_io)
+    }
+
+    fn hold(&self, kind: IoKind, offset: u64, len: u64) -> Option<Hold> {
+        self.below.hold(kind, offset, len)
     }
 }
 

@@ -9,7 +9,9 @@ use super::corrupt;
 use super::spec::{Corruption, FaultOp, TornReport};
 use super::table::{FaultTable, Verdict};
 use crate::storage::iov::{gather, sub_iovecs};
-use crate::storage::{block_span, BlockIo, Dir, MapIo, Mapping, MediaError, NotMediaError, PerIo};
+use crate::storage::{
+    block_span, BlockIo, Dir, Hold, IoKind, MapIo, Mapping, MediaError, NotMediaError, PerIo,
+};
 
 /// Torn writes count in sectors of this size, whatever the block size: the unit a disk
 /// writes atomically.
@@ -89,9 +91,11 @@ impl FaultyTarget {
         }
     }
 
-    /// The request's fate: failures come back as the error, delays are served here; what is
-    /// left is for the caller to carry out (`Pass` or a mode that changes data). A flush has
-    /// no blocks: `offset` and `len` are 0.
+    /// The request's fate: failures come back as the error, stalls are served here (on the
+    /// queue's worker, on purpose); what is left is for the caller to carry out (`Pass` or a
+    /// mode that changes data). Delays and hangs are not served here but before the request
+    /// starts, off the worker ([`BlockIo::hold`]). A flush has no blocks: `offset` and `len`
+    /// are 0.
     fn decide(&self, op: FaultOp, offset: u64, len: u64) -> io::Result<Verdict> {
         // The cache model's own reads and reverts stand for the medium: no fault hits them.
         if crate::storage::medium::is_unfaulted() || (len == 0 && op != FaultOp::Flush) {
@@ -229,6 +233,23 @@ impl BlockIo for FaultyTarget {
 
     fn end_io(&self, io: MapIo, per_io: &PerIo) -> bool {
         self.inner.end_io(io, per_io)
+    }
+
+    fn hold(&self, kind: IoKind, offset: u64, len: u64) -> Option<Hold> {
+        if crate::storage::medium::is_unfaulted() {
+            return None;
+        }
+        // Each kind as itself: `FaultOp::covers` decides which faults see it, as on the data
+        // path (a flush asks with no blocks, and only flush faults match it).
+        let op = match kind {
+            IoKind::Read => FaultOp::Read,
+            IoKind::Write => FaultOp::Write,
+            IoKind::Discard => FaultOp::Discard,
+            IoKind::WriteZeroes => FaultOp::WriteZeroes,
+            IoKind::Flush => FaultOp::Flush,
+        };
+        let (first, last) = block_span(offset, len, self.block_size);
+        self.table.hold(op, first, last)
     }
 }
 

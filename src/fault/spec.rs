@@ -8,6 +8,8 @@ use super::trigger::Window;
 use super::trigger::{Trigger, TriggerArgs};
 use crate::fields::{ArgError, Args};
 
+pub use super::latency::{Distribution, Jitter, MAX_DELAY_MS};
+
 /// The requests a fault applies to (`op` of `fault-add`), and the kind of a request the fault
 /// layer checks (never `Any`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -47,11 +49,15 @@ impl FaultOp {
 pub enum FaultMode {
     /// The request fails as a media error (VIRTIO_BLK_S_IOERR).
     Error,
-    /// The request is held this long, then carried out.
+    /// The request is held this long (the median or base of a distribution, with `jitter`),
+    /// then carried out. It waits off the queue's worker: nothing else waits with it.
     Delay {
         /// `delay_ms` on the wire; `ms` here because the I/O side matches on that name.
         #[serde(rename = "delay_ms")]
         ms: u64,
+        /// None: every request waits exactly `ms`.
+        #[serde(flatten)]
+        jitter: Option<Jitter>,
     },
     /// The request fails with this probability, from a PRNG seeded with `seed`.
     Flaky { probability: f64, seed: u64 },
@@ -65,10 +71,20 @@ pub enum FaultMode {
     /// Only the write's first `sectors` 512-byte sectors land; `report` says what the guest
     /// is told.
     Torn { sectors: u32, report: TornReport },
+    /// The request is held until `fault-release`, the fault's removal or a drain's deadline,
+    /// then carried out (or, at the deadline, failed). It waits off the queue's worker.
+    Hang,
+    /// The request is held this long inside the block stack, on the queue's worker: every
+    /// request of the queue waits behind it, as behind a disk in error recovery. It also
+    /// lands below the remap layer's look-up (a race test's tool).
+    Stall {
+        #[serde(rename = "delay_ms")]
+        ms: u64,
+    },
 }
 
 /// Every mode's name, as `fault-add` takes it; [`FaultMode::index`] is the position here.
-pub const MODE_NAMES: [&str; 7] = [
+pub const MODE_NAMES: [&str; 9] = [
     "error",
     "delay",
     "flaky",
@@ -76,6 +92,8 @@ pub const MODE_NAMES: [&str; 7] = [
     "lost-write",
     "misdirect",
     "torn",
+    "hang",
+    "stall",
 ];
 
 impl FaultMode {
@@ -89,11 +107,19 @@ impl FaultMode {
             FaultMode::LostWrite => 4,
             FaultMode::Misdirect { .. } => 5,
             FaultMode::Torn { .. } => 6,
+            FaultMode::Hang => 7,
+            FaultMode::Stall { .. } => 8,
         }
     }
 
     pub fn name(&self) -> &'static str {
         MODE_NAMES[self.index()]
+    }
+
+    /// Modes that hold a request back rather than decide what it does: the worker asks about
+    /// these before it starts a request (`BlockIo::hold`), the data path about the others.
+    pub fn holds(&self) -> bool {
+        matches!(self, FaultMode::Delay { .. } | FaultMode::Hang)
     }
 
     /// Modes that only mean something for writes: a read passes them untouched.
@@ -144,8 +170,12 @@ pub enum TornReport {
 #[serde(rename_all = "kebab-case")]
 enum ModeArgs {
     Error,
+    /// `jitter_ms`, `distribution` and `seed` shape a delay: see [`Jitter`].
     Delay {
         delay_ms: u64,
+        jitter_ms: Option<u64>,
+        distribution: Option<Distribution>,
+        seed: Option<u64>,
     },
     Flaky {
         probability: f64,
@@ -169,6 +199,10 @@ enum ModeArgs {
         sectors: u64,
         #[serde(default)]
         report: TornReport,
+    },
+    Hang,
+    Stall {
+        delay_ms: u64,
     },
 }
 
@@ -197,7 +231,7 @@ impl ModeArgs {
                 "op",
                 "a flush carries no data to lose, misdirect or tear; a lost flush (acknowledged \
                  while the writes before it stay volatile) would need the fault above the cache \
-                 model, which is not supported yet. A flush fault takes mode error, flaky or delay",
+                 model, which is not supported yet. A flush fault takes mode error, flaky, delay, hang or stall",
             ));
         }
         if matches!(self, ModeArgs::Corrupt { .. }) && !matches!(op, FaultOp::Read | FaultOp::Write)
@@ -216,14 +250,22 @@ impl ModeArgs {
     fn check(self, at: Option<&Placement>) -> Result<FaultMode, ArgError> {
         Ok(match self {
             ModeArgs::Error => FaultMode::Error,
-            ModeArgs::Delay { delay_ms } => {
-                if !(1..=3_600_000).contains(&delay_ms) {
+            ModeArgs::Delay {
+                delay_ms,
+                jitter_ms,
+                distribution,
+                seed,
+            } => {
+                if !(1..=MAX_DELAY_MS).contains(&delay_ms) {
                     return Err(ArgError::new(
                         "delay_ms",
-                        format!("must be 1 to 3600000, got {delay_ms}"),
+                        format!("must be 1 to {MAX_DELAY_MS}, got {delay_ms}"),
                     ));
                 }
-                FaultMode::Delay { ms: delay_ms }
+                FaultMode::Delay {
+                    ms: delay_ms,
+                    jitter: Jitter::from_args(jitter_ms, distribution, seed)?,
+                }
             }
             ModeArgs::Flaky { probability, seed } => {
                 if !(0.0..=1.0).contains(&probability) {
@@ -293,6 +335,16 @@ impl ModeArgs {
                     ));
                 };
                 FaultMode::Torn { sectors, report }
+            }
+            ModeArgs::Hang => FaultMode::Hang,
+            ModeArgs::Stall { delay_ms } => {
+                if !(1..=MAX_DELAY_MS).contains(&delay_ms) {
+                    return Err(ArgError::new(
+                        "delay_ms",
+                        format!("must be 1 to {MAX_DELAY_MS}, got {delay_ms}"),
+                    ));
+                }
+                FaultMode::Stall { ms: delay_ms }
             }
         })
     }
@@ -584,7 +636,10 @@ mod tests {
             (
                 FaultOp::Any,
                 Some(Blocks { lba: 0, count: 1 }),
-                FaultMode::Delay { ms: 200 }
+                FaultMode::Delay {
+                    ms: 200,
+                    jitter: None
+                }
             )
         );
         assert!(d.overlaps(0, 0) && !d.overlaps(1, 5));
@@ -621,13 +676,13 @@ mod tests {
         let e = FaultSpec::from_args(&args(json!({"lba": 1, "seed": 3})), 1000, 512).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "seed: only applies to mode flaky or mode corrupt"
+            "seed: only applies to mode delay, mode flaky or mode corrupt"
         );
         let e =
             FaultSpec::from_args(&args(json!({"lba": 1, "colour": "red"})), 1000, 512).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "colour: unknown argument; fault-add takes op, lba, count, times, after, every, window, mode, delay_ms, probability, seed, bits, xor, offset, shift, sectors, report"
+            "colour: unknown argument; fault-add takes op, lba, count, times, after, every, window, mode, delay_ms, jitter_ms, distribution, seed, probability, bits, xor, offset, shift, sectors, report"
         );
     }
 
@@ -829,7 +884,10 @@ mod tests {
     fn mode_names_are_the_serialized_names() {
         let modes = [
             FaultMode::Error,
-            FaultMode::Delay { ms: 1 },
+            FaultMode::Delay {
+                ms: 1,
+                jitter: None,
+            },
             FaultMode::Flaky {
                 probability: 0.5,
                 seed: 0,
@@ -841,6 +899,8 @@ mod tests {
                 sectors: 1,
                 report: TornReport::Ok,
             },
+            FaultMode::Hang,
+            FaultMode::Stall { ms: 1 },
         ];
         assert_eq!(modes.len(), MODE_NAMES.len());
         for (i, m) in modes.iter().enumerate() {
@@ -863,7 +923,14 @@ mod tests {
             json!({"op": "write", "lba": 4, "count": 2, "mode": "error"})
         );
         assert_eq!(
-            spec(FaultMode::Delay { ms: 9 }, Some(3)).to_json(),
+            spec(
+                FaultMode::Delay {
+                    ms: 9,
+                    jitter: None
+                },
+                Some(3)
+            )
+            .to_json(),
             json!({"op": "write", "lba": 4, "count": 2, "mode": "delay", "delay_ms": 9, "times": 3})
         );
         assert_eq!(
@@ -1068,5 +1135,99 @@ mod tests {
             assert_eq!(e.field, stray, "{v}");
             assert!(e.desc.starts_with("only applies to mode"), "{v}: {e}");
         }
+    }
+
+    #[test]
+    fn delays_take_a_distribution_and_hangs_take_nothing() {
+        let v = json!({"lba": 1, "mode": "delay", "delay_ms": 50, "jitter_ms": 20,
+                       "distribution": "pareto", "seed": 4});
+        let s = FaultSpec::from_args(&args(v.clone()), 1000, 512).unwrap();
+        assert_eq!(
+            s.mode,
+            FaultMode::Delay {
+                ms: 50,
+                jitter: Some(Jitter {
+                    distribution: Distribution::Pareto,
+                    jitter_ms: 20,
+                    seed: 4
+                })
+            }
+        );
+        // fault-list shows what fault-add took, and takes it back.
+        assert_eq!(
+            s.to_json(),
+            json!({"op": "any", "lba": 1, "count": 1, "mode": "delay", "delay_ms": 50,
+                   "distribution": "pareto", "jitter_ms": 20, "seed": 4})
+        );
+        assert_eq!(
+            FaultSpec::from_args(s.to_json().as_object().unwrap(), 1000, 512).unwrap(),
+            s
+        );
+        // jitter_ms alone: uniform, seed 0.
+        assert_eq!(
+            mode(json!({"lba": 1, "mode": "delay", "delay_ms": 50, "jitter_ms": 20})),
+            FaultMode::Delay {
+                ms: 50,
+                jitter: Some(Jitter {
+                    distribution: Distribution::Uniform,
+                    jitter_ms: 20,
+                    seed: 0
+                })
+            }
+        );
+        assert_eq!(
+            mode(json!({"lba": 1, "mode": "delay", "delay_ms": 50, "distribution": "fixed"})),
+            FaultMode::Delay {
+                ms: 50,
+                jitter: None
+            }
+        );
+        let h = FaultSpec::from_args(
+            &args(json!({"lba": 1, "mode": "hang", "times": 2})),
+            1000,
+            512,
+        )
+        .unwrap();
+        assert_eq!(h.mode, FaultMode::Hang);
+        assert!(h.mode.holds() && !h.mode.writes_only());
+        assert_eq!(
+            h.to_json(),
+            json!({"op": "any", "lba": 1, "count": 1, "mode": "hang", "times": 2})
+        );
+    }
+
+    #[test]
+    fn bad_delay_and_hang_arguments_are_named() {
+        let d = |extra: Value| {
+            let mut v = json!({"lba": 1, "mode": "delay", "delay_ms": 10});
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            FaultSpec::from_args(&args(v), 1000, 512).unwrap_err()
+        };
+        let e = d(json!({"jitter_ms": 5, "distribution": "fixed"}));
+        assert!(e.to_string().starts_with("jitter_ms: "), "{e}");
+        assert_eq!(d(json!({"distribution": "uniform"})).field, "jitter_ms");
+        assert_eq!(d(json!({"jitter_ms": 0})).field, "jitter_ms");
+        assert_eq!(d(json!({"jitter_ms": 3_600_001})).field, "jitter_ms");
+        assert_eq!(d(json!({"jitter_ms": -1})).field, "jitter_ms");
+        assert_eq!(
+            d(json!({"jitter_ms": 5, "distribution": "gauss"})).field,
+            "distribution"
+        );
+        assert_eq!(d(json!({"seed": 1})).field, "seed");
+        assert_eq!(d(json!({"delay_ms": 3_600_001})).field, "delay_ms");
+        assert_eq!(
+            field(json!({"lba": 1, "mode": "hang", "delay_ms": 5})),
+            "delay_ms"
+        );
+        assert_eq!(
+            field(json!({"lba": 1, "mode": "hang", "jitter_ms": 5})),
+            "jitter_ms"
+        );
+        assert_eq!(
+            field(json!({"lba": 1, "mode": "flaky", "probability": 0.1, "jitter_ms": 5})),
+            "jitter_ms"
+        );
     }
 }

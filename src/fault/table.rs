@@ -14,6 +14,8 @@ use serde_json::Value;
 use super::spec::{Corruption, FaultMode, FaultOp, FaultSpec, TornReport, MODE_NAMES};
 use super::trigger::since;
 use crate::events::EventLog;
+use crate::latch::Latch;
+use crate::storage::Hold;
 
 struct Fault {
     id: u64,
@@ -24,8 +26,11 @@ struct Fault {
     matched: AtomicU64,
     /// When it was added: where its `window` starts.
     added: Instant,
-    /// xorshift64* state, for flaky faults only.
+    /// xorshift64* state, for flaky faults and delays with jitter.
     rng: Mutex<u64>,
+    /// What a hang fault's requests wait behind now; `fault-release` opens it and puts a
+    /// fresh one in its place, so the fault holds later requests again.
+    latch: Mutex<Arc<Latch>>,
 }
 
 impl Fault {
@@ -62,6 +67,26 @@ impl Fault {
         }
     }
 
+    fn latch(&self) -> Arc<Latch> {
+        self.latch.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Lets the requests held now go; later ones wait behind a new latch. Returns how many.
+    fn release(&self) -> usize {
+        let old = std::mem::replace(
+            &mut *self.latch.lock().unwrap_or_else(|p| p.into_inner()),
+            Latch::new(),
+        );
+        old.release()
+    }
+
+    /// Lets every request it holds go, now and for good (the fault is being removed): the
+    /// latch stays open, so a request that met the fault in a snapshot loaded just before the
+    /// removal passes it at once rather than wait behind a latch no one would open.
+    fn open_for_good(&self) {
+        self.latch().release();
+    }
+
     fn expired(&self) -> bool {
         self.spec
             .times
@@ -94,6 +119,9 @@ pub struct FaultListing {
     /// With a `window`: whether it is in its up phase now.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub window_up: Option<bool>,
+    /// Hang faults: how many requests it holds now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held: Option<usize>,
     #[serde(flatten)]
     pub spec: FaultSpec,
 }
@@ -117,8 +145,11 @@ pub enum Verdict {
     Pass,
     /// Fail with a media error: the fault's id and the request's blocks it covers.
     Fail(u64, std::ops::RangeInclusive<u64>),
-    /// Hold the request this long first.
+    /// Hold the request this long first: before it starts ([`FaultTable::hold`], a delay),
+    /// or on the worker inside the stack ([`FaultTable::check`], a stall).
     Delay(Duration),
+    /// Hold the request until this latch opens ([`FaultTable::hold`] only).
+    Hang(Arc<Latch>),
     /// Carry the request out, its data corrupted on these blocks (the fault's id first).
     Corrupt(u64, Corruption, std::ops::RangeInclusive<u64>),
     /// Complete the write OK without writing these blocks (those of the write the fault
@@ -164,7 +195,11 @@ impl FaultTable {
         *next += 1;
         let seed = match spec.mode {
             // xorshift needs a non-zero state; any seed, 0 included, maps to one.
-            FaultMode::Flaky { seed, .. } => seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+            FaultMode::Flaky { seed, .. }
+            | FaultMode::Delay {
+                jitter: Some(super::Jitter { seed, .. }),
+                ..
+            } => seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
             _ => 1,
         };
         let fault = Arc::new(Fault {
@@ -174,6 +209,7 @@ impl FaultTable {
             matched: AtomicU64::new(0),
             added: now,
             rng: Mutex::new(seed),
+            latch: Mutex::new(Latch::new()),
         });
         let mut v = Vec::clone(&self.faults.load());
         v.push(fault);
@@ -216,14 +252,28 @@ impl FaultTable {
         }
         let v: Vec<_> = cur.iter().filter(|f| f.id != id).cloned().collect();
         self.publish(v);
+        // After the fault is gone: a request it held goes on and is not held again by it.
+        for f in cur.iter().filter(|f| f.id == id) {
+            f.open_for_good();
+        }
         true
     }
 
     pub fn clear(&self) -> usize {
         let _w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
-        let n = self.faults.load().len();
+        let cur = self.faults.load_full();
         self.publish(Vec::new());
-        n
+        for f in cur.iter() {
+            f.open_for_good();
+        }
+        cur.len()
+    }
+
+    /// `fault-release`: lets go the requests fault `id` holds now; the fault stays and holds
+    /// later ones. Returns how many it let go, or None when there is no such fault.
+    pub fn release(&self, id: u64) -> Option<usize> {
+        let cur = self.faults.load();
+        cur.iter().find(|f| f.id == id).map(|f| f.release())
     }
 
     /// Makes `v` the live set; the caller holds the writers' lock. The count follows the list,
@@ -252,6 +302,7 @@ impl FaultTable {
                     matched,
                     armed: f.spec.trigger.armed(matched),
                     window_up: f.spec.trigger.window_up(since(f.added, now)),
+                    held: (f.spec.mode == FaultMode::Hang).then(|| f.latch().held()),
                     spec: f.spec.clone(),
                 }
             })
@@ -277,42 +328,55 @@ impl FaultTable {
             return false;
         }
         let faults = self.faults.load();
-        faults.iter().any(|f| f.matches(op, first, last))
+        faults
+            .iter()
+            .any(|f| !f.spec.mode.holds() && f.matches(op, first, last))
     }
 
     /// Decides the fate of a request of kind `op` (never `Any`) on blocks `[first, last]`
     /// (a flush passes any). Faults are asked in the order they were added; the first that
-    /// fires decides, and the faults after it do not see the request (nor count it). Delays of
-    /// several faults do not add up.
+    /// fires decides, and the faults after it do not see the request (nor count it). Delays and
+    /// hangs are not decided here but before the request starts ([`hold`](Self::hold)).
     pub fn check(&self, op: FaultOp, first: u64, last: u64) -> Verdict {
-        let faults = self.faults.load();
-        if faults.is_empty() {
-            return Verdict::Pass;
-        }
-        self.check_in(&faults, op, first, last, Instant::now())
+        self.fire(false, op, first, last, Instant::now())
     }
 
     /// [`check`](Self::check) at a clock the caller reads: a test fixes it.
     pub fn check_at(&self, op: FaultOp, first: u64, last: u64, now: Instant) -> Verdict {
-        self.check_in(&self.faults.load(), op, first, last, now)
+        self.fire(false, op, first, last, now)
     }
 
-    fn check_in(
-        &self,
-        faults: &[Arc<Fault>],
-        op: FaultOp,
-        first: u64,
-        last: u64,
-        now: Instant,
-    ) -> Verdict {
+    /// Whether a request of kind `op` on blocks `[first, last]` must wait before it starts,
+    /// and for what: the first matching delay or hang fault that fires decides (delays of
+    /// several faults do not add up). One atomic load when there is no fault at all.
+    pub fn hold(&self, op: FaultOp, first: u64, last: u64) -> Option<Hold> {
+        if self.count.load(Ordering::SeqCst) == 0 {
+            return None;
+        }
+        match self.fire(true, op, first, last, Instant::now()) {
+            Verdict::Delay(d) => Some(Hold::Until(Instant::now() + d)),
+            Verdict::Hang(latch) => Some(Hold::Released(latch.enter())),
+            _ => None,
+        }
+    }
+
+    /// The one matching loop, over the faults that hold requests (`holds`: delay, hang) or
+    /// over the others, at clock `now`.
+    fn fire(&self, holds: bool, op: FaultOp, first: u64, last: u64, now: Instant) -> Verdict {
+        let faults = self.faults.load();
         for f in faults.iter() {
-            if !f.admits(op, first, last, now) {
+            if f.spec.mode.holds() != holds || !f.admits(op, first, last, now) {
                 continue;
             }
             let bad = f.spec.covered(first, last);
             let verdict = match f.spec.mode {
                 FaultMode::Error => Verdict::Fail(f.id, bad),
-                FaultMode::Delay { ms } => Verdict::Delay(Duration::from_millis(ms)),
+                FaultMode::Delay { ms, jitter } => Verdict::Delay(match jitter {
+                    None => Duration::from_millis(ms),
+                    Some(j) => j.sample(ms, f.draw()),
+                }),
+                FaultMode::Hang => Verdict::Hang(f.latch()),
+                FaultMode::Stall { ms } => Verdict::Delay(Duration::from_millis(ms)),
                 FaultMode::Flaky { probability, .. } => {
                     if f.draw() < probability {
                         Verdict::Fail(f.id, bad)
@@ -394,7 +458,15 @@ mod tests {
     #[test]
     fn the_list_shows_each_fault_with_its_arguments() {
         let t = FaultTable::new(Arc::new(EventLog::disabled()));
-        let id = t.add(spec(FaultOp::Read, 5, FaultMode::Delay { ms: 20 }, None));
+        let id = t.add(spec(
+            FaultOp::Read,
+            5,
+            FaultMode::Delay {
+                ms: 20,
+                jitter: None,
+            },
+            None,
+        ));
         assert_eq!(
             serde_json::to_value(t.list()).unwrap(),
             json!([{"id": id, "fired": 0, "expired": false, "matched": 0, "armed": true, "op": "read", "lba": 5, "count": 1,
@@ -686,5 +758,157 @@ mod tests {
             (&json!(2), &json!(4))
         );
         assert!(events[2].get("first_block").is_none(), "{}", events[2]);
+    }
+
+    #[test]
+    fn delays_and_hangs_hold_and_the_data_path_ignores_them() {
+        let t = FaultTable::new(Arc::new(EventLog::disabled()));
+        let d = t.add(spec(
+            FaultOp::Read,
+            5,
+            FaultMode::Delay {
+                ms: 500,
+                jitter: None,
+            },
+            None,
+        ));
+        let h = t.add(spec(FaultOp::Write, 5, FaultMode::Hang, Some(2)));
+        // Neither decides a request's data, nor sends it off the engines' fast path.
+        assert_eq!(t.check(FaultOp::Read, 5, 5), Verdict::Pass);
+        assert_eq!(t.check(FaultOp::Write, 5, 5), Verdict::Pass);
+        assert!(!t.may_apply(FaultOp::Read, 5, 5));
+        let before = Instant::now();
+        match t.hold(FaultOp::Read, 4, 6) {
+            Some(Hold::Until(at)) => {
+                let wait = at - before;
+                assert!(wait >= Duration::from_millis(500) && wait < Duration::from_millis(600));
+            }
+            other => panic!("a delay must hold until a deadline, got {other:?}"),
+        }
+        assert_eq!(t.hold(FaultOp::Read, 6, 9), None);
+        let Some(Hold::Released(first)) = t.hold(FaultOp::Write, 5, 5) else {
+            panic!("a hang must hold behind a latch");
+        };
+        let Some(Hold::Released(second)) = t.hold(FaultOp::Write, 5, 5) else {
+            panic!("a hang must hold behind a latch");
+        };
+        assert_eq!(first, second, "held at the same time: the same latch");
+        // `times` 2: the third write goes on.
+        assert_eq!(t.hold(FaultOp::Write, 5, 5), None);
+        let held = |t: &FaultTable| t.list().iter().find(|f| f.id == h).and_then(|f| f.held);
+        assert_eq!(held(&t), Some(2));
+        assert_eq!(t.list().iter().find(|f| f.id == d).unwrap().held, None);
+        assert_eq!(t.release(h), Some(2));
+        assert!(first.latch().is_released());
+        assert_eq!(t.release(d), Some(0));
+        assert_eq!(t.release(99), None);
+        drop((first, second));
+        assert_eq!(held(&t), Some(0));
+        let fired = t.fired_by_mode();
+        assert_eq!((fired["delay"], fired["hang"]), (1, 2));
+        // A stall is the other way round: served on the data path, never held.
+        t.clear();
+        t.add(spec(FaultOp::Read, 5, FaultMode::Stall { ms: 7 }, None));
+        assert_eq!(t.hold(FaultOp::Read, 5, 5), None);
+        assert!(t.may_apply(FaultOp::Read, 5, 5));
+        assert_eq!(
+            t.check(FaultOp::Read, 5, 5),
+            Verdict::Delay(Duration::from_millis(7))
+        );
+    }
+
+    #[test]
+    fn a_flush_fault_holds_flushes_only() {
+        let t = FaultTable::new(Arc::new(EventLog::disabled()));
+        let h = t.add(FaultSpec {
+            blocks: None,
+            ..spec(FaultOp::Flush, 0, FaultMode::Hang, None)
+        });
+        for op in [FaultOp::Read, FaultOp::Write, FaultOp::Discard] {
+            assert_eq!(t.hold(op, 0, 0), None, "{op:?}");
+        }
+        let Some(Hold::Released(ticket)) = t.hold(FaultOp::Flush, 0, 0) else {
+            panic!("a flush must be held by a flush hang");
+        };
+        assert_eq!(t.check(FaultOp::Flush, 0, 0), Verdict::Pass);
+        assert_eq!(t.release(h), Some(1));
+        assert!(ticket.latch().is_released());
+    }
+
+    #[test]
+    fn a_hang_holds_again_after_a_release_until_removed() {
+        let t = FaultTable::new(Arc::new(EventLog::disabled()));
+        let h = t.add(spec(FaultOp::Any, 0, FaultMode::Hang, None));
+        let Some(Hold::Released(a)) = t.hold(FaultOp::Read, 0, 0) else {
+            panic!("held");
+        };
+        assert_eq!(t.release(h), Some(1));
+        let Some(Hold::Released(b)) = t.hold(FaultOp::Read, 0, 0) else {
+            panic!("held again after the release");
+        };
+        assert!(a.latch().is_released() && !b.latch().is_released());
+        assert!(t.remove(h));
+        assert!(
+            b.latch().is_released(),
+            "removing the fault lets its requests go"
+        );
+        let h2 = t.add(spec(FaultOp::Any, 0, FaultMode::Hang, None));
+        let Some(Hold::Released(c)) = t.hold(FaultOp::Write, 0, 0) else {
+            panic!("held");
+        };
+        assert_eq!(t.clear(), 1);
+        assert!(
+            c.latch().is_released(),
+            "fault-clear lets them go too ({h2})"
+        );
+    }
+
+    #[test]
+    fn a_jittered_delay_draws_the_same_sequence_for_a_seed() {
+        let table = |seed| {
+            let t = FaultTable::new(Arc::new(EventLog::disabled()));
+            t.add(spec(
+                FaultOp::Read,
+                0,
+                FaultMode::Delay {
+                    ms: 100,
+                    jitter: Some(crate::fault::Jitter {
+                        distribution: crate::fault::Distribution::Exponential,
+                        jitter_ms: 1000,
+                        seed,
+                    }),
+                },
+                None,
+            ));
+            t
+        };
+        let deadline = |t: &FaultTable| match t.hold(FaultOp::Read, 0, 0) {
+            Some(Hold::Until(at)) => at,
+            other => panic!("{other:?}"),
+        };
+        let (a, b, c) = (table(3), table(3), table(4));
+        let mut apart = 0;
+        for _ in 0..50 {
+            let start = Instant::now();
+            let (x, y, z) = (deadline(&a), deadline(&b), deadline(&c));
+            // The same draws, taken a moment apart.
+            let skew = x.max(y) - x.min(y);
+            assert!(
+                skew < Duration::from_millis(20),
+                "seed 3 twice: {skew:?} apart"
+            );
+            assert!(
+                x - start >= Duration::from_millis(100),
+                "never below the base"
+            );
+            if x.max(z) - x.min(z) > Duration::from_millis(50) {
+                apart += 1;
+            }
+        }
+        assert!(
+            apart > 25,
+            "seeds 3 and 4 drew alike {} times of 50",
+            50 - apart
+        );
     }
 }
