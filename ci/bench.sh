@@ -44,6 +44,11 @@
 #   volatile-rand{write,read}-4k-qd32                      remapblk --cache-model volatile vs
 #                                                          remapblk (A is the lab's mode)
 #   writelog-rand{write,read}-4k-qd32                      remapblk --write-log vs remapblk
+#   delay-randread-4k-qd32                                 remapblk with a 500 ms delay fault on
+#                                                          one 4 KiB block (--faults) vs
+#                                                          remapblk without (interleaved): a
+#                                                          delay must stall only the request it
+#                                                          hits (target: at least 0.9x)
 #   log-replay                                             not a comparison: `remapblk log check
 #                                                          --each flush -- true {}` of a log of
 #                                                          2 s of 1 MiB writes (QD 8), in MB/s
@@ -159,6 +164,7 @@ else
         "volatile-randread-4k-qd32|randread|4k|32|1|remapblk-volatile|remapblk"
         "writelog-randwrite-4k-qd32|randwrite|4k|32|1|remapblk-writelog|remapblk"
         "writelog-randread-4k-qd32|randread|4k|32|1|remapblk-writelog|remapblk"
+        "delay-randread-4k-qd32|randread|4k|32|1|remapblk-delay|remapblk|interleaved"
         "log-replay|write|1M|8|1|remapblk-writelog|none|replay"
     )
 fi
@@ -271,7 +277,7 @@ start_server() {
     [[ -n "$ENGINE" ]] && engine=(--engine "$ENGINE")
     case "$kind" in
         remapblk|remapblk-poll|remapblk-nopoll|remapblk-remap|remapblk-empty|remapblk-null|\
-        remapblk-null-poll|remapblk-volatile|remapblk-writelog)
+        remapblk-null-poll|remapblk-volatile|remapblk-writelog|remapblk-delay)
             cmd=(taskset -c 1 "$REMAPBLK" serve --image "$img" --socket "$SOCK"
                  --num-queues "$queues" --queue-size 1024)
             case "$kind" in
@@ -288,6 +294,13 @@ start_server() {
                 remapblk-writelog)
                     fresh_copy "$SEED" "$img"
                     cmd+=(--write-log "$RUN_DIR/writes.log") ;;
+                remapblk-delay)
+                    # One 4 KiB block (8 sectors) in the middle of the disk answers reads
+                    # 500 ms late; a random read hits it about once in 262,144.
+                    image_for "$img"
+                    printf '[{"op": "read", "lba": %d, "count": 8, "mode": "delay", "delay_ms": 500}]\n' \
+                        $((SEED_SIZE / 512 / 2)) >"$RUN_DIR/faults.json"
+                    cmd+=(--faults "$RUN_DIR/faults.json") ;;
                 remapblk-remap|remapblk-empty)
                     image_for "$img"
                     fresh_copy "$OUT/${kind#remapblk-}.spare" "$RUN_DIR/disk.spare"
@@ -558,7 +571,8 @@ label = {"remapblk": "remapblk", "qsd": "qsd aio=threads (default)",
          "remapblk-nopoll": "remapblk --poll-us 0",
          "remapblk-null-poll": "remapblk null --poll-us",
          "remapblk-volatile": "remapblk --cache-model volatile",
-         "remapblk-writelog": "remapblk --write-log"}
+         "remapblk-writelog": "remapblk --write-log",
+         "remapblk-delay": "remapblk, a 500 ms delay on one 4 KiB block"}
 # QSD's default configuration, where B is QSD: the file node's aio=threads, null-co as is.
 DEFAULTS = ("qsd", "qsd-null")
 

@@ -1027,6 +1027,59 @@ def scenario_write_log(ctx):
         raise ScenarioError(f"log check checked only {len(points)} flush points: {r.stdout[-500:]}")
 
 
+def pattern(tag, length):
+    """What the crash-lab guest's fill step writes: "TAG\\n" repeated, cut to `length`."""
+    unit = (tag + "\n").encode()
+    return (unit * (length // len(unit) + 1))[:length]
+
+
+def image_bytes(path, offset, length):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def scenario_fault_data(ctx, sector=8192, kib=64):
+    """Faults that damage data without an error: with corrupt on reads the guest's cmp fails
+    while the image stays intact (and reads clean once the fault is gone); a lost write
+    completes OK in the guest, which reads stale data once its page cache is dropped."""
+    ctx.start_server()
+    ctl = Ctl(ctx.server.socket + ".ctl")
+    g = lab_boot(ctx)
+    at, n = sector * 512, kib * 1024
+    alpha, bravo = pattern("alpha", n), pattern("bravo", n)
+    lab(g, f"fill {sector} {kib} alpha")
+    if image_bytes(ctx.image, at, n) != alpha:
+        raise ScenarioError("the guest's write did not reach the image")
+
+    fid = ctl.call("fault-add", op="read", lba=sector + 16, count=8, mode="corrupt",
+                   bits=3, seed=7)["id"]
+    got = lab(g, f"cmp {sector} {kib} alpha").split()
+    if got[0] != "differ":
+        raise ScenarioError("the guest read the blocks under a corrupt fault back intact")
+    if image_bytes(ctx.image, at, n) != alpha:
+        raise ScenarioError("a corrupt fault on reads changed the image")
+    ctl.call("fault-remove", id=fid)
+    if lab(g, f"cmp {sector} {kib} alpha").split()[0] != "same":
+        raise ScenarioError("the blocks still read corrupted after the fault was removed")
+
+    lost = 32
+    ctl.call("fault-add", op="write", lba=sector + lost, count=8, mode="lost-write")
+    lab(g, f"fill {sector} {kib} bravo")  # completes OK: the guest is told nothing
+    want = bravo[: lost * 512] + alpha[lost * 512: (lost + 8) * 512] + bravo[(lost + 8) * 512:]
+    got = lab(g, f"cmp {sector} {kib} bravo").split()
+    if got[0] != "differ" or got[1] != hashlib.md5(want).hexdigest():
+        raise ScenarioError(f"after a lost write the guest read {got}, not bravo with the "
+                            "lost blocks stale (alpha)")
+    if image_bytes(ctx.image, at, n) != want:
+        raise ScenarioError("the image does not hold bravo with the lost blocks' old data")
+    fired = ctl.call("query-stats")["faults_fired"]
+    if fired.get("corrupt", 0) < 1 or fired.get("lost-write", 0) < 1:
+        raise ScenarioError(f"query-stats faults_fired does not count the firings: {fired}")
+    lab(g, "end")
+    ctx.finish_guest()
+
+
 SCENARIOS = [
     ("verify", scenario_verify),
     ("flush-discard", scenario_flush_discard),
@@ -1036,6 +1089,7 @@ SCENARIOS = [
     ("reset", scenario_reset),
     ("backend-restart", scenario_backend_restart),
     ("read-fault", scenario_read_fault),
+    ("fault-data", scenario_fault_data),
     ("remap", scenario_remap),
     ("overlay", scenario_overlay),
     ("reconnect-under-io", scenario_reconnect_under_io),

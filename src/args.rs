@@ -30,7 +30,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve a disk image over vhost-user-blk until SIGINT or SIGTERM.
-    Serve(ServeArgs),
+    // Boxed: serve's flags outweigh the other commands' many times over.
+    Serve(Box<ServeArgs>),
     /// Send one command to a running server's control socket and print its answer as JSON.
     Ctl(CtlArgs),
     /// Inspect a spare file offline.
@@ -323,8 +324,9 @@ pub struct ServeArgs {
     /// With --cache-model volatile: how many bytes of unflushed writes the cache holds (it
     /// keeps what each overwrote, to undo it); past that the disk flushes by itself, as a
     /// drive does, and counts it (query-status: cache_auto_flushes). E.g. 64K, 64M, 1G.
-    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
-    pub cache_size: u64,
+    /// [default: 64M]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub cache_size: Option<u64>,
     /// Record every write, discard, write-zeroes and flush the guest completes, with its
     /// data, and the marks of `ctl log-mark`, in completion order, in dm-log-writes' format
     /// (read it with `remapblk log`). PATH is created, or truncated: one log per run. The
@@ -370,6 +372,23 @@ fn parse_poll_us(s: &str) -> Result<PollUs, String> {
 }
 
 impl ServeArgs {
+    /// `--cache-size`, or its default.
+    pub fn cache_bytes(&self) -> u64 {
+        self.cache_size.unwrap_or(64 << 20)
+    }
+
+    /// What clap cannot check: flags that mean nothing with the others given. The message is
+    /// for a usage error (exit 2).
+    pub fn check(&self) -> Result<(), String> {
+        if self.cache_size.is_some() && self.cache_model != CacheModel::Volatile {
+            return Err(
+                "--cache-size sizes the volatile cache: add --cache-model volatile, or leave --cache-size out"
+                    .into(),
+            );
+        }
+        self.polling().map(|_| ())
+    }
+
     /// What `--poll-us` and `--poll-max-us` ask for together; an error (bad usage) when
     /// `--poll-max-us` is given where it caps nothing.
     pub fn polling(&self) -> Result<Polling, String> {
@@ -615,7 +634,11 @@ mod tests {
         assert_eq!(a.queue_size, 256);
         assert_eq!(a.block_size, 512);
         assert_eq!(a.drain_timeout_ms, 10_000);
-        assert_eq!((a.cache_model, a.cache_size), (CacheModel::None, 64 << 20));
+        assert_eq!(
+            (a.cache_model, a.cache_bytes()),
+            (CacheModel::None, 64 << 20)
+        );
+        assert!(a.check().is_ok());
         if std::env::var_os("REMAPBLK_SECCOMP").is_none() {
             assert_eq!(a.seccomp, sandbox::Mode::On);
         }

@@ -14,6 +14,7 @@ pub mod filemode;
 pub mod handover;
 pub mod inline_vec;
 pub mod io;
+pub mod latch;
 pub mod overlay;
 pub mod remap;
 pub mod rng;

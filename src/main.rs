@@ -30,7 +30,12 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => run_serve(args),
+        Command::Serve(args) => {
+            if let Err(msg) = args.check() {
+                usage_error("serve", msg);
+            }
+            run_serve(*args)
+        }
         Command::Ctl(args) => return run_ctl(args),
         Command::Metadata { action } => return run_metadata(action),
         Command::Log { action } => return writelog::tool::run(action),
@@ -41,6 +46,20 @@ fn main() -> ExitCode {
             eprintln!("remapblk: {msg}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// Exits 2 with `msg` and the usage of subcommand `sub`, as clap does for what it checks.
+fn usage_error(sub: &str, msg: String) -> ! {
+    let mut cli = Cli::command();
+    cli.build();
+    match cli.find_subcommand_mut(sub) {
+        Some(cmd) => cmd
+            .error(clap::error::ErrorKind::ArgumentConflict, msg)
+            .exit(),
+        None => cli
+            .error(clap::error::ErrorKind::ArgumentConflict, msg)
+            .exit(),
     }
 }
 
@@ -140,11 +159,8 @@ fn activated_socket() -> Option<i32> {
 }
 
 fn run_serve(a: ServeArgs) -> Result<(), String> {
-    let poll = a.polling().unwrap_or_else(|msg| {
-        Cli::command()
-            .error(clap::error::ErrorKind::ArgumentConflict, msg)
-            .exit()
-    });
+    // Checked with the rest of the usage (`ServeArgs::check`) before we get here.
+    let poll = a.polling()?;
     if a.print_capabilities {
         let caps = Capabilities {
             kind: "block",
@@ -295,7 +311,7 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
         stack,
         a.cache_model,
         a.block_size,
-        a.cache_size,
+        a.cache_bytes(),
     ));
     let dev = Arc::new(Device::new(cfg, cache.clone()).with_handover(Arc::new(handover)));
     let live = Arc::new(Live::new(events));

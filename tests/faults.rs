@@ -226,6 +226,25 @@ fn bad_fault_arguments_are_named() {
             vec!["lba=1", "mode=torn", "sectors=1", "report=later"],
             "report",
         ),
+        (
+            vec![
+                "lba=1",
+                "mode=delay",
+                "delay_ms=5",
+                "jitter_ms=2",
+                "distribution=fixed",
+            ],
+            "jitter_ms",
+        ),
+        (
+            vec!["lba=1", "mode=delay", "delay_ms=5", "distribution=pareto"],
+            "jitter_ms",
+        ),
+        (
+            vec!["lba=1", "mode=delay", "delay_ms=5", "distribution=normal"],
+            "distribution",
+        ),
+        (vec!["lba=1", "mode=hang", "delay_ms=5"], "delay_ms"),
     ] {
         let (code, _, err) = s.ctl("fault-add", &args);
         assert_eq!(code, 1, "{args:?}");
@@ -234,6 +253,12 @@ fn bad_fault_arguments_are_named() {
     let (code, _, err) = s.ctl("fault-remove", &["id=99"]);
     assert_eq!(code, 1);
     assert!(err.contains("99"));
+    let (code, _, err) = s.ctl("fault-release", &["id=99"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("id: no fault with id 99"), "{err}");
+    let (code, _, err) = s.ctl("fault-release", &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("id"), "{err}");
     assert_eq!(s.ctl_ok("fault-list", &[]), serde_json::json!([]));
 }
 
@@ -459,7 +484,7 @@ fn corrupt_writes_store_corrupted_data_and_spare_the_guests_buffer() {
 }
 
 #[test]
-fn a_lost_write_completes_ok_and_reads_back_the_old_data() {
+fn a_lost_write_completes_ok_and_its_block_reads_back_the_old_data() {
     let s = Server::start(4 * MIB, &[]);
     let mut c = s.client(1);
     let off = 24 * 512;
@@ -470,8 +495,10 @@ fn a_lost_write_completes_ok_and_reads_back_the_old_data() {
         0,
         "a lost write reports success"
     );
-    assert_eq!(c.read(0, off, CHUNK).unwrap(), pattern(4));
-    assert_eq!(image_at(&s, off, CHUNK), pattern(4));
+    // Only the fault's block (the first of the write's eight) keeps its old data.
+    let want = [&pattern(4)[..512], &pattern(5)[512..]].concat();
+    assert_eq!(c.read(0, off, CHUNK).unwrap(), want);
+    assert_eq!(image_at(&s, off, CHUNK), want);
     // Its one firing spent, the next write lands.
     assert_eq!(c.write(0, off, &pattern(5)), 0);
     assert_eq!(c.read(0, off, CHUNK).unwrap(), pattern(5));
@@ -670,4 +697,552 @@ fn write_zeroes_are_lost_and_torn_like_writes() {
     let got = c.read(0, off, CHUNK).unwrap();
     assert_eq!(got[..512], [0; 512]);
     assert_eq!(got[512..], pattern(14)[512..]);
+}
+
+/// `n` reads of block 7 (of 512 bytes), one request each: which failed, counting from 1.
+fn failing_reads(c: &mut Client, n: u64) -> Vec<u64> {
+    (1..=n)
+        .filter(|_| {
+            c.batch(
+                0,
+                &[Op::Read {
+                    offset: 7 * 512,
+                    len: 512,
+                }],
+            )[0] != 0
+        })
+        .collect()
+}
+
+#[test]
+fn a_flush_fault_fails_the_flush_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let image = dir.path().join("d.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(4 * MIB)
+        .unwrap();
+    let mut s = Server::start_on(dir, image, &["--event-log", events.to_str().unwrap()]);
+    let mut c = s.client(1);
+    let off = 48 * 512;
+    assert_eq!(c.write(0, off, &pattern(20)), 0);
+    let id = s.ctl_ok("fault-add", &["op=flush"])["id"].as_u64().unwrap();
+    let f = &s.ctl_ok("fault-list", &[])[0];
+    assert_eq!((&f["op"], &f["mode"]), (&"flush".into(), &"error".into()));
+    assert!(f.get("lba").is_none() && f.get("count").is_none(), "{f}");
+    assert_eq!(c.batch(0, &[Op::Flush]), vec![-libc::EIO]);
+    // The write before the failed flush is still there, and writes, reads, discards and
+    // write-zeroes after it go on as before.
+    assert_eq!(c.read(0, off, CHUNK).unwrap(), pattern(20));
+    assert_eq!(c.write(0, off + CHUNK as u64, &pattern(21)), 0);
+    assert_eq!(
+        c.batch(
+            0,
+            &[
+                Op::Discard {
+                    offset: 0,
+                    len: 4096
+                },
+                Op::WriteZeroes {
+                    offset: 4096,
+                    len: 4096,
+                    unmap: false
+                },
+                Op::Flush,
+            ]
+        ),
+        vec![0, 0, -libc::EIO]
+    );
+    assert_eq!(c.read(0, off + CHUNK as u64, CHUNK).unwrap(), pattern(21));
+    assert!(
+        s.remapped_lbas().is_empty(),
+        "a failed flush is no bad block"
+    );
+    let f = &s.ctl_ok("fault-list", &[])[0];
+    assert_eq!((&f["fired"], &f["matched"]), (&2.into(), &2.into()));
+    assert_eq!(s.ctl_ok("query-stats", &[])["faults_fired"]["error"], 2);
+    let firings: Vec<serde_json::Value> = std::fs::read_to_string(&events)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "fault-fired")
+        .collect();
+    assert_eq!(firings.len(), 2);
+    assert_eq!(firings[0]["op"], "flush");
+    assert!(firings[0].get("first_block").is_none());
+    s.ctl_ok("fault-remove", &[&format!("id={id}")]);
+    assert_eq!(c.batch(0, &[Op::Flush]), vec![0]);
+
+    // Left in place, it fails the guest's flushes only: the server's own flush at exit
+    // flushes the real image, and the server exits 0.
+    s.ctl_ok("fault-add", &["op=flush"]);
+    assert_eq!(c.batch(0, &[Op::Flush]), vec![-libc::EIO]);
+    drop(c);
+    s.signal(libc::SIGTERM);
+    let status = s.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{}", s.log());
+    assert!(s.log().contains("image flushed; bye"), "{}", s.log());
+}
+
+#[test]
+fn a_discard_fault_fails_discards_and_not_writes() {
+    let s = Server::start(4 * MIB, &["--auto-remap", "off"]);
+    let mut c = s.client(1);
+    let off = 56 * 512;
+    assert_eq!(c.write(0, off, &pattern(22)), 0);
+    s.ctl_ok("fault-add", &["op=discard", "lba=56", "count=8"]);
+    let discard = Op::Discard {
+        offset: off,
+        len: CHUNK as u64,
+    };
+    assert_eq!(c.batch(0, &[discard]), vec![-libc::EIO]);
+    assert_eq!(
+        c.read(0, off, CHUNK).unwrap(),
+        pattern(22),
+        "the failed discard left the data"
+    );
+    assert_eq!(c.write(0, off, &pattern(23)), 0);
+    assert_eq!(
+        c.batch(
+            0,
+            &[Op::WriteZeroes {
+                offset: off,
+                len: 512,
+                unmap: false
+            }]
+        ),
+        vec![0]
+    );
+    let got = c.read(0, off, CHUNK).unwrap();
+    assert_eq!(got[..512], [0; 512]);
+    assert_eq!(got[512..], pattern(23)[512..]);
+    // Another block's discard goes through.
+    assert_eq!(
+        c.batch(
+            0,
+            &[Op::Discard {
+                offset: off + CHUNK as u64,
+                len: CHUNK as u64
+            }]
+        ),
+        vec![0]
+    );
+    let f = &s.ctl_ok("fault-list", &[])[0];
+    assert_eq!((&f["op"], &f["fired"]), (&"discard".into(), &1.into()));
+}
+
+#[test]
+fn after_three_lets_three_reads_through_and_fails_the_fourth() {
+    let s = Server::start(4 * MIB, &[]);
+    s.ctl_ok("fault-add", &["op=read", "lba=7", "after=3"]);
+    let mut c = s.client(1);
+    assert_eq!(failing_reads(&mut c, 3), Vec::<u64>::new());
+    let f = &s.ctl_ok("fault-list", &[])[0];
+    assert_eq!(
+        (&f["matched"], &f["armed"], &f["fired"], &f["after"]),
+        (&3.into(), &true.into(), &0.into(), &3.into())
+    );
+    assert_eq!(failing_reads(&mut c, 2), [1, 2]);
+    // Reads of other blocks are no matches.
+    assert_eq!(c.read(0, 0, 512).map(|_| ()), Ok(()));
+    assert_eq!(s.ctl_ok("fault-list", &[])[0]["matched"], 5);
+}
+
+#[test]
+fn every_two_fails_exactly_the_even_reads() {
+    let s = Server::start(4 * MIB, &[]);
+    s.ctl_ok("fault-add", &["op=read", "lba=7", "every=2", "times=4"]);
+    let mut c = s.client(1);
+    assert_eq!(
+        failing_reads(&mut c, 6),
+        [2, 4, 6],
+        "the even reads fail, the odd pass"
+    );
+    let f = &s.ctl_ok("fault-list", &[])[0];
+    assert_eq!(
+        (&f["matched"], &f["fired"], &f["armed"], &f["every"]),
+        (&6.into(), &3.into(), &true.into(), &2.into())
+    );
+    // times=4: the 8th fires, then it expires and fails nothing more.
+    assert_eq!(failing_reads(&mut c, 6), [2]);
+    assert_eq!(s.ctl_ok("fault-list", &[])[0]["expired"], true);
+}
+
+#[test]
+fn a_window_fails_reads_in_its_up_phases_only() {
+    let s = Server::start(4 * MIB, &[]);
+    s.ctl_ok("fault-add", &["op=read", "lba=7", "window=300:300"]);
+    let f = &s.ctl_ok("fault-list", &[])[0];
+    assert_eq!(f["window"], "300:300");
+    assert!(f["window_up"].is_boolean(), "{f}");
+    let mut c = s.client(1);
+    // Read until both phases have shown; each read is one match, each failure one firing.
+    let (mut reads, mut failures) = (0u64, 0u64);
+    let mut saw = (false, false);
+    wait_until(
+        "a failed and a successful read of block 7",
+        Duration::from_secs(20),
+        || {
+            let r = c.batch(
+                0,
+                &[Op::Read {
+                    offset: 7 * 512,
+                    len: 512,
+                }],
+            )[0];
+            reads += 1;
+            if r == 0 {
+                saw.1 = true;
+            } else {
+                assert_eq!(r, -libc::EIO);
+                failures += 1;
+                saw.0 = true;
+            }
+            saw.0 && saw.1
+        },
+    );
+    let f = &s.ctl_ok("fault-list", &[])[0];
+    assert_eq!(
+        (f["matched"].as_u64(), f["fired"].as_u64()),
+        (Some(reads), Some(failures))
+    );
+    // Writes to the block are never failed, up or down.
+    for _ in 0..5 {
+        assert_eq!(c.write(0, 7 * 512, &[1u8; 512]), 0);
+    }
+}
+
+#[test]
+fn bad_trigger_and_op_arguments_are_named() {
+    let s = Server::start(4 * MIB, &[]);
+    for (args, field) in [
+        (vec!["op=flush", "lba=1"], "lba"),
+        (vec!["op=flush", "count=1"], "count"),
+        (vec!["op=flush", "mode=lost-write"], "op"),
+        (vec!["op=flush", "mode=torn", "sectors=1"], "op"),
+        (vec!["op=discard", "lba=1", "mode=corrupt", "bits=1"], "op"),
+        (vec!["lba=1", "after=0"], "after"),
+        (vec!["lba=1", "every=0"], "every"),
+        (vec!["lba=1", "window=300"], "window"),
+        (vec!["lba=1", "window=0:300"], "window"),
+        (vec!["lba=1", "window=up:down"], "window"),
+        (vec!["lba=1", "mode=error", "shift=1"], "shift"),
+        (vec!["lba=1", "mode=delay", "delay_ms=1", "bits=1"], "bits"),
+    ] {
+        let (code, _, err) = s.ctl("fault-add", &args);
+        assert_eq!(code, 1, "{args:?}");
+        assert!(err.contains(&format!("{field}:")), "{args:?}: {err}");
+    }
+    assert_eq!(s.ctl_ok("fault-list", &[]), serde_json::json!([]));
+}
+
+#[test]
+fn a_failed_flush_makes_nothing_durable_under_the_cache_model() {
+    let s = Server::start(4 * MIB, &["--cache-model", "volatile"]);
+    let mut c = s.client(1);
+    let (a, b) = (64 * 512, 72 * 512);
+    assert_eq!(c.write(0, a, &pattern(24)), 0);
+    assert_eq!(c.batch(0, &[Op::Flush]), vec![0]);
+    let id = s.ctl_ok("fault-add", &["op=flush", "times=1"])["id"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(c.write(0, b, &pattern(25)), 0);
+    assert_eq!(c.batch(0, &[Op::Flush]), vec![-libc::EIO]);
+    assert_eq!(
+        c.read(0, b, CHUNK).unwrap(),
+        pattern(25),
+        "the write before the failed flush reads back"
+    );
+    assert_eq!(s.ctl_ok("fault-list", &[])[0]["expired"], true);
+    s.ctl_ok("fault-remove", &[&format!("id={id}")]);
+    // A flush fault in place does not fail the cut's own flush, which stands for the medium.
+    s.ctl_ok("fault-add", &["op=flush"]);
+    // The cut loses the write the failed flush did not cover, and only it.
+    let cut = s.ctl_ok("power-cut", &["mode=drop-all"]);
+    assert_eq!(cut["counts"]["lost"], 1, "{cut}");
+    assert_eq!(cut["lost"][0]["lba"], 72, "{cut}");
+    s.ctl_ok("power-on", &[]);
+    assert_eq!(c.read(0, a, CHUNK).unwrap(), pattern(24));
+    assert_eq!(c.read(0, b, CHUNK).unwrap(), vec![0; CHUNK]);
+}
+
+/// One queue driven request by request: reads submitted into chosen buffer slots, their
+/// completions collected as they come (the batch helpers wait for a whole batch, which a held
+/// request would never let finish).
+struct Driver<'a> {
+    c: &'a mut Client,
+}
+
+impl Driver<'_> {
+    /// Submits a read of `len` bytes at `offset` into slot `slot` (user data = the slot).
+    fn read(&mut self, slot: usize, offset: u64, len: usize) {
+        let buf = self.c.slot(slot);
+        poison(buf, len);
+        self.c.queues[0].read(offset, buf, len, slot, blkio::ReqFlags::empty());
+    }
+
+    /// Hands what is queued to the server without waiting for anything.
+    fn submit(&mut self) {
+        let mut none: [std::mem::MaybeUninit<blkio::Completion>; 0] = [];
+        self.c.queues[0]
+            .do_io(&mut none, 0, None, None)
+            .expect("submit");
+    }
+
+    /// Submits what is queued and returns the completions that come within `wait` (at least
+    /// one unless the time runs out), as (slot, result).
+    fn reap(&mut self, wait: Duration) -> Vec<(usize, i32)> {
+        let mut comps: Vec<std::mem::MaybeUninit<blkio::Completion>> = (0..SLOTS)
+            .map(|_| std::mem::MaybeUninit::uninit())
+            .collect();
+        let mut left = wait;
+        let n = self.c.queues[0]
+            .do_io(&mut comps, 1, Some(&mut left), None)
+            .unwrap_or(0);
+        comps[..n]
+            .iter()
+            // SAFETY: the client filled the first `n` completions.
+            .map(|c| unsafe { c.assume_init_ref() })
+            .map(|c| (c.user_data, c.ret))
+            .collect()
+    }
+
+    /// Keeps `depth` reads of blocks away from the first 64 KiB in flight in slots
+    /// 1..=depth until `stop` (given how many completed, and the results of slot 0 so far)
+    /// says so after a round of completions; returns how many of them
+    /// completed (each must succeed) and the completions of slot 0 seen meanwhile.
+    fn others_until(
+        &mut self,
+        depth: usize,
+        mut stop: impl FnMut(usize, &[i32]) -> bool,
+    ) -> (usize, Vec<i32>) {
+        let mut free: Vec<usize> = (1..=depth).collect();
+        let (mut done, mut slow, mut next) = (0, Vec::new(), 0u64);
+        loop {
+            for slot in free.drain(..) {
+                // 4 KiB chunks from 64 KiB to 1 MiB, round and round.
+                let offset = 65536 + (next % 240) * 4096;
+                next += 1;
+                self.read(slot, offset, 4096);
+            }
+            let got = self.reap(Duration::from_secs(10));
+            assert!(!got.is_empty(), "nothing completed within 10 s");
+            for &(slot, ret) in &got {
+                if slot == 0 {
+                    slow.push(ret);
+                } else {
+                    assert_eq!(ret, 0, "a read of a healthy block failed");
+                    done += 1;
+                    free.push(slot);
+                }
+            }
+            if stop(done, &slow[..]) {
+                // Let the others finish so the queue is idle again.
+                let mut out = depth - free.len();
+                while out > 0 {
+                    for (slot, ret) in self.reap(Duration::from_secs(10)) {
+                        if slot == 0 {
+                            slow.push(ret);
+                        } else {
+                            out -= 1;
+                        }
+                    }
+                }
+                return (done, slow);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_delayed_block_stalls_nothing_else_on_its_queue() {
+    let s = Server::start(4 * MIB, &[]);
+    let mut c = s.client(1);
+    let data = pattern(11);
+    assert_eq!(c.write(0, 0, &data), 0);
+    s.ctl_ok(
+        "fault-add",
+        &["op=read", "lba=0", "mode=delay", "delay_ms=500"],
+    );
+    let mut d = Driver { c: &mut c };
+    let t0 = Instant::now();
+    d.read(0, 0, 4096);
+    let mut slow_after = None;
+    let (others, slow) = d.others_until(31, |_, slow| {
+        if slow.is_empty() {
+            return false;
+        }
+        slow_after.get_or_insert(t0.elapsed());
+        true
+    });
+    let slow_after = slow_after.unwrap();
+    assert_eq!(slow, vec![0]);
+    assert!(
+        slow_after >= Duration::from_millis(500),
+        "the delayed read completed after {slow_after:?}"
+    );
+    // The point: while the delayed read waited, the queue kept serving. At a few thousand
+    // reads a second even in a debug build, 500 ms is hundreds of them; a queue stalled
+    // behind the delay would complete none.
+    assert!(
+        others >= 100,
+        "only {others} other reads completed during the 500 ms delay"
+    );
+    assert_eq!(c.slot_mut(0, 4096).to_vec(), data);
+    let f = &s.ctl_ok("fault-list", &[])[0];
+    assert_eq!(f["fired"], 1);
+    assert_eq!(s.ctl_ok("query-stats", &[])["faults_fired"]["delay"], 1);
+}
+
+/// Waits until fault `id` holds `n` requests (`fault-list`'s `held`).
+fn wait_held(s: &Server, id: u64, n: u64) {
+    wait_until(
+        &format!("fault {id} to hold {n}"),
+        Duration::from_secs(10),
+        || {
+            s.ctl_ok("fault-list", &[])
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["id"] == id && f["held"] == n)
+        },
+    );
+}
+
+#[test]
+fn a_hung_read_waits_for_fault_release_and_reads_the_right_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let image = dir.path().join("d.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(4 * MIB)
+        .unwrap();
+    let s = Server::start_on(dir, image, &["--event-log", events.to_str().unwrap()]);
+    let mut c = s.client(1);
+    let data = pattern(12);
+    assert_eq!(c.write(0, 4096, &data), 0);
+    let id = s.ctl_ok("fault-add", &["op=read", "lba=8", "mode=hang"])["id"]
+        .as_u64()
+        .unwrap();
+    let mut d = Driver { c: &mut c };
+    d.read(0, 4096, 4096);
+    // Other reads keep completing while the held one does not.
+    let (others, slow) = d.others_until(16, |done, _| done >= 300);
+    assert!(slow.is_empty(), "the held read completed: {slow:?}");
+    assert!(others >= 300);
+    wait_held(&s, id, 1);
+    assert_eq!(s.ctl_ok("query-status", &[])["inflight"], 1);
+    assert_eq!(
+        s.ctl_ok("fault-release", &[&format!("id={id}")])["released"],
+        1
+    );
+    let got = d.reap(Duration::from_secs(10));
+    assert_eq!(got, vec![(0, 0)], "the released read completes, and OK");
+    assert_eq!(c.slot_mut(0, 4096).to_vec(), data);
+    wait_held(&s, id, 0);
+    // The fault stays: the next read of the block is held again, until the fault goes.
+    let mut d = Driver { c: &mut c };
+    d.read(0, 4096, 4096);
+    assert!(d.reap(Duration::from_millis(300)).is_empty());
+    wait_held(&s, id, 1);
+    s.ctl_ok("fault-remove", &[&format!("id={id}")]);
+    assert_eq!(d.reap(Duration::from_secs(10)), vec![(0, 0)]);
+    assert_eq!(c.slot_mut(0, 4096).to_vec(), data);
+    assert_eq!(s.ctl_ok("query-stats", &[])["faults_fired"]["hang"], 2);
+    let fired = std::fs::read_to_string(&events)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == "fault-fired" && v["mode"] == "hang" && v["first_block"] == 8)
+        .count();
+    assert_eq!(fired, 2, "the event log names each firing");
+    let (code, _, err) = s.ctl("fault-release", &[&format!("id={id}")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("id"), "{err}");
+}
+
+#[test]
+fn a_hung_request_at_disconnect_is_given_up_at_the_drain_timeout() {
+    let s = Server::start(4 * MIB, &["--drain-timeout-ms", "300"]);
+    let id = s.ctl_ok("fault-add", &["lba=8", "mode=hang"])["id"]
+        .as_u64()
+        .unwrap();
+    let mut c = s.client(1);
+    let mut d = Driver { c: &mut c };
+    d.read(0, 4096, 4096);
+    assert!(d.reap(Duration::from_millis(100)).is_empty());
+    wait_held(&s, id, 1);
+    let t0 = Instant::now();
+    drop(c);
+    wait_until("the drain to give up", Duration::from_secs(10), || {
+        s.ctl_ok("query-status", &[])["connected"] == false
+    });
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(250),
+        "the drain gave up after {took:?}, before its timeout"
+    );
+    assert!(took < Duration::from_secs(5), "the drain took {took:?}");
+    assert_eq!(s.ctl_ok("query-stats", &[])["totals"]["abandoned"], 1);
+    assert!(
+        s.log().contains("still in flight"),
+        "the held request is named"
+    );
+    // Given up on: no longer held, and never started later.
+    wait_held(&s, id, 0);
+    let mut c = s.client(1);
+    let data = pattern(13);
+    assert_eq!(c.write(0, MIB, &data), 0);
+    assert_eq!(c.read(0, MIB, 4096).unwrap(), data);
+    // The block held before is held again for the new client, until released.
+    let mut d = Driver { c: &mut c };
+    d.read(0, 4096, 4096);
+    d.submit();
+    wait_held(&s, id, 1);
+    assert_eq!(
+        s.ctl_ok("fault-release", &[&format!("id={id}")])["released"],
+        1
+    );
+    assert_eq!(d.reap(Duration::from_secs(10)), vec![(0, 0)]);
+}
+
+#[test]
+fn a_jittered_delay_spreads_each_request_within_its_bounds() {
+    let s = Server::start(4 * MIB, &[]);
+    let args = [
+        "op=read",
+        "lba=0",
+        "mode=delay",
+        "delay_ms=60",
+        "jitter_ms=40",
+        "distribution=uniform",
+        "seed=5",
+    ];
+    s.ctl_ok("fault-add", &args);
+    let f = &s.ctl_ok("fault-list", &[])[0];
+    assert_eq!(
+        (&f["distribution"], &f["jitter_ms"], &f["seed"]),
+        (&"uniform".into(), &40.into(), &5.into())
+    );
+    let mut c = s.client(1);
+    let took: Vec<Duration> = (0..12)
+        .map(|_| {
+            let t0 = Instant::now();
+            assert_eq!(c.read(0, 0, 4096).map(|_| ()), Ok(()));
+            t0.elapsed()
+        })
+        .collect();
+    // Uniform in [20, 100] ms; a loaded machine may add to a wait, never take from it.
+    for t in &took {
+        assert!(*t >= Duration::from_millis(20), "{took:?}");
+        assert!(*t < Duration::from_millis(100 + 400), "{took:?}");
+    }
+    let (lo, hi) = (took.iter().min().unwrap(), took.iter().max().unwrap());
+    assert!(
+        *hi - *lo >= Duration::from_millis(10),
+        "twelve draws from a 80 ms range all within 10 ms: {took:?}"
+    );
+    assert_eq!(s.ctl_ok("fault-list", &[])[0]["fired"], 12);
 }

@@ -374,9 +374,10 @@ fn remap_churn_under_writes_loses_no_write() {
 
 /// A guest write that took its view of the table before a remap-remove freed a spare block
 /// must not write into that block once a remap-add has given it to another block. Block 11
-/// lives in spare block 0; a write of blocks 10..12 is held (delay fault on block 10) after
-/// it has looked the mapping up; meanwhile block 11 is moved back and block 100 is remapped
-/// into the freed spare block 0. Block 100 must keep its data.
+/// lives in spare block 0; a write of blocks 10..12 is held (a stall fault on block 10: it
+/// holds the request inside the stack, below the remap layer) after it has looked the mapping
+/// up; meanwhile block 11 is moved back and block 100 is remapped into the freed spare block
+/// 0. Block 100 must keep its data.
 #[test]
 fn write_racing_remap_remove_does_not_land_in_a_reused_spare_block() {
     let s = Server::start(4 * MIB, &["--spare-blocks", "64"]);
@@ -390,7 +391,7 @@ fn write_racing_remap_remove_does_not_land_in_a_reused_spare_block() {
         &[
             "op=write",
             "lba=10",
-            "mode=delay",
+            "mode=stall",
             "delay_ms=300",
             "times=1",
         ],
@@ -438,7 +439,7 @@ fn read_racing_remap_remove_does_not_return_another_blocks_data() {
     s.ctl_ok("remap-add", &["lba=11"]);
     s.ctl_ok(
         "fault-add",
-        &["op=read", "lba=10", "mode=delay", "delay_ms=300", "times=1"],
+        &["op=read", "lba=10", "mode=stall", "delay_ms=300", "times=1"],
     );
     let buf = c.slot(0);
     c.queues[0].read(10 * 512, buf, 1024, 0, blkio::ReqFlags::empty());
@@ -468,7 +469,8 @@ fn read_racing_remap_remove_does_not_return_another_blocks_data() {
     );
 }
 
-/// A slow write (a 500 ms delay fault) completes while remap-add/remap-remove churn runs on
+/// A slow write (a 500 ms stall fault, served inside the stack so that the write's attempt
+/// overlaps the moves) completes while remap-add/remap-remove churn runs on
 /// other blocks: only a move of its own blocks makes a write run again, or every attempt would
 /// overlap some move and it would never finish.
 #[test]
@@ -478,7 +480,7 @@ fn slow_write_completes_under_remap_churn_elsewhere() {
     let s = Server::start(4 * MIB, &["--spare-blocks", "1024"]);
     s.ctl_ok(
         "fault-add",
-        &["op=write", "lba=10", "mode=delay", "delay_ms=500"],
+        &["op=write", "lba=10", "mode=stall", "delay_ms=500"],
     );
     let stop = Arc::new(AtomicBool::new(false));
     let churn = {

@@ -262,6 +262,14 @@ impl QueueCtl {
         self.lock().inflight.contains_key(&head)
     }
 
+    /// Whether request `head` popped in run `run` is still in flight: the queue has not been
+    /// stopped and started again since (which would make `head` another request), and no drain
+    /// completed it.
+    pub fn holds_in(&self, head: u16, run: u64) -> bool {
+        let inner = self.lock();
+        inner.runs == run && inner.inflight.contains_key(&head)
+    }
+
     /// Completes a request: status byte, used entry, signal, then it leaves the table. Returns
     /// false if a drain already completed it.
     pub fn complete(

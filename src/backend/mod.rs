@@ -7,6 +7,7 @@ mod device;
 mod handler;
 mod inflight;
 mod live;
+mod parked;
 mod polling;
 mod server;
 mod session;

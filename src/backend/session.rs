@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::device::Device;
 use super::inflight::{DrainReport, Gm, Phase, QueueCtl};
+use super::parked::Parking;
 use super::polling::PollWindow;
 use super::vring::Vring;
 use super::worker::Worker;
@@ -42,9 +43,12 @@ pub struct Session {
     /// cancels what it gave up on.
     engines: Vec<Mutex<Box<dyn Engine>>>,
     /// Each queue thread's event loop: its wake eventfd, the ring's kick fd, the engine's
-    /// notifier.
+    /// notifier. A wake eventfd is shared with the wakers of the latches its queue's held
+    /// requests wait behind.
     polls: Vec<Epoll>,
-    wakes: Vec<EventFd>,
+    pub(super) wakes: Vec<Arc<EventFd>>,
+    /// Each queue's requests that wait before they start (delay and hang faults).
+    pub(super) parked: Vec<Parking>,
     /// Each queue's polling window (`--poll-us`), which its worker adapts.
     pub(super) windows: Vec<PollWindow>,
     /// The threads are to end (the session is over).
@@ -73,7 +77,7 @@ impl Session {
             let wake = EventFd::new(EFD_NONBLOCK)?;
             watch(&poll, wake.as_raw_fd(), TOKEN_WAKE)?;
             polls.push(poll);
-            wakes.push(wake);
+            wakes.push(Arc::new(wake));
         }
         let windows = (0..n).map(|_| PollWindow::new(dev.cfg.poll)).collect();
         let s = Session {
@@ -87,6 +91,7 @@ impl Session {
             polls,
             wakes,
             windows,
+            parked: (0..n).map(|_| Parking::default()).collect(),
             exit: AtomicBool::new(false),
             log: ArcSwapOption::empty(),
             logging: AtomicBool::new(false),
@@ -129,13 +134,19 @@ impl Session {
         }
     }
 
-    /// Queue `q`'s thread: waits for a kick, a wake-up or engine completions, and hands each
-    /// to the queue's worker.
+    /// Queue `q`'s thread: waits for a kick, a wake-up, engine completions or the earliest
+    /// parked request's deadline, hands each event to the queue's worker, and starts the
+    /// parked requests that are due or released.
     fn run(&self, q: usize) {
         crate::sandbox::enter(crate::sandbox::Role::Worker);
         let mut events = [EpollEvent::default(); 4];
+        let (Some(worker), Some(parked)) = (Worker::new(self, q), self.parked.get(q)) else {
+            return;
+        };
         loop {
-            let n = match self.polls[q].wait(-1, &mut events) {
+            // -1 (no deadline) unless something is parked: the usual path reads one atomic.
+            let timeout = parked.timeout_ms(Instant::now());
+            let n = match self.polls[q].wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -145,9 +156,6 @@ impl Session {
                 }
             };
             for ev in &events[..n] {
-                let Some(worker) = Worker::new(self, q) else {
-                    return;
-                };
                 match ev.data() {
                     TOKEN_WAKE => {
                         let _ = self.wakes[q].read();
@@ -163,6 +171,7 @@ impl Session {
                     _ => worker.engine_event(),
                 }
             }
+            worker.start_parked();
         }
     }
 
@@ -310,6 +319,10 @@ impl Session {
         QueueStats::add(&stats.errors, n);
         if n > 0 {
             self.engine(q).cancel_all();
+            // Completed by the drain: what of them waits to start never will.
+            if let Some(p) = self.parked.get(q) {
+                p.clear();
+            }
         }
     }
 

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -18,9 +18,10 @@ use super::session::Session;
 use super::vring::Vring;
 use super::worker::Worker;
 use crate::io::EngineKind;
+use crate::latch::Latch;
 use crate::stats::QueueStats;
 use crate::storage::iov::{gather, scatter};
-use crate::storage::BlockIo;
+use crate::storage::{BlockIo, Hold, IoKind};
 use crate::virtio::GuestMem;
 use crate::virtio::ID_BYTES;
 
@@ -40,6 +41,14 @@ struct MemTarget {
     flush_us: AtomicU64,
     gate: Mutex<Gate>,
     gate_cv: Condvar,
+    /// What a read of sector 0 must wait for before it starts, as a fault would say.
+    hold_first: Mutex<Option<HoldFirst>>,
+}
+
+#[derive(Clone)]
+enum HoldFirst {
+    For(Duration),
+    Behind(Arc<Latch>),
 }
 
 #[derive(Default)]
@@ -103,6 +112,15 @@ impl BlockIo for MemTarget {
     fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> std::io::Result<()> {
         self.data.lock().unwrap()[offset as usize..(offset + len) as usize].fill(0);
         Ok(())
+    }
+    fn hold(&self, kind: IoKind, offset: u64, _len: u64) -> Option<Hold> {
+        if kind != IoKind::Read || offset != 0 {
+            return None;
+        }
+        match self.hold_first.lock().unwrap().clone()? {
+            HoldFirst::For(d) => Some(Hold::Until(Instant::now() + d)),
+            HoldFirst::Behind(latch) => Some(Hold::Released(latch.enter())),
+        }
     }
 }
 
@@ -715,4 +733,73 @@ fn inflight_accounting_under_concurrent_pops_completions_and_drains() {
         caught_in_flight > 0,
         "no drain ever caught a request in flight"
     );
+}
+
+/// A request the stack says to delay is parked, not run: the worker goes on, and starts it
+/// once it is due, with its data and status as any other.
+#[test]
+fn a_delayed_request_is_parked_and_started_when_due() {
+    let mut r = rig(false, Duration::from_secs(5));
+    r.target.data.lock().unwrap()[..512].fill(0x5a);
+    *r.target.hold_first.lock().unwrap() = Some(HoldFirst::For(Duration::from_millis(50)));
+    let t0 = Instant::now();
+    r.request(0, VIRTIO_BLK_T_IN, 0, Some((512, true)));
+    r.request(1, VIRTIO_BLK_T_IN, 8, Some((512, true)));
+    r.kick();
+    // The second read is done; the first waits, in flight.
+    assert_eq!(r.used_idx(), 1);
+    assert_eq!(
+        r.used(0).0,
+        3,
+        "the read of sector 8 (head 3) completed first"
+    );
+    assert_eq!(r.backend.inflight(), 1);
+    let worker = Worker::new(&r.backend, 0).unwrap();
+    assert!(r.backend.parked[0].timeout_ms(Instant::now()) <= 50);
+    while r.used_idx() < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "never started");
+        worker.start_parked();
+        std::thread::yield_now();
+    }
+    assert!(t0.elapsed() >= Duration::from_millis(50));
+    assert_eq!(r.used(1), (0, 513));
+    assert_eq!(r.status(0), 0);
+    let mut got = [0u8; 512];
+    r.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+    assert_eq!(got, [0x5a; 512]);
+    assert_eq!(r.backend.parked[0].timeout_ms(Instant::now()), -1);
+}
+
+/// A held request a drain gave up on is completed once, by the drain, and dropped: releasing
+/// its latch later starts nothing, and the latch no longer counts it.
+#[test]
+fn a_held_request_a_drain_gave_up_on_never_starts() {
+    let mut r = rig(false, Duration::from_millis(100));
+    let latch = Latch::new();
+    *r.target.hold_first.lock().unwrap() = Some(HoldFirst::Behind(latch.clone()));
+    r.request(0, VIRTIO_BLK_T_IN, 0, Some((512, true)));
+    r.kick();
+    assert_eq!(
+        (r.used_idx(), r.backend.inflight(), latch.held()),
+        (0, 1, 1)
+    );
+    let report = r.backend.drain_queue(0).unwrap();
+    assert_eq!(report.abandoned.len(), 1);
+    assert_eq!(
+        (r.used_idx(), r.status(0)),
+        (1, 1),
+        "completed once, with IOERR"
+    );
+    assert!(r.backend.parked[0].is_empty());
+    assert_eq!(latch.held(), 0);
+    assert_eq!(latch.release(), 0);
+    assert_eq!(Worker::new(&r.backend, 0).unwrap().start_parked(), 0);
+    assert_eq!(r.used_idx(), 1);
+    // The ring runs again, and its head 0 is another request now: served as itself.
+    *r.target.hold_first.lock().unwrap() = None;
+    r.next_desc = 0;
+    r.request(1, VIRTIO_BLK_T_IN, 0, Some((512, true)));
+    r.kick();
+    assert_eq!(r.used_idx(), 2);
+    assert_eq!((r.used(1), r.status(1)), ((0, 513), 0));
 }

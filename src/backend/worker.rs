@@ -6,6 +6,7 @@
 
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, warn};
@@ -13,11 +14,13 @@ use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace};
 
 use super::inflight::{log_used_ring, tracked, Completion, InflightReq, Phase, Pop, QueueCtl};
+use super::parked::{Parked, Parking};
 use super::polling::PollWindow;
 use super::session::Session;
 use super::vring::Vring;
 use crate::io::{Done, Engine, Job, Reaped, Started};
 use crate::stats::QueueStats;
+use crate::storage::{Hold, IoKind};
 use crate::virtio::request::{self, Rejected, Request, RequestType};
 use crate::virtio::ring::chain::TableMap;
 use crate::virtio::ring::cursor::Cursor;
@@ -36,6 +39,7 @@ pub struct Worker<'a> {
     ctl: &'a QueueCtl,
     vring: &'a Vring,
     stats: &'a QueueStats,
+    parking: &'a Parking,
     window: &'a PollWindow,
 }
 
@@ -49,6 +53,8 @@ struct Popped {
     /// The guest has taken every used entry and asked to be notified of the next one
     /// (event-idx): it is waiting, so a completion should reach it at once.
     guest_waiting: bool,
+    /// The queue's run it was popped in (see `QueueCtl::holds_in`).
+    run: u64,
 }
 
 /// Requests done at once, completed a few at a time: each group is one used-ring update and
@@ -68,6 +74,7 @@ impl<'a> Worker<'a> {
         Some(Worker {
             ctl: s.queues.get(q)?,
             vring: s.vrings.get(q)?,
+            parking: s.parked.get(q)?,
             stats: s.dev.stats.queue(q),
             window: s.windows.get(q)?,
             s,
@@ -130,6 +137,7 @@ impl<'a> Worker<'a> {
         let mut idle_since: Option<Instant> = None;
         loop {
             let (popped, running) = self.pop_available();
+            let popped = popped + self.start_parked();
             let reaped = self.reap(popped > 0);
             // The frontend may take the ring away, or a quiesce begin, while we spin.
             let ready = self.vring.get_ref().get_queue().ready() && !self.s.dev.is_quiesced();
@@ -244,60 +252,136 @@ impl<'a> Worker<'a> {
                 since: popped.since,
                 writethrough: self.s.writethrough(),
             };
-            let mut engine = self.s.engine(self.q);
-            let blocking = match engine.start(job) {
-                Started::Done(done) => {
-                    drop(engine);
-                    QueueStats::inc(&self.stats.ring_io);
-                    QueueStats::inc(&self.stats.ring_inline);
-                    group.done.push(self.outcome(done));
-                    if group.done.len() >= INLINE_GROUP || popped.guest_waiting {
-                        self.complete_group(&mut group);
-                    }
-                    continue;
-                }
-                Started::Queued => {
-                    QueueStats::inc(&self.stats.ring_io);
-                    // Large transfers: start them (and complete those the kernel finishes
-                    // inline) now rather than after the whole batch, so the guest gets its
-                    // first buffers back while we copy the rest.
-                    let big = engine.unsubmitted_bytes() >= EARLY_SUBMIT_BYTES;
-                    drop(engine);
-                    if big {
-                        self.reap(true);
-                    }
-                    continue;
-                }
-                Started::Redo(job) => {
-                    QueueStats::inc(&self.stats.ring_io);
-                    QueueStats::inc(&self.stats.ring_redone);
-                    job
-                }
-                Started::Blocking(job) => job,
-            };
-            // About to block: let the kernel start on what is queued first, and hand back
-            // what is done.
-            self.submit(&mut **engine);
-            drop(engine);
-            self.complete_group(&mut group);
-            let since = blocking.since;
-            let done = self.s.dev.target.run(blocking);
-            let c = self.outcome(done);
-            self.ctl.complete(
-                self.vring,
-                &self.s.mem.memory(),
-                self.s.dirty_log().as_deref(),
-                c.head,
-                c.status,
-                c.used_len,
-            );
-            group.clock = Instant::now();
-            self.stats
-                .latency
-                .record(group.clock.saturating_duration_since(since));
+            if let Some(hold) = self.hold(&job.req) {
+                self.park(job, hold, popped.run);
+                continue;
+            }
+            self.start(job, &mut group, popped.guest_waiting);
         };
         self.complete_group(&mut group);
         (n, running)
+    }
+
+    /// Hands a job to the engine: done at once (it joins `group`, completed with it), queued,
+    /// or run here on the blocking path (after `group` is completed: that may take a while).
+    fn start(&self, job: Job, group: &mut Group, guest_waiting: bool) {
+        let mut engine = self.s.engine(self.q);
+        let blocking = match engine.start(job) {
+            Started::Done(done) => {
+                drop(engine);
+                QueueStats::inc(&self.stats.ring_io);
+                QueueStats::inc(&self.stats.ring_inline);
+                group.done.push(self.outcome(done));
+                if group.done.len() >= INLINE_GROUP || guest_waiting {
+                    self.complete_group(group);
+                }
+                return;
+            }
+            Started::Queued => {
+                QueueStats::inc(&self.stats.ring_io);
+                // Large transfers: start them (and complete those the kernel finishes
+                // inline) now rather than after the whole batch, so the guest gets its
+                // first buffers back while we copy the rest.
+                let big = engine.unsubmitted_bytes() >= EARLY_SUBMIT_BYTES;
+                drop(engine);
+                if big {
+                    self.reap(true);
+                }
+                return;
+            }
+            Started::Redo(job) => {
+                QueueStats::inc(&self.stats.ring_io);
+                QueueStats::inc(&self.stats.ring_redone);
+                job
+            }
+            Started::Blocking(job) => job,
+        };
+        // About to block: let the kernel start on what is queued first, and hand back
+        // what is done.
+        self.submit(&mut **engine);
+        drop(engine);
+        self.complete_group(group);
+        let since = blocking.since;
+        let done = self.s.dev.target.run(blocking);
+        let c = self.outcome(done);
+        self.ctl.complete(
+            self.vring,
+            &self.s.mem.memory(),
+            self.s.dirty_log().as_deref(),
+            c.head,
+            c.status,
+            c.used_len,
+        );
+        group.clock = Instant::now();
+        self.stats
+            .latency
+            .record(group.clock.saturating_duration_since(since));
+    }
+
+    /// Whether the block stack says `req` must wait before it starts (a delay or hang fault).
+    fn hold(&self, req: &Request) -> Option<Hold> {
+        let stack = &self.s.dev.target.stack;
+        let (kind, ranged) = match req.kind {
+            RequestType::In => return stack.hold(IoKind::Read, req.offset(), req.data_len),
+            RequestType::Out => return stack.hold(IoKind::Write, req.offset(), req.data_len),
+            RequestType::Flush => return stack.hold(IoKind::Flush, 0, 0),
+            RequestType::GetId => return None,
+            RequestType::Discard => (IoKind::Discard, &req.ranges),
+            RequestType::WriteZeroes => (IoKind::WriteZeroes, &req.ranges),
+        };
+        ranged
+            .iter()
+            .find_map(|r| stack.hold(kind, r.offset(), r.len()))
+    }
+
+    /// Sets an accepted job aside until its hold is over; it stays in flight meanwhile.
+    fn park(&self, job: Job, hold: Hold, run: u64) {
+        if let Hold::Released(ticket) = &hold {
+            // Weak: a latch that outlives the session (the fault stays) must not keep its
+            // eventfd open.
+            let wake = self.s.wakes.get(self.q).map(Arc::downgrade);
+            let q = self.q;
+            ticket.latch().on_release(Box::new(move || {
+                if let Some(w) = wake.as_ref().and_then(|w| w.upgrade()) {
+                    if let Err(e) = w.write(1) {
+                        warn!("queue {q}: cannot wake its thread for released requests: {e}");
+                    }
+                }
+            }));
+        }
+        debug!(
+            "queue {}: {} at sector {} held by a fault",
+            self.q,
+            job.req.kind.name(),
+            job.req.sector
+        );
+        self.parking.park(Parked { job, run, hold });
+    }
+
+    /// Starts the parked jobs that are due or released, as fresh ones (without asking the
+    /// stack to hold them again). One a drain gave up on is dropped: the drain completed it.
+    /// Returns how many left the list.
+    pub fn start_parked(&self) -> usize {
+        let ready = self.parking.take_ready(Instant::now());
+        let n = ready.len();
+        for Parked { job, run, hold } in ready {
+            // The request is no longer held: out of its latch's count.
+            drop(hold);
+            if !self.ctl.holds_in(job.head, run) {
+                continue;
+            }
+            // Its latency counts from when it was popped, the wait included.
+            let mut group = Group {
+                done: Vec::new(),
+                clock: job.since,
+            };
+            self.start(job, &mut group, true);
+            self.complete_group(&mut group);
+        }
+        if n > 0 {
+            self.reap(true);
+        }
+        n
     }
 
     /// Completes a group of requests done at once, with one used-ring update and one signal.
@@ -394,7 +478,7 @@ impl<'a> Worker<'a> {
                 let table =
                     TableMap::new(view.clone(), GuestAddress(queue.desc_table()), queue.size());
                 let parsed = request::parse(table.chain(head), &view, &limits);
-                return Some(popped(head, parsed, now, view, false));
+                return Some(popped(head, parsed, now, view, false, run));
             }
             let queue = state.get_queue_mut();
             let next = Wrapping(queue.next_avail());
@@ -425,7 +509,7 @@ impl<'a> Worker<'a> {
             if let Some(i) = &mut state.inflight {
                 tracked(i.begin(head), q);
             }
-            Some(popped(head, parsed, now, view, guest_waiting))
+            Some(popped(head, parsed, now, view, guest_waiting, run))
         })
     }
 
@@ -528,6 +612,7 @@ fn popped(
     now: Instant,
     mem: GuestMemView,
     guest_waiting: bool,
+    run: u64,
 ) -> (Popped, InflightReq) {
     let entry = match &parsed {
         Ok(r) => InflightReq {
@@ -553,6 +638,7 @@ fn popped(
         since: now,
         mem,
         guest_waiting,
+        run,
     };
     (popped, entry)
 }

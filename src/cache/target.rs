@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use super::history::{CutPlan, CutReport, History, WriteKind};
 use super::CacheModel;
-use crate::storage::{BlockIo, Dir, MapIo, Mapping, PerIo};
+use crate::storage::medium::unfaulted;
+use crate::storage::{BlockIo, Dir, Hold, IoKind, MapIo, Mapping, PerIo};
 
 /// Why a power cut did not do all it should have.
 #[derive(Debug, thiserror::Error)]
@@ -258,7 +259,8 @@ impl CacheTarget {
         let Some(v) = &self.volatile else {
             self.held.store(hold, Ordering::Relaxed);
             self.powered.store(false, Ordering::Release);
-            self.below.flush().map_err(PowerError::Flush)?;
+            // The medium's own flush, like the reverts below: no injected flush fault fails it.
+            unfaulted(|| self.below.flush()).map_err(PowerError::Flush)?;
             return Ok(CutReport::default());
         };
         // The whole device: waits for writes still between their read and their record (a
@@ -275,9 +277,13 @@ impl CacheTarget {
                 iov_base: r.data.as_ptr() as *mut libc::c_void,
                 iov_len: r.data.len(),
             }];
-            // SAFETY: the iovec points to `r.data`, which lives until the call returns and is
-            // only read.
-            if let Err(source) = unsafe { self.below.writev(r.offset, &iov) } {
+            // The medium's old data back, beneath any injected fault.
+            let put_back = || {
+                // SAFETY: the iovec points to `r.data`, which lives until the call returns and
+                // is only read.
+                unsafe { self.below.writev(r.offset, &iov) }
+            };
+            if let Err(source) = unfaulted(put_back) {
                 result = Err(PowerError::Revert {
                     offset: r.offset,
                     source,
@@ -286,7 +292,8 @@ impl CacheTarget {
             }
         }
         if result.is_ok() {
-            if let Err(e) = self.below.flush() {
+            // What makes the reverts durable stands for the medium too.
+            if let Err(e) = unfaulted(|| self.below.flush()) {
                 result = Err(PowerError::Flush(e));
             }
         }
@@ -353,9 +360,13 @@ impl CacheTarget {
                 iov_base: room.as_mut_ptr() as *mut libc::c_void,
                 iov_len: room.len(),
             }];
-            // SAFETY: the iovec points to `len` bytes of `b`'s spare capacity, owned here until
-            // the call returns.
-            match unsafe { self.below.readv(offset, &iov) } {
+            let read_old = || {
+                // SAFETY: the iovec points to `len` bytes of `b`'s spare capacity, owned here
+                // until the call returns.
+                unsafe { self.below.readv(offset, &iov) }
+            };
+            // What the medium holds, beneath any injected fault.
+            match unfaulted(read_old) {
                 Ok(()) => {
                     // SAFETY: a layer's readv fills the whole of its iovecs or fails, so the
                     // first `len` bytes of the capacity are initialised now.
@@ -456,6 +467,10 @@ impl BlockIo for CacheTarget {
 
     fn end_io(&self, io: MapIo, per_io: &PerIo) -> bool {
         self.below.end_io(io, per_io)
+    }
+
+    fn hold(&self, kind: IoKind, offset: u64, len: u64) -> Option<Hold> {
+        self.below.hold(kind, offset, len)
     }
 }
 

@@ -104,7 +104,7 @@ pub struct QueueReport {
     pub poll_window_us: u64,
 }
 
-/// `fault-remove`'s arguments.
+/// `fault-remove`'s and `fault-release`'s arguments.
 #[derive(Deserialize)]
 struct FaultId {
     id: u64,
@@ -183,6 +183,7 @@ impl Commands {
             }
             CommandName::FaultList => none().and_then(|_| reply(self.faults.list())),
             CommandName::FaultRemove => self.fault_remove(&req.arguments),
+            CommandName::FaultRelease => self.fault_release(&req.arguments),
             CommandName::FaultClear => none().map(|_| json!({ "removed": self.faults.clear() })),
             CommandName::RemapList => none().and_then(|_| reply(self.remap.table().entries())),
             CommandName::PendingList => none().and_then(|_| reply(self.remap.table().pending())),
@@ -246,6 +247,20 @@ impl Commands {
             Ok(json!({}))
         } else {
             Err(ArgError::new("id", format!("no fault with id {id}; see fault-list")).into())
+        }
+    }
+
+    fn fault_release(&self, map: &Map<String, Value>) -> CommandResult {
+        let mut args = Args::new(map);
+        let FaultId { id } = args
+            .take()
+            .map_err(|e| e.explain_missing("id", "the hang fault's id from fault-add"))?;
+        args.finish(&CommandName::FaultRelease.name())?;
+        match self.faults.release(id) {
+            Some(n) => Ok(json!({ "released": n })),
+            None => {
+                Err(ArgError::new("id", format!("no fault with id {id}; see fault-list")).into())
+            }
         }
     }
 

@@ -20,12 +20,14 @@ pub enum CommandName {
     Quiesce,
     /// Take requests again after quiesce.
     Resume,
-    /// Inject a fault: lba=N [op=read|write|any] [count=N] [times=N] [mode=error|delay delay_ms=N|flaky probability=P [seed=N]|corrupt (bits=N [seed=N] | xor=BYTE [offset=K])|lost-write|misdirect shift=N|torn sectors=N [report=ok|error]].
+    /// Inject a fault: lba=N [count=N] [op=read|write|discard|write-zeroes|any] (or op=flush, no lba or count) [mode=error|delay delay_ms=N [jitter_ms=N] [distribution=fixed|uniform|exponential|pareto] [seed=N]|hang|stall delay_ms=N|flaky probability=P [seed=N]|corrupt (bits=N [seed=N] | xor=BYTE [offset=K])|lost-write|misdirect shift=N|torn sectors=N [report=ok|error]] [after=N] [every=N] [window=UP_MS:DOWN_MS] [times=N]; a matching I/O is counted, passes until after is reached, then only every Nth, only in the window's up phase, goes on to the mode; times caps the firings. A hang holds its requests until fault-release.
     FaultAdd,
-    /// The faults in place, with how often each fired.
+    /// The faults in place: their arguments, matched, fired, armed, expired, window_up.
     FaultList,
     /// Remove one fault: id=N.
     FaultRemove,
+    /// Let the requests a hang fault holds now go on (the fault stays and holds later ones): id=N.
+    FaultRelease,
     /// Remove every fault.
     FaultClear,
     /// The remap table: lba, spare_block, cause and since of each remapped block.

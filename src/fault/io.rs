@@ -9,7 +9,9 @@ use super::corrupt;
 use super::spec::{Corruption, FaultOp, TornReport};
 use super::table::{FaultTable, Verdict};
 use crate::storage::iov::{gather, sub_iovecs};
-use crate::storage::{block_span, BlockIo, Dir, MapIo, Mapping, MediaError, NotMediaError, PerIo};
+use crate::storage::{
+    block_span, BlockIo, Dir, Hold, IoKind, MapIo, Mapping, MediaError, NotMediaError, PerIo,
+};
 
 /// Torn writes count in sectors of this size, whatever the block size: the unit a disk
 /// writes atomically.
@@ -19,6 +21,23 @@ pub struct FaultyTarget {
     inner: Arc<dyn BlockIo>,
     table: Arc<FaultTable>,
     block_size: u64,
+}
+
+/// A request of `len` bytes at byte `offset` cut where the blocks in `blocks` begin and end:
+/// `(at, len, inside)` pieces, `at` counted from the request's start, empty pieces left out.
+fn pieces(
+    offset: u64,
+    len: u64,
+    blocks: &RangeInclusive<u64>,
+    block_size: u64,
+) -> impl Iterator<Item = (u64, u64, bool)> {
+    let end = offset + len;
+    let from = (blocks.start() * block_size).clamp(offset, end);
+    let to = ((blocks.end() + 1) * block_size).clamp(offset, end);
+    [(offset, from, false), (from, to, true), (to, end, false)]
+        .into_iter()
+        .filter(|&(a, b, _)| b > a)
+        .map(move |(a, b, inside)| (a - offset, b - a, inside))
 }
 
 /// Where the pieces of a misdirected request go: `(at, len, to)`, `len` bytes from byte `at`
@@ -31,19 +50,22 @@ fn misdirected(
     shift: i64,
     block_size: u64,
 ) -> Vec<(u64, u64, u64)> {
-    let end = offset + len;
-    let from = (moved.start() * block_size).clamp(offset, end);
-    let to = ((moved.end() + 1) * block_size).clamp(offset, end);
     let shifted = |a: u64| a.wrapping_add_signed(shift.wrapping_mul(block_size as i64));
-    [
-        (offset, from, offset),
-        (from, to, shifted(from)),
-        (to, end, to),
-    ]
-    .into_iter()
-    .filter(|&(a, b, _)| b > a)
-    .map(|(a, b, dest)| (a - offset, b - a, dest))
-    .collect()
+    pieces(offset, len, &moved, block_size)
+        .map(|(at, n, inside)| {
+            let to = offset + at;
+            (at, n, if inside { shifted(to) } else { to })
+        })
+        .collect()
+}
+
+/// The pieces of a write that land when the blocks in `lost` are lost: `(at, len)` from the
+/// request's start. Only the fault's blocks are lost, however the guest merged its writes.
+fn kept(offset: u64, len: u64, lost: RangeInclusive<u64>, block_size: u64) -> Vec<(u64, u64)> {
+    pieces(offset, len, &lost, block_size)
+        .filter(|&(_, _, inside)| !inside)
+        .map(|(at, n, _)| (at, n))
+        .collect()
 }
 
 /// The bytes of a torn write that land: its first `sectors` sectors, or all of it.
@@ -69,10 +91,14 @@ impl FaultyTarget {
         }
     }
 
-    /// The request's fate: failures come back as the error, delays are served here; what is
-    /// left is for the caller to carry out (`Pass` or a mode that changes data).
+    /// The request's fate: failures come back as the error, stalls are served here (on the
+    /// queue's worker, on purpose); what is left is for the caller to carry out (`Pass` or a
+    /// mode that changes data). Delays and hangs are not served here but before the request
+    /// starts, off the worker ([`BlockIo::hold`]). A flush has no blocks: `offset` and `len`
+    /// are 0.
     fn decide(&self, op: FaultOp, offset: u64, len: u64) -> io::Result<Verdict> {
-        if len == 0 {
+        // The cache model's own reads and reverts stand for the medium: no fault hits them.
+        if crate::storage::medium::is_unfaulted() || (len == 0 && op != FaultOp::Flush) {
             return Ok(Verdict::Pass);
         }
         let (first, last) = block_span(offset, len, self.block_size);
@@ -81,6 +107,10 @@ impl FaultyTarget {
                 std::thread::sleep(d);
                 Ok(Verdict::Pass)
             }
+            // A failed flush is no bad block: nothing above may remap for it.
+            Verdict::Fail(id, _) if op == FaultOp::Flush => Err(io::Error::other(NotMediaError(
+                format!("injected flush failure (fault {id}; fault-remove id={id} ends it)"),
+            ))),
             Verdict::Fail(id, bad) => Err(io::Error::other(MediaError {
                 cause: format!("injected media error (fault {id})"),
                 bad,
@@ -143,7 +173,15 @@ impl BlockIo for FaultyTarget {
                 // SAFETY: `one` describes `buf`, live for the call.
                 unsafe { self.inner.writev(offset, &one) }
             }
-            Verdict::Lose(_) => Ok(()),
+            Verdict::Lose(_, lost) => {
+                let mut part = Vec::new();
+                for (at, n) in kept(offset, len as u64, lost, self.block_size) {
+                    sub_iovecs(iov, at, n, &mut part);
+                    // SAFETY: pieces of the caller's `iov`.
+                    unsafe { self.inner.writev(offset + at, &part)? };
+                }
+                Ok(())
+            }
             Verdict::Misdirect(_, shift, moved) => {
                 let mut part = Vec::new();
                 for (at, n, to) in misdirected(offset, len as u64, moved, shift, self.block_size) {
@@ -166,15 +204,21 @@ impl BlockIo for FaultyTarget {
     }
 
     fn flush(&self) -> io::Result<()> {
+        // Only error, flaky and delay take op=flush: no verdict is left to carry out.
+        self.decide(FaultOp::Flush, 0, 0)?;
         self.inner.flush()
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.ranged(offset, len, |o, l| self.inner.discard(o, l))
+        self.ranged(FaultOp::Discard, offset, len, |o, l| {
+            self.inner.discard(o, l)
+        })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
-        self.ranged(offset, len, |o, l| self.inner.write_zeroes(o, l, unmap))
+        self.ranged(FaultOp::WriteZeroes, offset, len, |o, l| {
+            self.inner.write_zeroes(o, l, unmap)
+        })
     }
 
     fn map<'a>(&'a self, io: MapIo, out: &mut Mapping<'a>) -> bool {
@@ -190,19 +234,43 @@ impl BlockIo for FaultyTarget {
     fn end_io(&self, io: MapIo, per_io: &PerIo) -> bool {
         self.inner.end_io(io, per_io)
     }
+
+    fn hold(&self, kind: IoKind, offset: u64, len: u64) -> Option<Hold> {
+        if crate::storage::medium::is_unfaulted() {
+            return None;
+        }
+        // Each kind as itself: `FaultOp::covers` decides which faults see it, as on the data
+        // path (a flush asks with no blocks, and only flush faults match it).
+        let op = match kind {
+            IoKind::Read => FaultOp::Read,
+            IoKind::Write => FaultOp::Write,
+            IoKind::Discard => FaultOp::Discard,
+            IoKind::WriteZeroes => FaultOp::WriteZeroes,
+            IoKind::Flush => FaultOp::Flush,
+        };
+        let (first, last) = block_span(offset, len, self.block_size);
+        self.table.hold(op, first, last)
+    }
 }
 
 impl FaultyTarget {
-    /// Discard and write-zeroes, which carry no data: they count as writes, are lost,
-    /// misdirected or torn like one, and `corrupt` has nothing to corrupt in them.
+    /// Discard and write-zeroes (`op`), which carry no data: faults of op write see them too;
+    /// they are lost, misdirected or torn like a write, and `corrupt` has nothing to corrupt
+    /// in them (it never matches them).
     fn ranged(
         &self,
+        op: FaultOp,
         offset: u64,
         len: u64,
         run: impl Fn(u64, u64) -> io::Result<()>,
     ) -> io::Result<()> {
-        match self.decide(FaultOp::Write, offset, len)? {
-            Verdict::Lose(_) => Ok(()),
+        match self.decide(op, offset, len)? {
+            Verdict::Lose(_, lost) => {
+                for (at, n) in kept(offset, len, lost, self.block_size) {
+                    run(offset + at, n)?;
+                }
+                Ok(())
+            }
             Verdict::Misdirect(_, shift, moved) => {
                 for (_, n, to) in misdirected(offset, len, moved, shift, self.block_size) {
                     run(to, n)?;
@@ -222,6 +290,8 @@ impl FaultyTarget {
 mod tests {
     use super::*;
     use crate::events::EventLog;
+    use crate::fault::spec::Blocks;
+    use crate::fault::trigger::Trigger;
     use crate::fault::{FaultMode, FaultSpec};
     use std::sync::Mutex;
 
@@ -273,10 +343,10 @@ mod tests {
         let table = Arc::new(FaultTable::new(Arc::new(EventLog::disabled())));
         table.add(FaultSpec {
             op: FaultOp::Any,
-            lba,
-            count,
+            blocks: Some(Blocks { lba, count }),
             mode,
             times: None,
+            trigger: Trigger::default(),
         });
         (FaultyTarget::new(mem.clone(), table, 512), mem)
     }
@@ -368,6 +438,27 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_write_loses_only_the_faults_blocks() {
+        // Blocks 10..=13 of 512 bytes, the fault on 11..=12: blocks 10 and 13 land.
+        assert_eq!(
+            kept(10 * 512, 4 * 512, 11..=12, 512),
+            vec![(0, 512), (1536, 512)]
+        );
+        assert_eq!(kept(11 * 512, 1024, 11..=12, 512), vec![]);
+        let (t, mem) = target(4, 2, FaultMode::LostWrite);
+        let before = mem.0.lock().unwrap().clone();
+        // Blocks 3..=6: 3 and 6 land, 4..=5 keep their old data.
+        let (mut a, mut b) = (vec![1u8; 700], vec![2u8; 1348]);
+        let data = [a.clone(), b.clone()].concat();
+        // SAFETY: the iovecs point to `a` and `b`, live for the call.
+        unsafe { t.writev(3 * 512, &split(&mut a, &mut b)).unwrap() };
+        let now = mem.0.lock().unwrap().clone();
+        assert_eq!(now[1536..2048], data[..512]);
+        assert_eq!(now[2048..3072], before[2048..3072]);
+        assert_eq!(now[3072..3584], data[1536..]);
+    }
+
+    #[test]
     fn a_misdirected_write_moves_only_the_faults_blocks() {
         // Blocks 10..=13 of 512 bytes, the fault on 11..=12, shifted by +100.
         assert_eq!(
@@ -392,5 +483,31 @@ mod tests {
         assert!(torn_result(1, TornReport::Ok).is_ok());
         let e = torn_result(1, TornReport::Error).unwrap_err();
         assert!(NotMediaError::is(&e) && MediaError::of(&e).is_none());
+    }
+    #[test]
+    fn a_flush_fault_fails_flushes_as_no_media_error_and_leaves_data_alone() {
+        let mem = Arc::new(Mem(Mutex::new(vec![0u8; 8192])));
+        let table = Arc::new(FaultTable::new(Arc::new(EventLog::disabled())));
+        let t = FaultyTarget::new(mem.clone(), table.clone(), 512);
+        assert!(t.flush().is_ok());
+        table.add(FaultSpec {
+            op: FaultOp::Flush,
+            blocks: None,
+            mode: FaultMode::Error,
+            times: Some(1),
+            trigger: Trigger::default(),
+        });
+        let mut a = vec![9u8; 512];
+        let one = [libc::iovec {
+            iov_base: a.as_mut_ptr().cast(),
+            iov_len: a.len(),
+        }];
+        // SAFETY: `one` points to `a`, live for the call.
+        unsafe { t.writev(512, &one).unwrap() };
+        t.discard(1024, 512).unwrap();
+        let e = t.flush().unwrap_err();
+        assert!(NotMediaError::is(&e) && MediaError::of(&e).is_none(), "{e}");
+        assert!(t.flush().is_ok(), "times=1 spent");
+        assert_eq!(mem.0.lock().unwrap()[512..1024], [9u8; 512]);
     }
 }

@@ -10,9 +10,11 @@
 //! calls; the engines know nothing of what the layers are.
 
 mod extent;
+pub mod hold;
 pub mod image;
 pub mod iov;
 pub mod lock;
+pub mod medium;
 pub mod null;
 
 use std::fs::{File, OpenOptions as FsOpenOptions};
@@ -21,6 +23,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 pub use extent::{Extent, Mapping, MemoryExtent, PerIo, Source};
+pub use hold::{Hold, IoKind};
 pub use image::{Checked, Image, ImageError, ImageKind, OpenOptions};
 pub use null::NullTarget;
 
@@ -177,5 +180,14 @@ pub trait BlockIo: Send + Sync {
     /// through `readv` / `writev`. A layer that maps through the layer below asks it too.
     fn end_io(&self, _io: MapIo, _per_io: &PerIo) -> bool {
         true
+    }
+
+    /// Whether a request of `kind` on `len` bytes at `offset` must wait before it starts (a
+    /// delay or hang fault): asked once per request, before the engine gets it. The wait is
+    /// the caller's to serve, off the queue's worker, so nothing else waits with it. A layer
+    /// that passes requests down asks the layer below; the answer for nearly every request is
+    /// None, found with one atomic load at the fault layer.
+    fn hold(&self, _kind: IoKind, _offset: u64, _len: u64) -> Option<Hold> {
+        None
     }
 }

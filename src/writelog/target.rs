@@ -6,7 +6,7 @@ use std::io;
 use std::sync::Arc;
 
 use super::writer::LogWriter;
-use crate::storage::{BlockIo, Dir, MapIo, Mapping, PerIo};
+use crate::storage::{BlockIo, Dir, Hold, IoKind, MapIo, Mapping, PerIo};
 
 pub struct LoggedTarget {
     inner: Arc<dyn BlockIo>,
@@ -62,6 +62,10 @@ impl BlockIo for LoggedTarget {
 
     fn end_io(&self, io: MapIo, per_io: &PerIo) -> bool {
         self.inner.end_io(io, per_io)
+    }
+
+    fn hold(&self, kind: IoKind, offset: u64, len: u64) -> Option<Hold> {
+        self.inner.hold(kind, offset, len)
     }
 }
 

@@ -20,6 +20,10 @@
 #   fsck                       e2fsck -fn on the disk; DETAIL: its exit status meaning
 #   devsum                     DETAIL: md5 of the whole disk, read with O_DIRECT
 #   sync                       sync
+#   fill SECTOR KIB TAG        write KIB KiB of "TAG\n" repeated to the raw disk at SECTOR (a
+#                              multiple of 8) through the page cache, then fsync
+#   cmp SECTOR KIB TAG         drop the disk's cached pages, read KIB KiB at SECTOR and cmp them
+#                              with "TAG\n" repeated; DETAIL: same|differ and the read's md5
 #   end                        leave the loop (the scenario then succeeds)
 mnt=/mnt
 mkdir -p $mnt
@@ -119,6 +123,21 @@ while read -r step a1 a2 a3 a4; do
         sync)
             sync
             done_step sync $?
+            ;;
+        fill)
+            yes "$a3" | head -c $(( a2 * 1024 )) > /tmp/fill
+            dd if=/tmp/fill of="$dev" bs=4096 seek=$(( a1 / 8 )) conv=fsync,notrunc 2>/dev/null
+            done_step fill $?
+            ;;
+        cmp)
+            sync
+            echo 3 > /proc/sys/vm/drop_caches
+            blockdev --flushbufs "$dev" 2>/dev/null
+            dd if="$dev" of=/tmp/got bs=4096 skip=$(( a1 / 8 )) count=$(( a2 / 4 )) 2>/dev/null
+            rc=$?
+            yes "$a3" | head -c $(( a2 * 1024 )) > /tmp/want
+            if cmp -s /tmp/want /tmp/got; then same=same; else same=differ; fi
+            done_step cmp $rc "$same $(md5sum < /tmp/got | cut -c1-32)"
             ;;
         end)
             done_step end 0
