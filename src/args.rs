@@ -1,10 +1,11 @@
 //! The command line.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::backend::{MAX_NUM_QUEUES, MAX_QUEUE_SIZE};
+use crate::backend::{Polling, DEFAULT_POLL_MAX_US, MAX_NUM_QUEUES, MAX_QUEUE_SIZE};
 use crate::cache::CacheModel;
 use crate::control::protocol::CommandName;
 use crate::filemode::SocketMode;
@@ -29,7 +30,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve a disk image over vhost-user-blk until SIGINT or SIGTERM.
-    Serve(ServeArgs),
+    // Boxed: serve's flags outweigh the other commands' many times over.
+    Serve(Box<ServeArgs>),
     /// Send one command to a running server's control socket and print its answer as JSON.
     Ctl(CtlArgs),
     /// Inspect a spare file offline.
@@ -245,12 +247,20 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ENGINE", value_enum, env = "REMAPBLK_ENGINE")]
     pub engine: Option<EngineKind>,
 
-    /// After a burst of requests, keep polling the ring (guest notifications off) and the
-    /// engine's completions for this many microseconds of idleness before sleeping again.
-    /// Saves a wakeup and a guest kick per batch at the cost of CPU time; 0 = off.
-    #[arg(long, value_name = "US", default_value_t = 0,
-          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
-    pub poll_us: u64,
+    /// After work, keep polling the ring (guest notifications off) and the engine's
+    /// completions before sleeping again: saves a wakeup and a guest kick per request at the
+    /// cost of CPU time spent polling. `auto`: a window per queue that grows while requests
+    /// come soon after the last (doubling from 4 us, up to --poll-max-us) and halves down to
+    /// 0 when they do not, so an idle disk costs no CPU; `0`: never poll; `N`: poll until
+    /// nothing happened for N microseconds, every time (at most 1000000).
+    #[arg(long, value_name = "auto|0|US", default_value = "auto", value_parser = parse_poll_us)]
+    pub poll_us: PollUs,
+
+    /// The cap of the adaptive window of --poll-us auto, in microseconds (1-1000000).
+    /// [default: 50]
+    #[arg(long, value_name = "US",
+          value_parser = clap::value_parser!(u64).range(1..=MAX_POLL_US))]
+    pub poll_max_us: Option<u64>,
 
     /// How long a ring stop, reset, disconnect or exit waits for in-flight requests before
     /// completing them with IOERR.
@@ -338,6 +348,29 @@ pub struct ServeArgs {
     pub seccomp: sandbox::Mode,
 }
 
+/// `--poll-us`: `auto`, or a number of microseconds (0: off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollUs {
+    Auto,
+    Micros(u64),
+}
+
+/// The longest fixed or adaptive polling window accepted: a second of spinning is already far
+/// past anything that saves a wakeup.
+const MAX_POLL_US: u64 = 1_000_000;
+
+fn parse_poll_us(s: &str) -> Result<PollUs, String> {
+    if s == "auto" {
+        return Ok(PollUs::Auto);
+    }
+    match s.parse::<u64>() {
+        Ok(n) if n <= MAX_POLL_US => Ok(PollUs::Micros(n)),
+        _ => Err(format!(
+            "expected auto, 0 (off) or microseconds up to {MAX_POLL_US}, got '{s}'"
+        )),
+    }
+}
+
 impl ServeArgs {
     /// `--cache-size`, or its default.
     pub fn cache_bytes(&self) -> u64 {
@@ -353,7 +386,23 @@ impl ServeArgs {
                     .into(),
             );
         }
-        Ok(())
+        self.polling().map(|_| ())
+    }
+
+    /// What `--poll-us` and `--poll-max-us` ask for together; an error (bad usage) when
+    /// `--poll-max-us` is given where it caps nothing.
+    pub fn polling(&self) -> Result<Polling, String> {
+        match (self.poll_us, self.poll_max_us) {
+            (PollUs::Auto, max) => Ok(Polling::Adaptive {
+                max: Duration::from_micros(max.unwrap_or(DEFAULT_POLL_MAX_US)),
+            }),
+            (PollUs::Micros(n), Some(_)) => Err(format!(
+                "--poll-max-us caps the adaptive window of --poll-us auto; with --poll-us {n} \
+                 the window is fixed: drop one of them"
+            )),
+            (PollUs::Micros(0), None) => Ok(Polling::Off),
+            (PollUs::Micros(n), None) => Ok(Polling::Fixed(Duration::from_micros(n))),
+        }
     }
 }
 
@@ -438,6 +487,64 @@ mod tests {
         assert!(parse_size("0").is_err());
         assert!(parse_size("99999999999T").is_err());
         assert!(parse_size("-5M").is_err());
+    }
+
+    #[test]
+    fn poll_flags() {
+        let polling = |args: &[&str]| {
+            let cli = Cli::try_parse_from(
+                [
+                    &["remapblk", "serve", "--image", "i", "--socket", "s"],
+                    args,
+                ]
+                .concat(),
+            )
+            .map_err(|e| e.to_string())?;
+            let Command::Serve(a) = cli.command else {
+                panic!("not serve")
+            };
+            a.polling()
+        };
+        let us = Duration::from_micros;
+        assert_eq!(
+            polling(&[]),
+            Ok(Polling::Adaptive {
+                max: us(DEFAULT_POLL_MAX_US)
+            })
+        );
+        assert_eq!(
+            polling(&["--poll-us", "auto", "--poll-max-us", "120"]),
+            Ok(Polling::Adaptive { max: us(120) })
+        );
+        assert_eq!(
+            polling(&["--poll-max-us", "25"]),
+            Ok(Polling::Adaptive { max: us(25) })
+        );
+        assert_eq!(polling(&["--poll-us", "0"]), Ok(Polling::Off));
+        assert_eq!(polling(&["--poll-us", "50"]), Ok(Polling::Fixed(us(50))));
+        let err = polling(&["--poll-us", "50", "--poll-max-us", "100"]).unwrap_err();
+        assert!(err.starts_with("--poll-max-us caps"), "{err}");
+        for bad in [
+            &["--poll-us", "fast"][..],
+            &["--poll-us", "1000001"],
+            &["--poll-max-us", "0"],
+            &["--poll-max-us", "auto"],
+        ] {
+            let err = polling(bad).unwrap_err();
+            assert!(err.contains(bad[0]), "{bad:?}: {err}");
+        }
+        assert!(polling(&["--poll-us", "-1"]).is_err());
+        // The help states the cap's default in words: keep them the constant's.
+        use clap::CommandFactory;
+        let help = Cli::command()
+            .find_subcommand_mut("serve")
+            .expect("the serve subcommand")
+            .render_long_help()
+            .to_string();
+        assert!(
+            help.contains(&format!("[default: {DEFAULT_POLL_MAX_US}]")),
+            "{help}"
+        );
     }
 
     #[test]

@@ -34,7 +34,7 @@ fn main() -> ExitCode {
             if let Err(msg) = args.check() {
                 usage_error("serve", msg);
             }
-            run_serve(args)
+            run_serve(*args)
         }
         Command::Ctl(args) => return run_ctl(args),
         Command::Metadata { action } => return run_metadata(action),
@@ -159,6 +159,8 @@ fn activated_socket() -> Option<i32> {
 }
 
 fn run_serve(a: ServeArgs) -> Result<(), String> {
+    // Checked with the rest of the usage (`ServeArgs::check`) before we get here.
+    let poll = a.polling()?;
     if a.print_capabilities {
         let caps = Capabilities {
             kind: "block",
@@ -223,7 +225,7 @@ fn run_serve(a: ServeArgs) -> Result<(), String> {
         queue_size: a.queue_size,
         drain_timeout: Duration::from_millis(a.drain_timeout_ms),
         engine,
-        poll: Duration::from_micros(a.poll_us),
+        poll,
     };
     let control_path = match (&a.control, &socket) {
         (Some(c), _) => c.clone(),

@@ -34,6 +34,11 @@ pub struct QueueStats {
     /// Of those, the ones done again on the synchronous path (ring I/O failed or came up
     /// short, or a remap moved the data meanwhile).
     pub ring_redone: AtomicU64,
+    /// Times the queue's thread woke (a kick, or the engine's completions) to work.
+    pub wakeups: AtomicU64,
+    /// Times polling found work after the ring had gone quiet: a wakeup, and most often a
+    /// guest kick, saved.
+    pub poll_hits: AtomicU64,
     /// Time from pop to completion.
     pub latency: Histogram,
 }
@@ -140,6 +145,8 @@ counters!(
     ring_io,
     ring_inline,
     ring_redone,
+    wakeups,
+    poll_hits,
 );
 
 impl std::iter::Sum for Counters {
@@ -304,11 +311,13 @@ mod tests {
                 "errors",
                 "flushes",
                 "malformed",
+                "poll_hits",
                 "reads",
                 "ring_inline",
                 "ring_io",
                 "ring_redone",
                 "unsupported",
+                "wakeups",
                 "write_zeroes",
                 "writes"
             ]

@@ -21,6 +21,9 @@ pub struct Outcome {
     pub size: u64,
     pub queue_size: u32,
     pub ios: u64,
+    /// Every request completed on the connection, the ramp and the final drain included:
+    /// what the server's CPU time over the whole connection was spent on.
+    pub ios_total: u64,
     pub bytes: u64,
     pub window: Duration,
     pub lat: Histogram,
@@ -142,6 +145,7 @@ pub fn run(args: &Args) -> Result<Outcome, String> {
         size,
         queue_size,
         ios: 0,
+        ios_total: 0,
         bytes: 0,
         window,
         lat: Histogram::default(),
@@ -153,6 +157,7 @@ pub fn run(args: &Args) -> Result<Outcome, String> {
             .join()
             .map_err(|_| "a worker thread panicked".to_string())?;
         out.ios += r.ios;
+        out.ios_total += r.ios_total;
         out.bytes += r.ios * args.bs;
         out.errors += r.errors;
         out.lat.merge(&r.lat);
@@ -180,6 +185,7 @@ struct Worker {
 
 struct QueueResult {
     ios: u64,
+    ios_total: u64,
     errors: u64,
     lat: Histogram,
     first_error: Option<String>,
@@ -220,6 +226,7 @@ impl Worker {
     fn run(mut self) -> QueueResult {
         let mut res = QueueResult {
             ios: 0,
+            ios_total: 0,
             errors: 0,
             lat: Histogram::default(),
             first_error: None,
@@ -295,6 +302,7 @@ impl Worker {
                     );
                     continue;
                 }
+                res.ios_total += 1;
                 if now >= self.start && now < self.end {
                     res.ios += 1;
                     let ns = now.saturating_duration_since(issued[slot]).as_nanos();

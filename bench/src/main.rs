@@ -58,6 +58,7 @@ fn main() -> ExitCode {
             "capacity": out.capacity,
             "seed": args.seed,
             "ios": out.ios,
+            "ios_total": out.ios_total,
             "iops": (iops * 10.0).round() / 10.0,
             "mb_per_s": (mb_per_s * 100.0).round() / 100.0,
             "lat_us": {

@@ -9,6 +9,7 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
+use super::polling::Polling;
 use crate::handover::{Handover, HandoverError, WriterState};
 use crate::io::{EngineKind, Target};
 use crate::stats::Stats;
@@ -39,8 +40,8 @@ pub struct DeviceConfig {
     pub drain_timeout: Duration,
     /// The engine each queue runs requests with.
     pub engine: EngineKind,
-    /// `--poll-us`: how long a worker keeps polling its ring after the last work; zero: off.
-    pub poll: Duration,
+    /// `--poll-us`, `--poll-max-us`: how long a worker keeps polling its ring after work.
+    pub poll: Polling,
 }
 
 pub struct Device {

@@ -198,7 +198,6 @@ impl QueueCtl {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    #[cfg(test)]
     pub fn phase(&self) -> Phase {
         self.lock().phase
     }

@@ -115,6 +115,13 @@ impl Live {
         self.current().map_or(0, |b| b.queue_inflight(q))
     }
 
+    /// How long queue `q`'s worker polls after its next work (0 with no frontend).
+    pub fn queue_poll_window(&self, q: usize) -> std::time::Duration {
+        self.current()
+            .and_then(|b| b.poll_window(q))
+            .unwrap_or_default()
+    }
+
     pub(crate) fn set_current(&self, backend: Option<Arc<Session>>) {
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = backend;
     }

@@ -8,6 +8,7 @@ mod handler;
 mod inflight;
 mod live;
 mod parked;
+mod polling;
 mod server;
 mod session;
 mod vring;
@@ -15,6 +16,7 @@ mod worker;
 
 pub use device::{default_serial, Device, DeviceConfig, MAX_NUM_QUEUES, MAX_QUEUE_SIZE};
 pub use live::{Live, QuiesceReport};
+pub use polling::{Polling, DEFAULT_MAX_US as DEFAULT_POLL_MAX_US};
 pub use server::{serve, ServeError};
 
 /// One frontend connection served as `serve` serves each: for the vhost-user fuzz target

@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::device::Device;
 use super::inflight::{DrainReport, Gm, Phase, QueueCtl};
 use super::parked::Parking;
+use super::polling::PollWindow;
 use super::vring::Vring;
 use super::worker::Worker;
 use crate::io::Engine;
@@ -48,6 +49,8 @@ pub struct Session {
     pub(super) wakes: Vec<Arc<EventFd>>,
     /// Each queue's requests that wait before they start (delay and hang faults).
     pub(super) parked: Vec<Parking>,
+    /// Each queue's polling window (`--poll-us`), which its worker adapts.
+    pub(super) windows: Vec<PollWindow>,
     /// The threads are to end (the session is over).
     exit: AtomicBool,
     /// The dirty log (SET_LOG_BASE), and whether the frontend turned logging on (LOG_ALL).
@@ -76,6 +79,7 @@ impl Session {
             polls.push(poll);
             wakes.push(Arc::new(wake));
         }
+        let windows = (0..n).map(|_| PollWindow::new(dev.cfg.poll)).collect();
         let s = Session {
             queues: (0..n).map(QueueCtl::new).collect(),
             vrings,
@@ -86,6 +90,7 @@ impl Session {
             engines,
             polls,
             wakes,
+            windows,
             parked: (0..n).map(|_| Parking::default()).collect(),
             exit: AtomicBool::new(false),
             log: ArcSwapOption::empty(),
@@ -243,6 +248,11 @@ impl Session {
     /// Requests accepted and not yet completed, over all queues.
     pub fn inflight(&self) -> usize {
         self.queues.iter().map(QueueCtl::inflight).sum()
+    }
+
+    /// How long queue `q`'s worker polls after its next work (`None`: no such queue).
+    pub fn poll_window(&self, q: usize) -> Option<std::time::Duration> {
+        self.windows.get(q).map(PollWindow::window)
     }
 
     /// Requests accepted and not yet completed on queue `q`.

@@ -13,6 +13,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
 use super::device::{Device, DeviceConfig};
 use super::inflight::Phase;
+use super::polling::Polling;
 use super::session::Session;
 use super::vring::Vring;
 use super::worker::Worker;
@@ -153,7 +154,7 @@ fn rig(readonly: bool, drain_timeout: Duration) -> Rig {
             queue_size: QSIZE,
             drain_timeout,
             engine: EngineKind::Sync,
-            poll: Duration::ZERO,
+            poll: Polling::Off,
         },
         target.clone(),
     ));

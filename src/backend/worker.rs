@@ -1,8 +1,8 @@
 //! A queue's worker, on each event of its thread: takes every available descriptor chain
 //! (guest notifications off meanwhile), parses it, hands it to the queue's engine, and
 //! completes what the engine finished, in small groups so the guest gets its first buffers back
-//! while the rest is under way. With `--poll-us` it keeps watching the ring and the engine for
-//! a while before sleeping again.
+//! while the rest is under way. After work it keeps watching the ring and the engine for a
+//! while before sleeping again (`--poll-us`; how long: `polling`).
 
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
@@ -13,8 +13,9 @@ use log::{debug, error, warn};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace};
 
-use super::inflight::{log_used_ring, tracked, Completion, InflightReq, Pop, QueueCtl};
+use super::inflight::{log_used_ring, tracked, Completion, InflightReq, Phase, Pop, QueueCtl};
 use super::parked::{Parked, Parking};
+use super::polling::PollWindow;
 use super::session::Session;
 use super::vring::Vring;
 use crate::io::{Done, Engine, Job, Reaped, Started};
@@ -39,6 +40,7 @@ pub struct Worker<'a> {
     vring: &'a Vring,
     stats: &'a QueueStats,
     parking: &'a Parking,
+    window: &'a PollWindow,
 }
 
 /// A popped chain.
@@ -74,6 +76,7 @@ impl<'a> Worker<'a> {
             vring: s.vrings.get(q)?,
             parking: s.parked.get(q)?,
             stats: s.dev.stats.queue(q),
+            window: s.windows.get(q)?,
             s,
             q,
         })
@@ -81,12 +84,14 @@ impl<'a> Worker<'a> {
 
     /// The guest kicked the queue (or a resume poked it).
     pub fn kicked(&self) {
+        let window = self.window.woke();
         if !self
             .ctl
             .start_if_ready(self.vring, || !self.s.dev.is_quiesced())
         {
             return;
         }
+        QueueStats::inc(&self.stats.wakeups);
         // Only a queue that runs claims the files: a late wake of a ring the frontend stopped
         // must not take them back from the process they were just handed to.
         self.check_writer();
@@ -97,22 +102,34 @@ impl<'a> Worker<'a> {
         // One system call for the whole kick's batch; completions that the kernel finished
         // inline (page-cache hits) are reaped right away rather than on the next wakeup.
         self.reap(true);
-        let poll = self.s.dev.cfg.poll;
-        if !poll.is_zero() {
-            self.poll(poll);
-        }
+        self.poll(window);
     }
 
     /// The engine's notifier fired: some queued I/O is over.
     pub fn engine_event(&self) {
         self.s.engine(self.q).clear_notifier();
-        self.reap(false);
+        if self.reap(false) == 0 {
+            return;
+        }
+        QueueStats::inc(&self.stats.wakeups);
+        // The guest got buffers back and is about to send more: the same reason to poll as
+        // after a kick (and, for `auto`, the same measure of how soon work came).
+        let window = self.window.woke();
+        if self.ctl.phase() == Phase::Running {
+            self.poll(window);
+        }
     }
 
-    /// `--poll-us`: keeps watching the ring (guest notifications off, so it need not kick)
-    /// and the engine's completions until nothing has happened for `poll`, then goes back
-    /// to sleeping on the kick eventfd. Trades CPU time for the wakeups it saves.
-    fn poll(&self, poll: Duration) {
+    /// Polling (`--poll-us`): keeps watching the ring (guest notifications off, so it need
+    /// not kick) and the engine's completions until nothing has happened for `window`, then
+    /// goes back to sleeping on the kick eventfd. Trades CPU time for the wakeups it saves.
+    /// With `auto`, work found after a quiet spell adapts the window as it goes, and the
+    /// quiet spell that ends the loop is where the next wakeup's gap counts from.
+    fn poll(&self, mut window: Duration) {
+        if window.is_zero() {
+            self.window.went_idle();
+            return;
+        }
         let _ = self.vring.disable_notification();
         self.log_used_ring();
         // When the ring last went idle: the clock is read on idle rounds only, not on each
@@ -125,16 +142,28 @@ impl<'a> Worker<'a> {
             // The frontend may take the ring away, or a quiesce begin, while we spin.
             let ready = self.vring.get_ref().get_queue().ready() && !self.s.dev.is_quiesced();
             if !running || !ready {
+                self.window.went_idle();
                 break;
             }
             if popped + reaped > 0 {
-                idle_since = None;
-            } else if idle_since.get_or_insert_with(Instant::now).elapsed() >= poll {
-                break;
+                if idle_since.take().is_some() {
+                    QueueStats::inc(&self.stats.poll_hits);
+                    window = self.window.work_at(Instant::now());
+                }
+            } else {
+                let since = *idle_since.get_or_insert_with(|| {
+                    let now = Instant::now();
+                    self.window.idle_from(now);
+                    now
+                });
+                if since.elapsed() >= window {
+                    break;
+                }
             }
             std::hint::spin_loop();
         }
-        // Notifications back on, and whatever slipped in before they were is taken now.
+        // Notifications back on, and whatever slipped in before they were is taken now. (Such
+        // a late request leaves the next gap counted from before it: at worst one shrink.)
         if self.pop_all() {
             self.reap(true);
         }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::protocol::{CommandError, CommandName, CommandResult, Request};
-use crate::backend::{Device, Live};
+use crate::backend::{Device, Live, Polling};
 use crate::cache::{CacheModel, CacheTarget};
 use crate::fault::{FaultSpec, FaultTable};
 use crate::fields::{one, ArgError, Args};
@@ -48,6 +48,11 @@ pub struct Status {
     pub dirty_logging: bool,
     pub readonly: bool,
     pub engine: EngineKind,
+    /// `--poll-us`: `auto`, `fixed` or `off`.
+    pub poll_mode: &'static str,
+    /// `auto`: the cap of each queue's window (`--poll-max-us`); `fixed`: the window; `off`: 0.
+    /// Each queue's window now is in `query-stats`.
+    pub poll_max_us: u64,
     pub remaps: usize,
     pub spare_total: u64,
     pub spare_free: u64,
@@ -94,6 +99,9 @@ pub struct QueueReport {
     pub counters: Counters,
     pub inflight: usize,
     pub latency_us: Latency,
+    /// How long the worker polls after its next work (`--poll-us`; with `auto` it adapts).
+    /// 0 with no frontend.
+    pub poll_window_us: u64,
 }
 
 /// `fault-remove`'s and `fault-release`'s arguments.
@@ -307,6 +315,11 @@ impl Commands {
             dirty_logging: self.live.dirty_logging(),
             readonly: cfg.readonly,
             engine: cfg.engine,
+            poll_mode: poll_mode(cfg.poll),
+            poll_max_us: match cfg.poll {
+                Polling::Off => 0,
+                Polling::Fixed(d) | Polling::Adaptive { max: d } => micros(d),
+            },
             remaps: table.entries().len(),
             spare_total: table.spare_total(),
             spare_free: table.spare_free(),
@@ -336,11 +349,24 @@ impl Commands {
                     counters: q.snapshot(),
                     inflight: self.live.queue_inflight(i),
                     latency_us: q.latency.summary(),
+                    poll_window_us: micros(self.live.queue_poll_window(i)),
                 })
                 .collect(),
             faults_fired: self.faults.fired_by_mode(),
         }
     }
+}
+
+fn poll_mode(p: Polling) -> &'static str {
+    match p {
+        Polling::Off => "off",
+        Polling::Fixed(_) => "fixed",
+        Polling::Adaptive { .. } => "auto",
+    }
+}
+
+fn micros(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// A command's reply object.

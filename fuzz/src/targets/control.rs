@@ -18,7 +18,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arbitrary::{Arbitrary, Unstructured};
-use remapblk::backend::{Device, DeviceConfig, Live};
+use remapblk::backend::{Device, DeviceConfig, Live, Polling};
 use remapblk::cache::{CacheModel, CacheTarget};
 use remapblk::control::commands::Commands;
 use remapblk::control::protocol::{parse_request, reply, CommandName};
@@ -136,7 +136,7 @@ fn commands(dir: &std::path::Path) -> Commands {
             queue_size: 64,
             drain_timeout: Duration::from_secs(1),
             engine: EngineKind::Null,
-            poll: Duration::ZERO,
+            poll: Polling::default(),
         },
         cache.clone(),
     ));

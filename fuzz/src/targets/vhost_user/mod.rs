@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use arbitrary::{Arbitrary, Unstructured};
-use remapblk::backend::{handle_requests, Device, DeviceConfig, Live};
+use remapblk::backend::{handle_requests, Device, DeviceConfig, Live, Polling};
 use remapblk::events::EventLog;
 use remapblk::io::EngineKind;
 use remapblk::storage::{Image, OpenOptions};
@@ -179,7 +179,7 @@ fn state() -> &'static State {
                 queue_size: 256,
                 drain_timeout: Duration::from_secs(1),
                 engine,
-                poll: Duration::ZERO,
+                poll: Polling::default(),
             },
             Arc::new(image),
         ));
