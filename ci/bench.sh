@@ -20,6 +20,10 @@
 #   --poll-max-us N  pass `--poll-max-us N` to every remapblk serve that polls adaptively (all
 #                  but the poll-* and poll0-* rows): the cap to compare. Default: remapblk's own
 #   --self-check   remapblk against remapblk on a few loads: the ratios should read about 1.0x
+#   --base PATH    this build against the remapblk binary at PATH (another build: the last
+#                  release, a commit before a change), both without polling (--poll-us 0 here,
+#                  PATH with its own flags' defaults) on 4 KiB random reads and writes at QD 1
+#                  and 32: what a change costs when none of its features is on
 #
 # Loads (name: what; remapblk runs with its defaults, so --poll-us auto, unless named):
 #   randread-4k-qd{1,32,128}, randwrite-4k-qd{1,32,128}   4 KiB random, 1 queue
@@ -73,7 +77,7 @@ die() { echo "ci/bench.sh: $*" >&2; exit 1; }
 bad_usage() { echo "ci/bench.sh: $*" >&2; echo "try ci/bench.sh --help" >&2; exit 2; }
 log() { echo "[bench $(date +%T)] $*" >&2; }
 
-RUNS=5 RUNTIME=5 RAMP=1 ONLY="" ENGINE="${REMAPBLK_ENGINE:-}" SELF_CHECK=0 POLL_US=50
+RUNS=5 RUNTIME=5 RAMP=1 ONLY="" ENGINE="${REMAPBLK_ENGINE:-}" SELF_CHECK=0 POLL_US=50 BASE=""
 POLL_MAX_US=""
 while (($#)); do
     case "$1" in
@@ -84,12 +88,14 @@ while (($#)); do
         --only) ONLY="${2:?--only needs a pattern}"; shift 2 ;;
         --engine) ENGINE="${2:?--engine needs a name}"; shift 2 ;;
         --self-check) SELF_CHECK=1; shift ;;
+        --base) BASE="${2:?--base needs the path of a remapblk binary}"; shift 2 ;;
         --poll-us) POLL_US="${2:?--poll-us needs microseconds}"; shift 2 ;;
         --poll-max-us) POLL_MAX_US="${2:?--poll-max-us needs microseconds}"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) bad_usage "unknown argument '$1'" ;;
     esac
 done
+[[ -z "$BASE" || -x "$BASE" ]] || bad_usage "--base $BASE is not an executable remapblk binary"
 [[ "$RUNS" =~ ^[1-9][0-9]*$ ]] || bad_usage "--runs must be a positive integer, got '$RUNS'"
 [[ "$POLL_US" =~ ^[0-9]+$ ]] || bad_usage "--poll-us must be a number of microseconds, got '$POLL_US'"
 [[ -z "$POLL_MAX_US" || "$POLL_MAX_US" =~ ^[1-9][0-9]*$ ]] ||
@@ -139,6 +145,13 @@ if ((SELF_CHECK)); then
         "selfcheck-interleaved-randread-4k-qd32|randread|4k|32|1|remapblk|remapblk|interleaved"
         "selfcheck-null-randread-4k-qd32|randread|4k|32|1|remapblk-null|remapblk-null|interleaved"
         "selfcheck-null-randwrite-4k-qd32|randwrite|4k|32|1|remapblk-null|remapblk-null|interleaved"
+    )
+elif [[ -n "$BASE" ]]; then
+    LOADS=(
+        "base-randread-4k-qd1|randread|4k|1|1|remapblk-nopoll|remapblk-base"
+        "base-randread-4k-qd32|randread|4k|32|1|remapblk-nopoll|remapblk-base"
+        "base-randwrite-4k-qd1|randwrite|4k|1|1|remapblk-nopoll|remapblk-base"
+        "base-randwrite-4k-qd32|randwrite|4k|32|1|remapblk-nopoll|remapblk-base"
     )
 else
     LOADS=(
@@ -277,11 +290,13 @@ start_server() {
     [[ -n "$ENGINE" ]] && engine=(--engine "$ENGINE")
     case "$kind" in
         remapblk|remapblk-poll|remapblk-nopoll|remapblk-remap|remapblk-empty|remapblk-null|\
-        remapblk-null-poll|remapblk-volatile|remapblk-writelog|remapblk-delay)
-            cmd=(taskset -c 1 "$REMAPBLK" serve --image "$img" --socket "$SOCK"
+        remapblk-null-poll|remapblk-volatile|remapblk-writelog|remapblk-delay|remapblk-base)
+            local bin=$REMAPBLK
+            [[ $kind == remapblk-base ]] && bin=$BASE
+            cmd=(taskset -c 1 "$bin" serve --image "$img" --socket "$SOCK"
                  --num-queues "$queues" --queue-size 1024)
             case "$kind" in
-                remapblk) image_for "$img" ;;
+                remapblk|remapblk-base) image_for "$img" ;;
                 remapblk-poll)
                     fresh_copy "$SEED" "$img"
                     cmd+=(--poll-us "$POLL_US") ;;
@@ -311,7 +326,8 @@ start_server() {
                     if [[ $kind == *-poll ]]; then cmd+=(--poll-us "$POLL_US"); fi ;;
             esac
             cmd+=(${engine[@]+"${engine[@]}"})
-            if [[ -n "$POLL_MAX_US" && $kind != *-poll && $kind != remapblk-nopoll ]]; then
+            if [[ -n "$POLL_MAX_US" && $kind != *-poll && $kind != remapblk-nopoll &&
+                  $kind != remapblk-base ]]; then
                 cmd+=(--poll-max-us "$POLL_MAX_US")
             fi ;;
         qsd|qsd-uring|qsd-uring-iot|qsd-null|qsd-null-iot)
@@ -568,7 +584,7 @@ label = {"remapblk": "remapblk", "qsd": "qsd aio=threads (default)",
          "remapblk-null": "remapblk null", "qsd-null": "qsd null-co",
          "qsd-null-iot": "qsd null-co + iothread", "remapblk-remap": "remapblk 10k remaps",
          "remapblk-empty": "remapblk empty table", "remapblk-poll": "remapblk --poll-us",
-         "remapblk-nopoll": "remapblk --poll-us 0",
+         "remapblk-nopoll": "remapblk --poll-us 0", "remapblk-base": "remapblk --base",
          "remapblk-null-poll": "remapblk null --poll-us",
          "remapblk-volatile": "remapblk --cache-model volatile",
          "remapblk-writelog": "remapblk --write-log",

@@ -23,9 +23,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// The default cap of the adaptive window (`--poll-max-us`). Provisional: 50 us caught the
-/// queue-depth-1 round trip of libblkio clients here (one request every 15-20 us) with room to
-/// spare; to be measured over 25-200 us on a quiet machine and set to the best.
+/// The default cap of the adaptive window (`--poll-max-us`). Measured over 25-200 us
+/// (docs/benchmark.md): 25 us is too short for a libblkio client's round trip at queue depth 1,
+/// 50, 100 and 200 us do equally well, and 50 us polls the least for nothing.
 pub const DEFAULT_MAX_US: u64 = 50;
 
 /// The first window an idle queue grows to, and the smallest that shrinking keeps (QEMU
