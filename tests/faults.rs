@@ -603,8 +603,9 @@ fn a_torn_write_lands_its_first_sectors_only() {
     );
 }
 
-#[test]
-fn data_mode_firings_are_logged_with_the_request_and_counted_per_mode() {
+/// A server over a 4 MiB image with an event log, and the log's path (in the server's
+/// directory, so it lives as long as the server).
+fn logged_server() -> (Server, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.jsonl");
     let image = dir.path().join("d.img");
@@ -613,6 +614,12 @@ fn data_mode_firings_are_logged_with_the_request_and_counted_per_mode() {
         .set_len(4 * MIB)
         .unwrap();
     let s = Server::start_on(dir, image, &["--event-log", events.to_str().unwrap()]);
+    (s, events)
+}
+
+#[test]
+fn data_mode_firings_are_logged_with_the_request_and_counted_per_mode() {
+    let (s, events) = logged_server();
     s.ctl_ok(
         "fault-add",
         &["lba=8", "count=8", "mode=misdirect", "shift=8"],
@@ -716,14 +723,7 @@ fn failing_reads(c: &mut Client, n: u64) -> Vec<u64> {
 
 #[test]
 fn a_flush_fault_fails_the_flush_and_nothing_else() {
-    let dir = tempfile::tempdir().unwrap();
-    let events = dir.path().join("events.jsonl");
-    let image = dir.path().join("d.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(4 * MIB)
-        .unwrap();
-    let mut s = Server::start_on(dir, image, &["--event-log", events.to_str().unwrap()]);
+    let (mut s, events) = logged_server();
     let mut c = s.client(1);
     let off = 48 * 512;
     assert_eq!(c.write(0, off, &pattern(20)), 0);
@@ -1112,14 +1112,7 @@ fn wait_held(s: &Server, id: u64, n: u64) {
 
 #[test]
 fn a_hung_read_waits_for_fault_release_and_reads_the_right_data() {
-    let dir = tempfile::tempdir().unwrap();
-    let events = dir.path().join("events.jsonl");
-    let image = dir.path().join("d.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(4 * MIB)
-        .unwrap();
-    let s = Server::start_on(dir, image, &["--event-log", events.to_str().unwrap()]);
+    let (s, events) = logged_server();
     let mut c = s.client(1);
     let data = pattern(12);
     assert_eq!(c.write(0, 4096, &data), 0);
