@@ -255,18 +255,10 @@ impl ModeArgs {
                 jitter_ms,
                 distribution,
                 seed,
-            } => {
-                if !(1..=MAX_DELAY_MS).contains(&delay_ms) {
-                    return Err(ArgError::new(
-                        "delay_ms",
-                        format!("must be 1 to {MAX_DELAY_MS}, got {delay_ms}"),
-                    ));
-                }
-                FaultMode::Delay {
-                    ms: delay_ms,
-                    jitter: Jitter::from_args(jitter_ms, distribution, seed)?,
-                }
-            }
+            } => FaultMode::Delay {
+                ms: checked_delay(delay_ms)?,
+                jitter: Jitter::from_args(jitter_ms, distribution, seed)?,
+            },
             ModeArgs::Flaky { probability, seed } => {
                 if !(0.0..=1.0).contains(&probability) {
                     return Err(ArgError::new(
@@ -337,16 +329,22 @@ impl ModeArgs {
                 FaultMode::Torn { sectors, report }
             }
             ModeArgs::Hang => FaultMode::Hang,
-            ModeArgs::Stall { delay_ms } => {
-                if !(1..=MAX_DELAY_MS).contains(&delay_ms) {
-                    return Err(ArgError::new(
-                        "delay_ms",
-                        format!("must be 1 to {MAX_DELAY_MS}, got {delay_ms}"),
-                    ));
-                }
-                FaultMode::Stall { ms: delay_ms }
-            }
+            ModeArgs::Stall { delay_ms } => FaultMode::Stall {
+                ms: checked_delay(delay_ms)?,
+            },
         })
+    }
+}
+
+/// `delay_ms` of `delay` and `stall`, in range.
+fn checked_delay(delay_ms: u64) -> Result<u64, ArgError> {
+    if (1..=MAX_DELAY_MS).contains(&delay_ms) {
+        Ok(delay_ms)
+    } else {
+        Err(ArgError::new(
+            "delay_ms",
+            format!("must be 1 to {MAX_DELAY_MS}, got {delay_ms}"),
+        ))
     }
 }
 
