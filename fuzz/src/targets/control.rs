@@ -24,6 +24,7 @@ use remapblk::control::commands::Commands;
 use remapblk::control::protocol::{parse_request, reply, CommandName};
 use remapblk::control::ControlServer;
 use remapblk::events::EventLog;
+use remapblk::fault::spec::MODE_NAMES;
 use remapblk::fault::FaultTable;
 use remapblk::io::EngineKind;
 use remapblk::remap::{self, RemapTarget};
@@ -69,6 +70,7 @@ const KEYS: &[&str] = &[
     "arguments",
     "",
 ];
+/// Words for argument values, besides the mode names ([`MODE_NAMES`]).
 const WORDS: &[&str] = &[
     "read",
     "write",
@@ -76,15 +78,6 @@ const WORDS: &[&str] = &[
     "flush",
     "discard",
     "write-zeroes",
-    "error",
-    "delay",
-    "flaky",
-    "corrupt",
-    "lost-write",
-    "misdirect",
-    "torn",
-    "hang",
-    "stall",
     "ok",
     "uniform",
     "exponential",
@@ -164,7 +157,14 @@ fn value(u: &mut Unstructured, depth: u32) -> arbitrary::Result<Value> {
             3 => Number::from_f64(f64::arbitrary(u)?).map_or(Value::Null, Value::Number),
             _ => Value::from(f64::from(u8::arbitrary(u)?) / 100.0),
         },
-        3 => Value::from(WORDS[usize::from(u8::arbitrary(u)?) % WORDS.len()]),
+        3 => {
+            // The mode names from the product's own list, so a new mode is fuzzed unasked.
+            let i = usize::from(u8::arbitrary(u)?) % (WORDS.len() + MODE_NAMES.len());
+            Value::from(match WORDS.get(i) {
+                Some(w) => *w,
+                None => MODE_NAMES[i - WORDS.len()],
+            })
+        }
         4 => Value::from(String::arbitrary(u)?),
         5 => Value::Array(
             (0..u8::arbitrary(u)? % 4)
