@@ -144,8 +144,13 @@ impl Session {
             return;
         };
         loop {
-            // -1 (no deadline) unless something is parked: the usual path reads one atomic.
-            let timeout = parked.timeout_ms(Instant::now());
+            // -1 (no deadline) unless something is parked: the usual path reads one atomic,
+            // not the clock.
+            let timeout = if parked.is_empty() {
+                -1
+            } else {
+                parked.timeout_ms(Instant::now())
+            };
             let n = match self.polls[q].wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
